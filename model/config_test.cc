@@ -1,0 +1,155 @@
+#include "model/config.h"
+
+#include <string>
+
+#include "gtest/gtest.h"
+
+namespace sparseaccel {
+namespace {
+
+// Llama-3.1-8B's config.json as published.
+const char kLlama31[] = R"({
+  "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+  "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu",
+  "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+  "max_position_embeddings": 131072, "mlp_bias": false, "model_type": "llama",
+  "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+  "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+  "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+  "rope_theta": 500000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+  "use_cache": true, "vocab_size": 128256})";
+
+// Llama-2-7B: no GQA field, no rope scaling, a single eos id.
+const char kLlama2[] = R"({
+  "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
+  "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 11008,
+  "max_position_embeddings": 4096, "model_type": "llama", "num_attention_heads": 32,
+  "num_hidden_layers": 32, "rms_norm_eps": 1e-05, "rope_scaling": null,
+  "tie_word_embeddings": false, "torch_dtype": "float16", "vocab_size": 32000})";
+
+// Llama-3.2-1B: tied embeddings, explicit head_dim.
+const char kLlama32[] = R"({
+  "architectures": ["LlamaForCausalLM"], "bos_token_id": 128000, "eos_token_id": 128001,
+  "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 8192,
+  "max_position_embeddings": 131072, "model_type": "llama", "num_attention_heads": 32,
+  "num_hidden_layers": 16, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+  "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                   "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+  "rope_theta": 500000.0, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+  "vocab_size": 128256})";
+
+TEST(ConfigTest, ParsesLlama31) {
+  absl::StatusOr<ModelConfig> c = ParseModelConfig(kLlama31);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->num_hidden_layers, 32);
+  EXPECT_EQ(c->num_key_value_heads, 8);
+  EXPECT_EQ(c->head_dim, 128);
+  EXPECT_EQ(c->QueryHeadsPerKvHead(), 4);
+  EXPECT_EQ(c->rope_scaling.type, RopeScaling::Type::kLlama3);
+  EXPECT_DOUBLE_EQ(c->rope_scaling.factor, 8.0);
+  EXPECT_EQ(c->rope_scaling.original_max_position_embeddings, 8192);
+  EXPECT_DOUBLE_EQ(c->rope_theta, 500000.0);
+  EXPECT_DOUBLE_EQ(c->rms_norm_eps, 1e-5);
+  EXPECT_EQ(c->eos_token_ids, (std::vector<int64_t>{128001, 128008, 128009}));
+  EXPECT_EQ(c->bos_token_id, 128000);
+  EXPECT_FALSE(c->tie_word_embeddings);
+}
+
+TEST(ConfigTest, ParsesLlama2Defaults) {
+  absl::StatusOr<ModelConfig> c = ParseModelConfig(kLlama2);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->num_key_value_heads, 32);
+  EXPECT_EQ(c->rope_scaling.type, RopeScaling::Type::kNone);
+  EXPECT_DOUBLE_EQ(c->rope_theta, 10000.0);
+  EXPECT_EQ(c->eos_token_ids, std::vector<int64_t>{2});
+  EXPECT_EQ(c->torch_dtype, "float16");
+}
+
+TEST(ConfigTest, ParsesLlama32Tied) {
+  absl::StatusOr<ModelConfig> c = ParseModelConfig(kLlama32);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->tie_word_embeddings);
+  EXPECT_EQ(c->head_dim, 64);
+  EXPECT_DOUBLE_EQ(c->rope_scaling.factor, 32.0);
+}
+
+TEST(ConfigTest, RoundTripsThroughJson) {
+  for (const char* text : {kLlama31, kLlama2, kLlama32}) {
+    absl::StatusOr<ModelConfig> a = ParseModelConfig(text);
+    ASSERT_TRUE(a.ok());
+    absl::StatusOr<ModelConfig> b = ParseModelConfig(ModelConfigToJson(*a));
+    ASSERT_TRUE(b.ok()) << b.status();
+    EXPECT_EQ(ModelConfigToJson(*a), ModelConfigToJson(*b));
+    EXPECT_EQ(a->num_key_value_heads, b->num_key_value_heads);
+    EXPECT_EQ(a->rope_scaling.type, b->rope_scaling.type);
+    EXPECT_EQ(a->eos_token_ids, b->eos_token_ids);
+  }
+}
+
+// Replaces `"field": <old>` in kLlama31 with `"field": replacement`.
+std::string WithField(const std::string& field, const std::string& replacement) {
+  std::string text = kLlama31;
+  size_t key = text.find("\"" + field + "\"");
+  EXPECT_NE(key, std::string::npos) << field;
+  size_t value_begin = text.find(':', key) + 1;
+  size_t value_end = value_begin;
+  int depth = 0;
+  while (value_end < text.size()) {
+    char ch = text[value_end];
+    if (ch == '{' || ch == '[') ++depth;
+    if (ch == '}' || ch == ']') {
+      if (depth == 0) break;
+      --depth;
+    }
+    if (ch == ',' && depth == 0) break;
+    ++value_end;
+  }
+  return text.substr(0, value_begin) + " " + replacement + text.substr(value_end);
+}
+
+struct BadCase {
+  std::string field;
+  std::string value;
+  std::string message_part;
+};
+
+TEST(ConfigTest, RejectsUnsupportedWithFieldName) {
+  const BadCase cases[] = {
+      {"model_type", "\"mistral\"", "model_type"},
+      {"hidden_size", "0", "hidden_size"},
+      {"hidden_size", "\"4096\"", "hidden_size"},
+      {"num_key_value_heads", "5", "num_key_value_heads"},
+      {"num_attention_heads", "-1", "num_attention_heads"},
+      {"hidden_act", "\"gelu\"", "hidden_act"},
+      {"attention_bias", "true", "attention_bias"},
+      {"mlp_bias", "true", "mlp_bias"},
+      {"rope_scaling", R"({"rope_type": "yarn", "factor": 4.0})", "rope_scaling"},
+      {"rope_scaling", R"({"rope_type": "llama3", "factor": 8.0})", "low_freq_factor"},
+      {"rope_theta", "-5", "rope_theta"},
+      {"eos_token_id", "\"x\"", "eos_token_id"},
+      {"torch_dtype", "\"int8\"", "torch_dtype"},
+      {"vocab_size", "null", "vocab_size"},
+  };
+  for (const BadCase& c : cases) {
+    absl::StatusOr<ModelConfig> parsed = ParseModelConfig(WithField(c.field, c.value));
+    ASSERT_FALSE(parsed.ok()) << c.field << "=" << c.value;
+    EXPECT_EQ(parsed.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(std::string(parsed.status().message()).find(c.message_part), std::string::npos)
+        << parsed.status();
+  }
+}
+
+TEST(ConfigTest, RejectsNonJson) {
+  EXPECT_FALSE(ParseModelConfig("{not json").ok());
+  EXPECT_FALSE(ParseModelConfig("[1, 2]").ok());
+  EXPECT_FALSE(ParseModelConfig("").ok());
+}
+
+TEST(ConfigTest, LoadReportsMissingFile) {
+  absl::StatusOr<ModelConfig> c = LoadModelConfig("/nonexistent/model");
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace sparseaccel

@@ -14,6 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "kernels/attention.h"
 #include "model/config.h"
 #include "model/kv_cache.h"
 
@@ -31,6 +32,17 @@ struct SequenceChunk {
   LogitsFor logits = LogitsFor::kLast;
 };
 
+// Replaces the dense attention of some layers/heads (sparse prefill plugs in here). Attend
+// computes `out` for `n` query rows at positions start_pos.. against `kv` (already holding this
+// chunk's keys), or returns false to let the dense path run.
+class AttentionOverride {
+ public:
+  virtual ~AttentionOverride() = default;
+  virtual absl::StatusOr<bool> Attend(int64_t layer, const float* q, int64_t n, int64_t start_pos,
+                                      const AttentionShape& shape, const KvLayerView& kv,
+                                      float* out) = 0;
+};
+
 class LlamaCpu {
  public:
   // Loads config.json and the safetensors weights of `model_dir` (converted to fp32).
@@ -46,11 +58,15 @@ class LlamaCpu {
   absl::Status Forward(absl::Span<const SequenceChunk> batch, std::vector<float>* logits);
   ~LlamaCpu();
 
+  // Not owned; nullptr (the default) runs dense attention everywhere.
+  void SetAttentionOverride(AttentionOverride* attention);
+
  private:
   struct Weights;
   LlamaCpu();
   ModelConfig config_;
   std::unique_ptr<Weights> weights_;
+  AttentionOverride* attention_ = nullptr;
 };
 
 }  // namespace sparseaccel

@@ -141,8 +141,13 @@ absl::Status WriteRandomCheckpoint(const std::string& out_dir, const CheckpointO
   ASSIGN_OR_RETURN(ModelConfig checked, ParseModelConfig(ModelConfigToJson(config)));
   (void)checked;
   if (!(options.init_std > 0)) return absl::InvalidArgumentError("init_std must be > 0");
-  if (mkdir(out_dir.c_str(), 0755) != 0 && errno != EEXIST) {
-    return absl::PermissionDeniedError(absl::StrCat("cannot create ", out_dir));
+  // mkdir -p: create each missing parent.
+  for (size_t slash = out_dir.find('/', 1);; slash = out_dir.find('/', slash + 1)) {
+    const std::string prefix = out_dir.substr(0, slash);
+    if (mkdir(prefix.c_str(), 0755) != 0 && errno != EEXIST) {
+      return absl::PermissionDeniedError(absl::StrCat("cannot create ", prefix));
+    }
+    if (slash == std::string::npos) break;
   }
   RETURN_IF_ERROR(WriteText(out_dir + "/config.json", ModelConfigToJson(config)));
   nlohmann::json generation = {{"_from_model_config", true}, {"do_sample", false}};

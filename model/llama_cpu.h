@@ -17,20 +17,9 @@
 #include "kernels/attention.h"
 #include "model/config.h"
 #include "model/kv_cache.h"
+#include "model/language_model.h"
 
 namespace sparseaccel {
-
-// Which positions of a chunk produce logits.
-enum class LogitsFor { kNone, kLast, kAll };
-
-// A run of consecutive tokens of one sequence: tokens[i] sits at position start_pos + i;
-// positions [0, start_pos) are already in `kv`.
-struct SequenceChunk {
-  absl::Span<const int32_t> tokens;
-  int64_t start_pos = 0;
-  KvStore* kv = nullptr;
-  LogitsFor logits = LogitsFor::kLast;
-};
 
 // Replaces the dense attention of some layers/heads (sparse prefill plugs in here). Attend
 // computes `out` for `n` query rows at positions start_pos.. against `kv` (already holding this
@@ -43,20 +32,17 @@ class AttentionOverride {
                                       float* out) = 0;
 };
 
-class LlamaCpu {
+class LlamaCpu : public LanguageModel {
  public:
   // Loads config.json and the safetensors weights of `model_dir` (converted to fp32).
   static absl::StatusOr<std::unique_ptr<LlamaCpu>> Load(const std::string& model_dir);
 
-  const ModelConfig& config() const;
-  KvShape kv_shape() const;
+  const ModelConfig& config() const override;
+  KvShape kv_shape() const override;
 
-  // Runs the chunks as one batch (rows concatenated for the GEMMs; attention per chunk).
-  // Logits rows are appended to `logits` in chunk order ([rows][vocab_size]).
-  // InvalidArgument for token ids out of range or positions beyond max_position_embeddings;
-  // errors from a KvStore are returned as they are.
-  absl::Status Forward(absl::Span<const SequenceChunk> batch, std::vector<float>* logits);
-  ~LlamaCpu();
+  // Rows of all chunks are concatenated for the GEMMs; attention runs per chunk.
+  absl::Status Forward(absl::Span<const SequenceChunk> batch, std::vector<float>* logits) override;
+  ~LlamaCpu() override;
 
   // Not owned; nullptr (the default) runs dense attention everywhere.
   void SetAttentionOverride(AttentionOverride* attention);

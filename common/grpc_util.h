@@ -1,0 +1,35 @@
+#ifndef SPARSEACCEL_COMMON_GRPC_UTIL_H_
+#define SPARSEACCEL_COMMON_GRPC_UTIL_H_
+
+// Glue between absl::Status and gRPC, and the server lifecycle shared by both services.
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "grpcpp/grpcpp.h"
+
+namespace sparseaccel {
+
+// Same code (the numeric values agree) and message.
+grpc::Status ToGrpcStatus(const absl::Status& status);
+absl::Status FromGrpcStatus(const grpc::Status& status);
+
+// Blocks SIGTERM and SIGINT in the calling thread and in every thread it starts later; call at
+// the top of main, before any threads exist.
+void BlockTerminationSignals();
+// Waits for SIGTERM or SIGINT (blocked by BlockTerminationSignals) and returns its number.
+int WaitForTerminationSignal();
+
+// Builds a server on `address` with health checking and reflection. The port actually bound
+// (for ":0") goes to *bound_port. Null on failure (logged).
+std::unique_ptr<grpc::Server> StartGrpcServer(const std::string& address, grpc::Service* service,
+                                              int* bound_port);
+
+// Stops accepting calls and lets running ones finish for up to `grace`, then cancels the rest.
+void ShutdownGracefully(grpc::Server* server, absl::Duration grace);
+
+}  // namespace sparseaccel
+
+#endif  // SPARSEACCEL_COMMON_GRPC_UTIL_H_

@@ -1,0 +1,403 @@
+#include "decode_service/decode_server.h"
+
+#include <cctype>
+#include <chrono>
+#include <unordered_set>
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_util.h"
+#include "common/log.h"
+#include "common/metrics.h"
+#include "common/status_macros.h"
+#include "prefill_service/prefill_engine.h"
+#include "proto/sampling.h"
+
+namespace sparseaccel {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double SecondsSince(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+const char* FinishName(v1::FinishReason reason) {
+  switch (reason) {
+    case v1::FINISH_REASON_LENGTH:
+      return "length";
+    case v1::FINISH_REASON_STOP:
+      return "stop";
+    case v1::FINISH_REASON_EOS:
+      return "eos";
+    case v1::FINISH_REASON_CANCELLED:
+      return "cancelled";
+    default:
+      return "unspecified";
+  }
+}
+
+std::string OutcomeName(const absl::Status& status) {
+  std::string name = absl::StatusCodeToString(status.code());
+  for (char& c : name) c = c == ' ' ? '_' : static_cast<char>(std::tolower(c));
+  return name;
+}
+
+}  // namespace
+
+struct DecodeServer::Prefilled {
+  int32_t first_token = 0;
+  double prefill_seconds = 0;
+  double kv_seconds = 0;
+  int64_t kv_bytes = 0;
+  std::string address;
+};
+
+DecodeServer::DecodeServer(DecodeEngine* engine, const ModelConfig& config,
+                           DecodeServerOptions options, prometheus::Registry* registry)
+    : engine_(engine),
+      config_(config),
+      options_(std::move(options)),
+      requests_(prometheus::BuildCounter()
+                    .Name("sparseaccel_generate_requests_total")
+                    .Help("Generate requests by outcome (gRPC code) and finish reason.")
+                    .Register(*registry)),
+      ttft_(prometheus::BuildHistogram()
+                .Name("sparseaccel_time_to_first_token_seconds")
+                .Help("Request arrival to first token sent, by prompt length bucket.")
+                .Register(*registry)),
+      itl_(prometheus::BuildHistogram()
+               .Name("sparseaccel_inter_token_latency_seconds")
+               .Help("Time between consecutive tokens sent, by context length bucket.")
+               .Register(*registry)),
+      e2e_(prometheus::BuildHistogram()
+               .Name("sparseaccel_request_duration_seconds")
+               .Help("End-to-end Generate latency, by prompt length bucket.")
+               .Register(*registry)),
+      prefill_seconds_(prometheus::BuildHistogram()
+                           .Name("sparseaccel_remote_prefill_duration_seconds")
+                           .Help("Prefill compute time reported by the prefill service.")
+                           .Register(*registry)),
+      kv_seconds_(prometheus::BuildHistogram()
+                      .Name("sparseaccel_kv_transfer_duration_seconds")
+                      .Help("First to last KV byte received from the prefill service.")
+                      .Register(*registry)),
+      kv_bytes_(prometheus::BuildHistogram()
+                    .Name("sparseaccel_kv_transfer_bytes")
+                    .Help("KV cache bytes received per request.")
+                    .Register(*registry)),
+      pool_blocks_(prometheus::BuildGauge()
+                       .Name("sparseaccel_kv_pool_blocks")
+                       .Help("Paged KV pool blocks by state (used, free).")
+                       .Register(*registry)),
+      queue_depth_(prometheus::BuildGauge()
+                       .Name("sparseaccel_decode_queue_depth")
+                       .Help("Requests waiting for KV cache space.")
+                       .Register(*registry)
+                       .Add({})),
+      running_(prometheus::BuildGauge()
+                   .Name("sparseaccel_decode_running_sequences")
+                   .Help("Sequences in the continuous batch.")
+                   .Register(*registry)
+                   .Add({})),
+      host_memory_(prometheus::BuildGauge()
+                       .Name("sparseaccel_host_memory_bytes")
+                       .Help("Resident host memory of the process.")
+                       .Register(*registry)
+                       .Add({{"service", "decode"}})) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(64 << 20);
+  for (const std::string& address : options_.prefill_addresses) {
+    prefill_stubs_.push_back(v1::PrefillService::NewStub(
+        grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args)));
+  }
+  UpdateGauges();
+}
+
+void DecodeServer::UpdateGauges() {
+  const KvBlockPool& pool = engine_->pool();
+  pool_blocks_.Add({{"state", "free"}}).Set(static_cast<double>(pool.free_blocks()));
+  pool_blocks_.Add({{"state", "used"}})
+      .Set(static_cast<double>(pool.num_blocks() - pool.free_blocks()));
+  queue_depth_.Set(static_cast<double>(engine_->waiting()));
+  running_.Set(static_cast<double>(engine_->running()));
+  host_memory_.Set(static_cast<double>(HostResidentBytes()));
+}
+
+absl::Status DecodeServer::Validate(const v1::GenerateRequest& request) const {
+  if (request.prompt_case() == v1::GenerateRequest::kText) {
+    return absl::FailedPreconditionError(
+        "text prompts need the model's tokenizer.json, which this service has not loaded; "
+        "send token_ids");
+  }
+  if (request.prompt_case() != v1::GenerateRequest::kTokenIds ||
+      request.token_ids().ids_size() == 0) {
+    return absl::InvalidArgumentError("empty prompt");
+  }
+  const int64_t n = request.token_ids().ids_size();
+  if (request.max_tokens() < 1 || request.max_tokens() > options_.max_new_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_tokens must be in [1, ", options_.max_new_tokens, "], got ", request.max_tokens()));
+  }
+  const int64_t limit =
+      std::min(options_.max_prompt_tokens, config_.max_position_embeddings - request.max_tokens());
+  if (n > limit) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt has ", n, " tokens; with max_tokens ",
+                                                   request.max_tokens(), " the limit is ", limit));
+  }
+  for (int32_t id : request.token_ids().ids()) {
+    if (id < 0 || id >= config_.vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("token id ", id, " outside the vocabulary [0, ", config_.vocab_size, ")"));
+    }
+  }
+  if (request.stop_size() > 0) {
+    return absl::InvalidArgumentError(
+        "stop strings need the model's tokenizer.json, which this service has not loaded");
+  }
+  return ValidateSampling(request.sampling());
+}
+
+absl::StatusOr<DecodeServer::Prefilled> DecodeServer::RemotePrefill(
+    grpc::ServerContext* context, const std::string& request_id, const std::vector<int32_t>& prompt,
+    const v1::SamplingParams& sampling, DecodeSequence* sequence) {
+  if (prefill_stubs_.empty()) return absl::UnavailableError("no prefill service configured");
+  const size_t index = next_prefill_++ % prefill_stubs_.size();
+  Prefilled result;
+  result.address = options_.prefill_addresses[index];
+  grpc::ClientContext call;
+  call.set_deadline(context->deadline());
+  v1::PrefillRequest request;
+  request.set_request_id(request_id);
+  *request.mutable_token_ids() = {prompt.begin(), prompt.end()};
+  *request.mutable_sampling() = sampling;
+  request.set_expected_model_fingerprint(options_.model_fingerprint);
+  std::unique_ptr<grpc::ClientReader<v1::PrefillResponse>> reader =
+      prefill_stubs_[index]->Prefill(&call, request);
+
+  const KvShape shape = engine_->pool().shape();
+  const int64_t row_bytes = shape.RowSize() * static_cast<int64_t>(sizeof(float));
+  bool have_header = false, have_trailer = false;
+  int64_t rows_received = 0;
+  Clock::time_point first_byte;
+  absl::Status failure;
+  v1::PrefillResponse message;
+  while (failure.ok() && reader->Read(&message)) {
+    if (context->IsCancelled()) {
+      failure = absl::CancelledError("client went away during prefill");
+      break;
+    }
+    switch (message.kind_case()) {
+      case v1::PrefillResponse::kHeader: {
+        const v1::PrefillHeader& header = message.header();
+        const v1::KvLayout& layout = header.layout();
+        if (header.model_fingerprint() != options_.model_fingerprint) {
+          failure = absl::FailedPreconditionError(absl::StrCat(
+              "prefill service ", result.address, " serves model ", header.model_fingerprint(),
+              ", this service ", options_.model_fingerprint));
+        } else if (layout.num_layers() != shape.num_layers ||
+                   layout.num_kv_heads() != shape.num_kv_heads ||
+                   layout.head_dim() != shape.head_dim || layout.dtype() != v1::KV_DTYPE_F32) {
+          failure = absl::FailedPreconditionError(absl::StrCat("KV layout from ", result.address,
+                                                               " (", layout.ShortDebugString(),
+                                                               ") does not match this service's"));
+        } else if (header.num_tokens() != static_cast<int64_t>(prompt.size())) {
+          failure = absl::DataLossError("prefill header announces a different token count");
+        }
+        have_header = true;
+        first_byte = Clock::now();
+        break;
+      }
+      case v1::PrefillResponse::kKv: {
+        const v1::KvChunk& chunk = message.kv();
+        if (!have_header) {
+          failure = absl::DataLossError("KV chunk before the prefill header");
+        } else if (KvChunkCrc(chunk.k(), chunk.v()) != chunk.crc32()) {
+          failure =
+              absl::DataLossError(absl::StrCat("KV chunk of layer ", chunk.layer(), " at position ",
+                                               chunk.first_position(), " failed its checksum"));
+        } else if (static_cast<int64_t>(chunk.k().size()) != chunk.num_positions() * row_bytes ||
+                   chunk.v().size() != chunk.k().size() || chunk.first_position() < 0 ||
+                   chunk.first_position() + chunk.num_positions() >
+                       static_cast<int64_t>(prompt.size())) {
+          failure = absl::DataLossError("KV chunk with inconsistent size or positions");
+        } else {
+          failure = engine_->WriteKv(sequence, chunk.layer(), chunk.first_position(),
+                                     chunk.num_positions(),
+                                     reinterpret_cast<const float*>(chunk.k().data()),
+                                     reinterpret_cast<const float*>(chunk.v().data()));
+          if (!failure.ok()) failure = absl::DataLossError(failure.message());
+          rows_received += chunk.num_positions();
+          result.kv_bytes += static_cast<int64_t>(chunk.k().size() + chunk.v().size());
+        }
+        break;
+      }
+      case v1::PrefillResponse::kTrailer:
+        result.first_token = message.trailer().first_token();
+        result.prefill_seconds = message.trailer().prefill_seconds();
+        have_trailer = true;
+        break;
+      default:
+        failure = absl::DataLossError("unknown prefill message");
+    }
+  }
+  if (!failure.ok()) {
+    call.TryCancel();
+    reader->Finish();
+    return failure;
+  }
+  grpc::Status status = reader->Finish();
+  if (!status.ok()) {
+    absl::Status remote = FromGrpcStatus(status);
+    if (context->IsCancelled()) return absl::CancelledError("client went away during prefill");
+    // Request errors pass through; transport failures become UNAVAILABLE.
+    if (remote.code() == absl::StatusCode::kInvalidArgument ||
+        remote.code() == absl::StatusCode::kFailedPrecondition ||
+        remote.code() == absl::StatusCode::kDeadlineExceeded) {
+      return remote;
+    }
+    return absl::UnavailableError(
+        absl::StrCat("prefill service ", result.address, " failed: ", remote.ToString()));
+  }
+  if (!have_trailer || rows_received != shape.num_layers * static_cast<int64_t>(prompt.size())) {
+    return absl::UnavailableError(
+        absl::StrCat("prefill stream from ", result.address, " ended early"));
+  }
+  if (result.first_token < 0 || result.first_token >= config_.vocab_size) {
+    return absl::DataLossError("prefill returned an invalid first token");
+  }
+  result.kv_seconds = SecondsSince(first_byte);
+  return result;
+}
+
+grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
+                                    const v1::GenerateRequest* request,
+                                    grpc::ServerWriter<v1::GenerateResponse>* writer) {
+  const Clock::time_point start = Clock::now();
+  ++active_;
+  const std::string request_id = request->request_id().empty()
+                                     ? absl::StrCat("gen-", next_request_id_++)
+                                     : request->request_id();
+  const int64_t prompt_tokens = request->token_ids().ids_size();
+  const std::string bucket = ContextBucket(prompt_tokens);
+  v1::FinishReason finish = v1::FINISH_REASON_UNSPECIFIED;
+  int64_t generated = 0;
+
+  auto finish_request = [&](absl::Status status) {
+    requests_.Add({{"outcome", OutcomeName(status)}, {"finish_reason", FinishName(finish)}})
+        .Increment();
+    UpdateGauges();
+    LogInfo("generate.done", {{"request_id", request_id},
+                              {"status", status.ok() ? std::string("OK") : status.ToString()},
+                              {"finish_reason", FinishName(finish)},
+                              {"prompt_tokens", prompt_tokens},
+                              {"completion_tokens", generated},
+                              {"seconds", SecondsSince(start)}});
+    --active_;
+    return ToGrpcStatus(status);
+  };
+
+  absl::Status valid = Validate(*request);
+  if (!valid.ok()) return finish_request(valid);
+  const std::vector<int32_t> prompt(request->token_ids().ids().begin(),
+                                    request->token_ids().ids().end());
+  const auto cancelled = [context] { return context->IsCancelled(); };
+  absl::Time deadline = absl::FromChrono(context->deadline());
+  absl::StatusOr<std::shared_ptr<DecodeSequence>> sequence =
+      engine_->Admit(prompt_tokens + request->max_tokens(), deadline, cancelled);
+  if (!sequence.ok()) return finish_request(sequence.status());
+  UpdateGauges();
+
+  absl::StatusOr<Prefilled> prefilled =
+      RemotePrefill(context, request_id, prompt, request->sampling(), sequence->get());
+  if (!prefilled.ok()) return finish_request(prefilled.status());
+
+  std::unordered_set<int32_t> stop_ids(request->stop_token_ids().begin(),
+                                       request->stop_token_ids().end());
+  std::unordered_set<int32_t> eos_ids;
+  if (!request->ignore_eos())
+    eos_ids.insert(config_.eos_token_ids.begin(), config_.eos_token_ids.end());
+  double ttft = 0;
+  Clock::time_point last_sent = start;
+  double itl_sum = 0;
+  const int64_t context_tokens = prompt_tokens;
+
+  // Sends one token; returns false once generation is over (finish set) or the client is gone.
+  auto send = [&](int32_t token) -> bool {
+    v1::GenerateResponse response;
+    response.mutable_token()->set_token_id(token);
+    response.mutable_token()->set_index(static_cast<int32_t>(generated));
+    if (!writer->Write(response)) {
+      finish = v1::FINISH_REASON_CANCELLED;
+      return false;
+    }
+    const Clock::time_point now = Clock::now();
+    if (generated == 0) {
+      ttft = std::chrono::duration<double>(now - start).count();
+      ttft_.Add({{"context", bucket}}, LatencyBuckets()).Observe(ttft);
+    } else {
+      const double gap = std::chrono::duration<double>(now - last_sent).count();
+      itl_sum += gap;
+      itl_.Add({{"context", ContextBucket(context_tokens + generated)}}, LatencyBuckets())
+          .Observe(gap);
+    }
+    last_sent = now;
+    ++generated;
+    if (eos_ids.count(token) > 0) {
+      finish = v1::FINISH_REASON_EOS;
+    } else if (stop_ids.count(token) > 0) {
+      finish = v1::FINISH_REASON_STOP;
+    } else if (generated >= request->max_tokens()) {
+      finish = v1::FINISH_REASON_LENGTH;
+    }
+    return finish == v1::FINISH_REASON_UNSPECIFIED;
+  };
+
+  absl::Status status;
+  if (send(prefilled->first_token)) {
+    engine_->Start(*sequence, prefilled->first_token, prompt_tokens,
+                   ToSamplingParams(request->sampling()), request->max_tokens() - 1);
+    while (true) {
+      if (context->IsCancelled()) {
+        finish = v1::FINISH_REASON_CANCELLED;
+        break;
+      }
+      DecodeSequence::Event event = (*sequence)->WaitNext(absl::Milliseconds(50));
+      if (event.kind == DecodeSequence::Event::Kind::kTimeout) continue;
+      if (event.kind == DecodeSequence::Event::Kind::kFinished) {
+        status = event.status;
+        break;
+      }
+      if (!send(event.token)) break;
+    }
+  }
+  (*sequence)->Cancel();
+  sequence->reset();  // The scheduler drops its reference at its next step.
+  if (finish == v1::FINISH_REASON_CANCELLED) {
+    status = absl::CancelledError("client cancelled or its deadline passed");
+  }
+  if (!status.ok()) return finish_request(status);
+  if (finish == v1::FINISH_REASON_UNSPECIFIED) finish = v1::FINISH_REASON_LENGTH;
+
+  const double total = SecondsSince(start);
+  prefill_seconds_.Add({{"context", bucket}}, LatencyBuckets()).Observe(prefilled->prefill_seconds);
+  kv_seconds_.Add({{"context", bucket}}, LatencyBuckets()).Observe(prefilled->kv_seconds);
+  kv_bytes_.Add({{"context", bucket}}, ByteBuckets())
+      .Observe(static_cast<double>(prefilled->kv_bytes));
+  e2e_.Add({{"context", bucket}}, LatencyBuckets()).Observe(total);
+  v1::GenerateResponse response;
+  v1::GenerateResult* result = response.mutable_result();
+  result->set_finish_reason(finish);
+  result->set_prompt_tokens(static_cast<int32_t>(prompt_tokens));
+  result->set_completion_tokens(static_cast<int32_t>(generated));
+  result->set_time_to_first_token_seconds(ttft);
+  result->set_prefill_seconds(prefilled->prefill_seconds);
+  result->set_kv_transfer_seconds(prefilled->kv_seconds);
+  result->set_kv_transfer_bytes(prefilled->kv_bytes);
+  result->set_mean_inter_token_latency_seconds(generated > 1 ? itl_sum / (generated - 1) : 0);
+  result->set_total_seconds(total);
+  result->set_prefill_address(prefilled->address);
+  writer->Write(response);
+  return finish_request(absl::OkStatus());
+}
+
+}  // namespace sparseaccel

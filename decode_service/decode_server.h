@@ -1,0 +1,77 @@
+#ifndef SPARSEACCEL_DECODE_SERVICE_DECODE_SERVER_H_
+#define SPARSEACCEL_DECODE_SERVICE_DECODE_SERVER_H_
+
+// The public Generate API: validates a request, has a prefill service compute the prompt's KV
+// cache (streamed into this service's paged pool, every chunk checksummed), then decodes in the
+// shared continuous batch and streams tokens back. Cancellation and deadlines of the client
+// reach the prefill call and the batch.
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "decode_service/decode_engine.h"
+#include "prometheus/counter.h"
+#include "prometheus/family.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+#include "proto/sparseaccel.grpc.pb.h"
+
+namespace sparseaccel {
+
+struct DecodeServerOptions {
+  // Prefill services, used round robin.
+  std::vector<std::string> prefill_addresses;
+  // Fingerprint of the local model; the prefill side must match it.
+  std::string model_fingerprint;
+  int64_t max_prompt_tokens = 131072;
+  int64_t max_new_tokens = 4096;
+};
+
+class DecodeServer final : public v1::DecodeService::Service {
+ public:
+  DecodeServer(DecodeEngine* engine, const ModelConfig& config, DecodeServerOptions options,
+               prometheus::Registry* registry);
+
+  grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
+                        grpc::ServerWriter<v1::GenerateResponse>* writer) override;
+
+  int64_t active_requests() const { return active_.load(); }
+
+ private:
+  struct Prefilled;
+  absl::Status Validate(const v1::GenerateRequest& request) const;
+  // Streams the prompt's KV cache from a prefill service into `sequence`.
+  absl::StatusOr<Prefilled> RemotePrefill(grpc::ServerContext* context,
+                                          const std::string& request_id,
+                                          const std::vector<int32_t>& prompt,
+                                          const v1::SamplingParams& sampling,
+                                          DecodeSequence* sequence);
+  void UpdateGauges();
+
+  DecodeEngine* engine_;
+  const ModelConfig config_;
+  const DecodeServerOptions options_;
+  std::vector<std::unique_ptr<v1::PrefillService::Stub>> prefill_stubs_;
+  std::atomic<uint64_t> next_prefill_{0};
+  std::atomic<uint64_t> next_request_id_{0};
+  std::atomic<int64_t> active_{0};
+
+  prometheus::Family<prometheus::Counter>& requests_;
+  prometheus::Family<prometheus::Histogram>& ttft_;
+  prometheus::Family<prometheus::Histogram>& itl_;
+  prometheus::Family<prometheus::Histogram>& e2e_;
+  prometheus::Family<prometheus::Histogram>& prefill_seconds_;
+  prometheus::Family<prometheus::Histogram>& kv_seconds_;
+  prometheus::Family<prometheus::Histogram>& kv_bytes_;
+  prometheus::Family<prometheus::Gauge>& pool_blocks_;
+  prometheus::Gauge& queue_depth_;
+  prometheus::Gauge& running_;
+  prometheus::Gauge& host_memory_;
+};
+
+}  // namespace sparseaccel
+
+#endif  // SPARSEACCEL_DECODE_SERVICE_DECODE_SERVER_H_

@@ -1,0 +1,99 @@
+// The decode service: the public Generate API. Prompts are prefilled by prefill services; their
+// KV caches arrive over gRPC and decoding runs here in one continuous batch.
+//   decode_server --model_dir DIR --listen 0.0.0.0:50052 --metrics_port 9465 \
+//                 --prefill_addresses host1:50051,host2:50051
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/time.h"
+#include "common/grpc_util.h"
+#include "common/log.h"
+#include "common/metrics.h"
+#include "decode_service/decode_server.h"
+#include "model/fingerprint.h"
+#include "model/llama_cpu.h"
+
+ABSL_FLAG(std::string, model_dir, "", "Hugging Face checkpoint directory.");
+ABSL_FLAG(std::string, listen, "0.0.0.0:50052", "gRPC listen address.");
+ABSL_FLAG(int32_t, metrics_port, 9465, "Port of the Prometheus /metrics endpoint (0: any).");
+ABSL_FLAG(std::string, prefill_addresses, "127.0.0.1:50051",
+          "Comma-separated prefill service addresses, used round robin.");
+ABSL_FLAG(std::string, device, "cpu", "Compute backend: cpu.");
+ABSL_FLAG(int64_t, kv_block_tokens, 16, "Positions per paged KV block.");
+ABSL_FLAG(int64_t, kv_blocks, 4096, "Blocks in the KV pool (its memory is allocated at start).");
+ABSL_FLAG(int64_t, max_batch, 32, "Sequences decoded together per step.");
+ABSL_FLAG(int64_t, max_waiting, 64, "Requests that may wait for KV space before rejection.");
+ABSL_FLAG(int64_t, max_prompt_tokens, 131072, "Longest prompt accepted.");
+ABSL_FLAG(int64_t, max_new_tokens, 4096, "Largest max_tokens accepted.");
+ABSL_FLAG(int32_t, shutdown_grace_seconds, 30, "How long SIGTERM waits for running requests.");
+
+namespace sparseaccel {
+namespace {
+
+int Run() {
+  const std::string model_dir = absl::GetFlag(FLAGS_model_dir);
+  if (absl::GetFlag(FLAGS_device) != "cpu") {
+    LogError("decode.start_failed", {{"error", "only --device=cpu is available in this build"}});
+    return 2;
+  }
+  absl::StatusOr<std::unique_ptr<LlamaCpu>> model = LlamaCpu::Load(model_dir);
+  if (!model.ok()) {
+    LogError("decode.start_failed", {{"error", model.status().ToString()}});
+    return 1;
+  }
+  absl::StatusOr<std::string> fingerprint = ModelFingerprint(model_dir);
+  if (!fingerprint.ok()) {
+    LogError("decode.start_failed", {{"error", fingerprint.status().ToString()}});
+    return 1;
+  }
+  DecodeEngineOptions engine_options;
+  engine_options.block_tokens = absl::GetFlag(FLAGS_kv_block_tokens);
+  engine_options.num_blocks = absl::GetFlag(FLAGS_kv_blocks);
+  engine_options.max_batch = absl::GetFlag(FLAGS_max_batch);
+  engine_options.max_waiting = absl::GetFlag(FLAGS_max_waiting);
+  DecodeEngine engine(model->get(), engine_options);
+  DecodeServerOptions options;
+  options.prefill_addresses =
+      absl::StrSplit(absl::GetFlag(FLAGS_prefill_addresses), ',', absl::SkipEmpty());
+  options.model_fingerprint = *fingerprint;
+  options.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
+  options.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
+  auto registry = std::make_shared<prometheus::Registry>();
+  DecodeServer service(&engine, (*model)->config(), options, registry.get());
+  absl::StatusOr<std::unique_ptr<MetricsServer>> metrics =
+      MetricsServer::Start("0.0.0.0", absl::GetFlag(FLAGS_metrics_port), registry);
+  if (!metrics.ok()) {
+    LogError("decode.start_failed", {{"error", metrics.status().ToString()}});
+    return 1;
+  }
+  int port = 0;
+  std::unique_ptr<grpc::Server> server =
+      StartGrpcServer(absl::GetFlag(FLAGS_listen), &service, &port);
+  if (server == nullptr) return 1;
+  LogInfo("decode.ready",
+          {{"listen", absl::GetFlag(FLAGS_listen)},
+           {"port", port},
+           {"metrics_port", (*metrics)->port()},
+           {"prefill", absl::GetFlag(FLAGS_prefill_addresses)},
+           {"kv_pool_mib", engine.pool().num_blocks() * engine.pool().BytesPerBlock() / (1 << 20)},
+           {"fingerprint", *fingerprint}});
+  const int signal = WaitForTerminationSignal();
+  LogInfo("decode.draining", {{"signal", signal}, {"active", service.active_requests()}});
+  ShutdownGracefully(server.get(), absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds)));
+  LogInfo("decode.stopped");
+  return 0;
+}
+
+}  // namespace
+}  // namespace sparseaccel
+
+int main(int argc, char** argv) {
+  sparseaccel::BlockTerminationSignals();
+  absl::ParseCommandLine(argc, argv);
+  return sparseaccel::Run();
+}

@@ -1,0 +1,77 @@
+// The prefill service: computes prompts' KV caches and first tokens for decode services.
+//   prefill_server --model_dir DIR --listen 0.0.0.0:50051 --metrics_port 9464
+
+#include <memory>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/time/time.h"
+#include "common/grpc_util.h"
+#include "common/log.h"
+#include "common/metrics.h"
+#include "model/fingerprint.h"
+#include "model/llama_cpu.h"
+#include "prefill_service/prefill_server.h"
+
+ABSL_FLAG(std::string, model_dir, "", "Hugging Face checkpoint directory.");
+ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC listen address.");
+ABSL_FLAG(int32_t, metrics_port, 9464, "Port of the Prometheus /metrics endpoint (0: any).");
+ABSL_FLAG(std::string, device, "cpu", "Compute backend: cpu.");
+ABSL_FLAG(int64_t, max_prompt_tokens, 131072, "Longest prompt accepted.");
+ABSL_FLAG(int32_t, shutdown_grace_seconds, 30, "How long SIGTERM waits for running requests.");
+
+namespace sparseaccel {
+namespace {
+
+int Run() {
+  const std::string model_dir = absl::GetFlag(FLAGS_model_dir);
+  if (absl::GetFlag(FLAGS_device) != "cpu") {
+    LogError("prefill.start_failed", {{"error", "only --device=cpu is available in this build"}});
+    return 2;
+  }
+  absl::StatusOr<std::unique_ptr<LlamaCpu>> model = LlamaCpu::Load(model_dir);
+  if (!model.ok()) {
+    LogError("prefill.start_failed", {{"error", model.status().ToString()}});
+    return 1;
+  }
+  absl::StatusOr<std::string> fingerprint = ModelFingerprint(model_dir);
+  if (!fingerprint.ok()) {
+    LogError("prefill.start_failed", {{"error", fingerprint.status().ToString()}});
+    return 1;
+  }
+  PrefillEngineOptions options;
+  options.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
+  PrefillEngine engine(model->get(), *fingerprint, options);
+  auto registry = std::make_shared<prometheus::Registry>();
+  PrefillServer service(&engine, registry.get());
+  absl::StatusOr<std::unique_ptr<MetricsServer>> metrics =
+      MetricsServer::Start("0.0.0.0", absl::GetFlag(FLAGS_metrics_port), registry);
+  if (!metrics.ok()) {
+    LogError("prefill.start_failed", {{"error", metrics.status().ToString()}});
+    return 1;
+  }
+  int port = 0;
+  std::unique_ptr<grpc::Server> server =
+      StartGrpcServer(absl::GetFlag(FLAGS_listen), &service, &port);
+  if (server == nullptr) return 1;
+  LogInfo("prefill.ready", {{"listen", absl::GetFlag(FLAGS_listen)},
+                            {"port", port},
+                            {"metrics_port", (*metrics)->port()},
+                            {"model", model_dir},
+                            {"fingerprint", *fingerprint}});
+  const int signal = WaitForTerminationSignal();
+  LogInfo("prefill.draining", {{"signal", signal}, {"active", service.active_requests()}});
+  ShutdownGracefully(server.get(), absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds)));
+  LogInfo("prefill.stopped");
+  return 0;
+}
+
+}  // namespace
+}  // namespace sparseaccel
+
+int main(int argc, char** argv) {
+  sparseaccel::BlockTerminationSignals();
+  absl::ParseCommandLine(argc, argv);
+  return sparseaccel::Run();
+}

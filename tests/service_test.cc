@@ -1,0 +1,459 @@
+// The service pair end to end on loopback, on the CPU engine with a tiny generated model:
+// split prefill/decode equals one in-process engine, and every failure path ends in a clear
+// status with all KV memory returned.
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/grpc_util.h"
+#include "common/metrics.h"
+#include "decode_service/decode_server.h"
+#include "gtest/gtest.h"
+#include "httplib.h"
+#include "kernels/sampling.h"
+#include "model/checkpoint_maker.h"
+#include "model/fingerprint.h"
+#include "model/llama_cpu.h"
+#include "prefill_service/prefill_server.h"
+
+namespace sparseaccel {
+namespace {
+
+using v1::GenerateRequest;
+using v1::GenerateResponse;
+
+// Built once: a tiny GQA model with llama3 rope scaling and fresh weights per run.
+struct Model {
+  std::string dir;
+  std::unique_ptr<LlamaCpu> llama;
+  std::string fingerprint;
+};
+
+Model& SharedModel() {
+  static Model* model = [] {
+    auto* m = new Model();
+    const char* tmp = getenv("TEST_TMPDIR");
+    m->dir = std::string(tmp ? tmp : "/tmp") + "/service_model";
+    CheckpointOptions options;
+    options.config = PresetConfig("tiny").value();
+    options.seed = std::random_device{}();
+    options.init_std = 0.08;
+    EXPECT_TRUE(WriteRandomCheckpoint(m->dir, options).ok());
+    m->llama = LlamaCpu::Load(m->dir).value();
+    m->fingerprint = ModelFingerprint(m->dir).value();
+    return m;
+  }();
+  return *model;
+}
+
+// Tokens of prompt + generation by the engine alone, sampled exactly as the services do.
+std::vector<int32_t> GenerateAlone(const std::vector<int32_t>& prompt,
+                                   const v1::SamplingParams& sampling, int max_tokens) {
+  LlamaCpu& model = *SharedModel().llama;
+  ContiguousKvStore kv(model.kv_shape(), prompt.size() + max_tokens);
+  SamplingParams params{sampling.temperature(), sampling.top_k(),
+                        sampling.top_p() == 0 ? 1.0f : sampling.top_p(), sampling.seed()};
+  std::vector<float> logits;
+  EXPECT_TRUE(model.Forward({SequenceChunk{prompt, 0, &kv, LogitsFor::kLast}}, &logits).ok());
+  std::vector<int32_t> out;
+  const int64_t vocab = model.config().vocab_size;
+  for (int step = 0; step < max_tokens; ++step) {
+    out.push_back(SampleTokenCpu(logits.data() + logits.size() - vocab, vocab, params, step));
+    if (step + 1 == max_tokens) break;
+    std::vector<int32_t> one = {out.back()};
+    logits.clear();
+    EXPECT_TRUE(model
+                    .Forward({SequenceChunk{one, static_cast<int64_t>(prompt.size()) + step, &kv,
+                                            LogitsFor::kLast}},
+                             &logits)
+                    .ok());
+  }
+  return out;
+}
+
+std::vector<int32_t> RandomPrompt(int n, std::mt19937* rng) {
+  std::vector<int32_t> p(n);
+  for (int32_t& t : p) t = static_cast<int32_t>((*rng)() % 500);
+  return p;
+}
+
+struct Outcome {
+  grpc::Status status;
+  std::vector<int32_t> tokens;
+  v1::GenerateResult result;
+};
+
+struct ServiceOptions {
+  PrefillEngineOptions prefill;
+  DecodeEngineOptions decode;
+  bool start_prefill = true;
+  std::string decode_fingerprint;  // Empty: the model's.
+};
+
+// Both services on loopback ports; `prefill_front` optionally stands between them.
+class ServicePair {
+ public:
+  explicit ServicePair(ServiceOptions options = {}, grpc::Service* prefill_front = nullptr) {
+    Model& model = SharedModel();
+    prefill_engine_ =
+        std::make_unique<PrefillEngine>(model.llama.get(), model.fingerprint, options.prefill);
+    prefill_service_ = std::make_unique<PrefillServer>(prefill_engine_.get(), &prefill_registry_);
+    if (options.start_prefill) {
+      prefill_server_ = StartGrpcServer("127.0.0.1:0", prefill_service_.get(), &prefill_port_);
+    } else {
+      prefill_port_ = 1;  // Nothing listens on port 1.
+    }
+    std::string prefill_address = "127.0.0.1:" + std::to_string(prefill_port_);
+    if (prefill_front != nullptr) {
+      front_server_ = StartGrpcServer("127.0.0.1:0", prefill_front, &front_port_);
+      prefill_address = "127.0.0.1:" + std::to_string(front_port_);
+    }
+    decode_engine_ = std::make_unique<DecodeEngine>(model.llama.get(), options.decode);
+    DecodeServerOptions decode_options;
+    decode_options.prefill_addresses = {prefill_address};
+    decode_options.model_fingerprint =
+        options.decode_fingerprint.empty() ? model.fingerprint : options.decode_fingerprint;
+    decode_options.max_prompt_tokens = 1000;
+    decode_options.max_new_tokens = 64;
+    decode_service_ = std::make_unique<DecodeServer>(decode_engine_.get(), model.llama->config(),
+                                                     decode_options, &decode_registry_);
+    decode_server_ = StartGrpcServer("127.0.0.1:0", decode_service_.get(), &decode_port_);
+    stub_ = v1::DecodeService::NewStub(grpc::CreateChannel(
+        "127.0.0.1:" + std::to_string(decode_port_), grpc::InsecureChannelCredentials()));
+  }
+
+  ~ServicePair() {
+    decode_server_->Shutdown();
+    if (front_server_) front_server_->Shutdown();
+    if (prefill_server_) prefill_server_->Shutdown();
+  }
+
+  Outcome Generate(const GenerateRequest& request, int cancel_after_tokens = -1) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    auto reader = stub_->Generate(&context, request);
+    Outcome outcome;
+    GenerateResponse response;
+    while (reader->Read(&response)) {
+      if (response.has_token()) {
+        outcome.tokens.push_back(response.token().token_id());
+        if (static_cast<int>(outcome.tokens.size()) == cancel_after_tokens) context.TryCancel();
+      }
+      if (response.has_result()) outcome.result = response.result();
+    }
+    outcome.status = reader->Finish();
+    return outcome;
+  }
+
+  // True once all KV blocks are back in the pool and nothing runs (waits up to 5 s).
+  bool Drained() {
+    for (int i = 0; i < 500; ++i) {
+      const KvBlockPool& pool = decode_engine_->pool();
+      if (pool.free_blocks() == pool.num_blocks() && decode_engine_->running() == 0 &&
+          prefill_service_->active_requests() == 0 && decode_service_->active_requests() == 0) {
+        return true;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return false;
+  }
+
+  int prefill_port() const { return prefill_port_; }
+  PrefillServer* prefill_service() { return prefill_service_.get(); }
+  prometheus::Registry& prefill_registry() { return prefill_registry_; }
+  prometheus::Registry& decode_registry() { return decode_registry_; }
+
+ private:
+  prometheus::Registry prefill_registry_, decode_registry_;
+  std::unique_ptr<PrefillEngine> prefill_engine_;
+  std::unique_ptr<PrefillServer> prefill_service_;
+  std::unique_ptr<grpc::Server> prefill_server_, front_server_, decode_server_;
+  std::unique_ptr<DecodeEngine> decode_engine_;
+  std::unique_ptr<DecodeServer> decode_service_;
+  std::unique_ptr<v1::DecodeService::Stub> stub_;
+  int prefill_port_ = 0, front_port_ = 0, decode_port_ = 0;
+};
+
+GenerateRequest MakeRequest(const std::vector<int32_t>& prompt, int max_tokens,
+                            float temperature = 0, int top_k = 0, float top_p = 0,
+                            uint64_t seed = 0) {
+  GenerateRequest request;
+  *request.mutable_token_ids()->mutable_ids() = {prompt.begin(), prompt.end()};
+  request.set_max_tokens(max_tokens);
+  request.mutable_sampling()->set_temperature(temperature);
+  request.mutable_sampling()->set_top_k(top_k);
+  request.mutable_sampling()->set_top_p(top_p);
+  request.mutable_sampling()->set_seed(seed);
+  return request;
+}
+
+TEST(ServiceTest, SplitPrefillDecodeEqualsOneEngine) {
+  ServicePair services;
+  std::mt19937 rng(std::random_device{}());
+  const std::vector<GenerateRequest> requests = {
+      MakeRequest(RandomPrompt(5, &rng), 12),
+      MakeRequest(RandomPrompt(37, &rng), 10, 0.8f, 50, 0, 7),
+      MakeRequest(RandomPrompt(150, &rng), 9, 1.2f, 0, 0.9f, 99),
+      MakeRequest(RandomPrompt(1, &rng), 6, 0.5f, 3, 0.5f, 1),
+  };
+  for (const GenerateRequest& request : requests) {
+    Outcome outcome = services.Generate(request);
+    ASSERT_TRUE(outcome.status.ok()) << outcome.status.error_message();
+    std::vector<int32_t> prompt(request.token_ids().ids().begin(), request.token_ids().ids().end());
+    EXPECT_EQ(outcome.tokens, GenerateAlone(prompt, request.sampling(), request.max_tokens()));
+    EXPECT_EQ(outcome.result.finish_reason(), v1::FINISH_REASON_LENGTH);
+    EXPECT_EQ(outcome.result.completion_tokens(), request.max_tokens());
+    const KvShape shape = SharedModel().llama->kv_shape();
+    EXPECT_EQ(outcome.result.kv_transfer_bytes(),
+              2 * shape.num_layers * shape.RowSize() * 4 * static_cast<int64_t>(prompt.size()));
+    EXPECT_GT(outcome.result.time_to_first_token_seconds(), 0);
+  }
+  EXPECT_TRUE(services.Drained());
+}
+
+TEST(ServiceTest, ConcurrentClientsAllServedCorrectly) {
+  ServiceOptions options;
+  options.decode.max_batch = 6;  // Fewer than the clients: round robin across steps.
+  ServicePair services(options);
+  std::mt19937 rng(std::random_device{}());
+  constexpr int kClients = 8, kRequestsEach = 4;
+  std::vector<GenerateRequest> requests;
+  std::vector<std::vector<int32_t>> expected;
+  for (int i = 0; i < kClients * kRequestsEach; ++i) {
+    std::vector<int32_t> prompt = RandomPrompt(3 + static_cast<int>(rng() % 60), &rng);
+    requests.push_back(MakeRequest(prompt, 4 + i % 9, i % 2 ? 0.9f : 0, 0, 0, rng()));
+    expected.push_back(GenerateAlone(prompt, requests.back().sampling(), 4 + i % 9));
+  }
+  std::vector<Outcome> outcomes(requests.size());
+  std::vector<std::thread> clients;
+  for (int c = 0; c < kClients; ++c) {
+    clients.emplace_back([&, c] {
+      for (int r = 0; r < kRequestsEach; ++r) {
+        const int i = c * kRequestsEach + r;
+        outcomes[i] = services.Generate(requests[i]);
+      }
+    });
+  }
+  for (std::thread& t : clients) t.join();
+  for (size_t i = 0; i < requests.size(); ++i) {
+    ASSERT_TRUE(outcomes[i].status.ok()) << i << ": " << outcomes[i].status.error_message();
+    EXPECT_EQ(outcomes[i].tokens, expected[i]) << "request " << i;
+  }
+  EXPECT_TRUE(services.Drained());
+}
+
+TEST(ServiceTest, MalformedRequestsAreInvalidArgument) {
+  ServicePair services;
+  std::mt19937 rng(std::random_device{}());
+  const std::vector<int32_t> prompt = RandomPrompt(8, &rng);
+  std::vector<std::pair<std::string, GenerateRequest>> cases = {
+      {"empty prompt", MakeRequest({}, 4)},
+      {"max_tokens 0", MakeRequest(prompt, 0)},
+      {"max_tokens too large", MakeRequest(prompt, 65)},
+      {"negative temperature", MakeRequest(prompt, 4, -1.0f)},
+      {"nan temperature", MakeRequest(prompt, 4, std::nanf(""))},
+      {"top_p above 1", MakeRequest(prompt, 4, 1.0f, 0, 1.5f)},
+      {"negative top_k", MakeRequest(prompt, 4, 1.0f, -2)},
+      {"unknown token id", MakeRequest({1, 2, 512}, 4)},
+      {"negative token id", MakeRequest({-1}, 4)},
+      {"over-long prompt", MakeRequest(RandomPrompt(1001, &rng), 4)},
+  };
+  for (auto& [name, request] : cases) {
+    Outcome outcome = services.Generate(request);
+    EXPECT_EQ(outcome.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << name;
+    EXPECT_FALSE(outcome.status.error_message().empty()) << name;
+    EXPECT_TRUE(outcome.tokens.empty()) << name;
+  }
+  GenerateRequest text;
+  text.set_text("hello");
+  text.set_max_tokens(4);
+  EXPECT_EQ(services.Generate(text).status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_TRUE(services.Drained());
+}
+
+TEST(ServiceTest, PrefillServiceDownIsUnavailable) {
+  ServiceOptions options;
+  options.start_prefill = false;
+  ServicePair services(options);
+  Outcome outcome = services.Generate(MakeRequest({1, 2, 3}, 4));
+  EXPECT_EQ(outcome.status.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << outcome.status.error_message();
+  EXPECT_TRUE(services.Drained());
+}
+
+TEST(ServiceTest, ModelMismatchIsRefused) {
+  ServiceOptions options;
+  options.decode_fingerprint = "0123456789abcdef";
+  ServicePair services(options);
+  Outcome outcome = services.Generate(MakeRequest({1, 2, 3}, 4));
+  EXPECT_EQ(outcome.status.error_code(), grpc::StatusCode::FAILED_PRECONDITION)
+      << outcome.status.error_message();
+  EXPECT_TRUE(services.Drained());
+}
+
+// Forwards the real prefill stream, then breaks it: flips a byte of chunk `corrupt_chunk`, or
+// fails with UNAVAILABLE after `die_after` messages (a prefill process dying mid-stream).
+class FaultyPrefill final : public v1::PrefillService::Service {
+ public:
+  int target_port = 0;
+  int corrupt_chunk = -1;
+  int die_after = -1;
+
+  grpc::Status Prefill(grpc::ServerContext* context, const v1::PrefillRequest* request,
+                       grpc::ServerWriter<v1::PrefillResponse>* writer) override {
+    auto stub = v1::PrefillService::NewStub(grpc::CreateChannel(
+        "127.0.0.1:" + std::to_string(target_port), grpc::InsecureChannelCredentials()));
+    grpc::ClientContext upstream;
+    auto reader = stub->Prefill(&upstream, *request);
+    v1::PrefillResponse message;
+    int sent = 0, chunks = 0;
+    while (reader->Read(&message)) {
+      if (sent == die_after) {
+        upstream.TryCancel();
+        reader->Finish();
+        return grpc::Status(grpc::StatusCode::UNAVAILABLE, "prefill process died");
+      }
+      if (message.has_kv() && chunks++ == corrupt_chunk) {
+        std::string* k = message.mutable_kv()->mutable_k();
+        (*k)[k->size() / 2] ^= 0x40;
+      }
+      if (!writer->Write(message)) break;
+      ++sent;
+    }
+    return reader->Finish();
+  }
+};
+
+TEST(ServiceTest, CorruptedKvChunkIsDataLoss) {
+  ServicePair reference;  // Provides a real prefill service to proxy.
+  FaultyPrefill faulty;
+  faulty.target_port = reference.prefill_port();
+  faulty.corrupt_chunk = 1;  // The second layer's chunk.
+  ServicePair services({}, &faulty);
+  std::mt19937 rng(std::random_device{}());
+  Outcome outcome = services.Generate(MakeRequest(RandomPrompt(20, &rng), 4));
+  EXPECT_EQ(outcome.status.error_code(), grpc::StatusCode::DATA_LOSS)
+      << outcome.status.error_message();
+  EXPECT_TRUE(outcome.tokens.empty());
+  EXPECT_TRUE(services.Drained());
+  EXPECT_TRUE(reference.Drained());
+}
+
+TEST(ServiceTest, PrefillDyingMidStreamIsUnavailable) {
+  ServicePair reference;
+  FaultyPrefill faulty;
+  faulty.target_port = reference.prefill_port();
+  faulty.die_after = 2;  // The header and one chunk.
+  ServicePair services({}, &faulty);
+  std::mt19937 rng(std::random_device{}());
+  Outcome outcome = services.Generate(MakeRequest(RandomPrompt(20, &rng), 4));
+  EXPECT_EQ(outcome.status.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << outcome.status.error_message();
+  EXPECT_TRUE(services.Drained());
+  EXPECT_TRUE(reference.Drained());
+}
+
+TEST(ServiceTest, ReceiverLeavingMidTransferStopsThePrefill) {
+  ServiceOptions options;
+  options.prefill.chunk_bytes = 256;  // Many small chunks per layer.
+  ServicePair services(options);
+  auto stub = v1::PrefillService::NewStub(grpc::CreateChannel(
+      "127.0.0.1:" + std::to_string(services.prefill_port()), grpc::InsecureChannelCredentials()));
+  std::mt19937 rng(std::random_device{}());
+  v1::PrefillRequest request;
+  for (int32_t t : RandomPrompt(400, &rng)) request.add_token_ids(t);
+  grpc::ClientContext context;
+  auto reader = stub->Prefill(&context, request);
+  v1::PrefillResponse message;
+  ASSERT_TRUE(reader->Read(&message));
+  ASSERT_TRUE(message.has_header());
+  ASSERT_TRUE(reader->Read(&message));
+  ASSERT_TRUE(message.has_kv());
+  context.TryCancel();
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(services.Drained());
+  // The prefill ended as cancelled rather than running to completion.
+  const std::string text = SerializeMetrics(services.prefill_registry());
+  EXPECT_NE(text.find("sparseaccel_prefill_requests_total{outcome=\"cancelled\"} 1"),
+            std::string::npos)
+      << text;
+}
+
+TEST(ServiceTest, ClientCancellingMidDecodeFreesEverything) {
+  ServicePair services;
+  std::mt19937 rng(std::random_device{}());
+  Outcome outcome = services.Generate(MakeRequest(RandomPrompt(30, &rng), 60), 3);
+  EXPECT_EQ(outcome.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(services.Drained());
+}
+
+TEST(ServiceTest, FullKvPoolIsResourceExhausted) {
+  ServiceOptions options;
+  options.decode.block_tokens = 16;
+  options.decode.num_blocks = 4;  // 64 positions.
+  options.decode.max_waiting = 0;
+  ServicePair services(options);
+  std::mt19937 rng(std::random_device{}());
+  Outcome too_big = services.Generate(MakeRequest(RandomPrompt(60, &rng), 10));
+  EXPECT_EQ(too_big.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_TRUE(services.Drained());
+}
+
+TEST(DecodeEngineTest, AdmissionWaitsInABoundedQueue) {
+  DecodeEngineOptions options;
+  options.block_tokens = 8;
+  options.num_blocks = 4;
+  options.max_waiting = 1;
+  DecodeEngine engine(SharedModel().llama.get(), options);
+  auto never = [] { return false; };
+  auto first = engine.Admit(32, absl::InfiniteFuture(), never);
+  ASSERT_TRUE(first.ok());
+  // The pool is full: one request may wait; it times out at its deadline.
+  auto waited = engine.Admit(8, absl::Now() + absl::Milliseconds(50), never);
+  EXPECT_EQ(waited.status().code(), absl::StatusCode::kDeadlineExceeded);
+  // A waiter gets its blocks as soon as they are freed.
+  std::thread release([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    first->reset();
+  });
+  auto second = engine.Admit(16, absl::Now() + absl::Seconds(10), never);
+  release.join();
+  EXPECT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(engine.pool().free_blocks(), 2);
+}
+
+TEST(ServiceTest, MetricsAreServedOverHttp) {
+  ServicePair services;
+  std::mt19937 rng(std::random_device{}());
+  ASSERT_TRUE(services.Generate(MakeRequest(RandomPrompt(10, &rng), 5)).status.ok());
+  auto registry = std::shared_ptr<prometheus::Registry>(&services.decode_registry(),
+                                                        [](prometheus::Registry*) {});
+  auto server = MetricsServer::Start("127.0.0.1", 0, registry);
+  ASSERT_TRUE(server.ok());
+  httplib::Client client("127.0.0.1", (*server)->port());
+  auto response = client.Get("/metrics");
+  ASSERT_TRUE(response);
+  EXPECT_EQ(response->status, 200);
+  for (const char* expected :
+       {"sparseaccel_time_to_first_token_seconds_count{context=\"<4K\"} 1",
+        "sparseaccel_inter_token_latency_seconds_count{context=\"<4K\"} 4",
+        "sparseaccel_generate_requests_total{finish_reason=\"length\",outcome=\"ok\"} 1",
+        "sparseaccel_kv_transfer_bytes_count{context=\"<4K\"} 1",
+        "sparseaccel_kv_pool_blocks{state=\"used\"} 0", "sparseaccel_decode_queue_depth 0"}) {
+    EXPECT_NE(response->body.find(expected), std::string::npos) << expected;
+  }
+  const std::string prefill = SerializeMetrics(services.prefill_registry());
+  EXPECT_NE(prefill.find("sparseaccel_prefill_duration_seconds_count{context=\"<4K\"} 1"),
+            std::string::npos);
+  EXPECT_EQ(ContextBucket(4095), "<4K");
+  EXPECT_EQ(ContextBucket(16384), "16-32K");
+  EXPECT_EQ(ContextBucket(131072), ">=128K");
+}
+
+}  // namespace
+}  // namespace sparseaccel

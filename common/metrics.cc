@@ -16,12 +16,15 @@ std::string SerializeMetrics(const prometheus::Registry& registry) {
 }
 
 absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
-    const std::string& host, int port, std::shared_ptr<prometheus::Registry> registry) {
+    const std::string& host, int port, std::shared_ptr<prometheus::Registry> registry,
+    std::function<void()> before_scrape) {
   auto server = std::unique_ptr<MetricsServer>(new MetricsServer());
   server->http_ = std::make_unique<httplib::Server>();
-  server->http_->Get("/metrics", [registry](const httplib::Request&, httplib::Response& res) {
-    res.set_content(SerializeMetrics(*registry), "text/plain; version=0.0.4");
-  });
+  server->http_->Get("/metrics",
+                     [registry, before_scrape](const httplib::Request&, httplib::Response& res) {
+                       if (before_scrape) before_scrape();
+                       res.set_content(SerializeMetrics(*registry), "text/plain; version=0.0.4");
+                     });
   if (port == 0) {
     server->port_ = server->http_->bind_to_any_port(host.c_str());
   } else if (server->http_->bind_to_port(host.c_str(), port)) {

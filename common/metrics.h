@@ -6,6 +6,7 @@
 // that load cuBLASLt: its worker stacks are too small for cuBLASLt's static TLS).
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -21,9 +22,11 @@ namespace sparseaccel {
 
 class MetricsServer {
  public:
-  // Listens on `host`:`port` (0 picks a free port).
+  // Listens on `host`:`port` (0 picks a free port). `before_scrape`, if set, runs before each
+  // scrape (to refresh gauges that are cheaper to read than to track).
   static absl::StatusOr<std::unique_ptr<MetricsServer>> Start(
-      const std::string& host, int port, std::shared_ptr<prometheus::Registry> registry);
+      const std::string& host, int port, std::shared_ptr<prometheus::Registry> registry,
+      std::function<void()> before_scrape = nullptr);
   ~MetricsServer();
   int port() const { return port_; }
 

@@ -207,6 +207,8 @@ void DecodeEngine::SchedulerLoop() {
         done.push_back(s);
       }
     }
+    // Drop this step's references now, so finished sequences free their blocks at once.
+    batch.clear();
     if (!done.empty()) {
       absl::MutexLock lock(&mu_);
       running_.erase(std::remove_if(running_.begin(), running_.end(),

@@ -39,6 +39,8 @@ class DecodeServer final : public v1::DecodeService::Service {
                         grpc::ServerWriter<v1::GenerateResponse>* writer) override;
 
   int64_t active_requests() const { return active_.load(); }
+  // Refreshes the pool, queue, batch and memory gauges (also done after each request).
+  void UpdateGauges();
 
  private:
   struct Prefilled;
@@ -49,7 +51,6 @@ class DecodeServer final : public v1::DecodeService::Service {
                                           const std::vector<int32_t>& prompt,
                                           const v1::SamplingParams& sampling,
                                           DecodeSequence* sequence);
-  void UpdateGauges();
 
   DecodeEngine* engine_;
   const ModelConfig config_;

@@ -66,7 +66,8 @@ int Run() {
   auto registry = std::make_shared<prometheus::Registry>();
   DecodeServer service(&engine, (*model)->config(), options, registry.get());
   absl::StatusOr<std::unique_ptr<MetricsServer>> metrics =
-      MetricsServer::Start("0.0.0.0", absl::GetFlag(FLAGS_metrics_port), registry);
+      MetricsServer::Start("0.0.0.0", absl::GetFlag(FLAGS_metrics_port), registry,
+                           [&service] { service.UpdateGauges(); });
   if (!metrics.ok()) {
     LogError("decode.start_failed", {{"error", metrics.status().ToString()}});
     return 1;

@@ -106,6 +106,8 @@ DecodeServer::DecodeServer(DecodeEngine* engine, const ModelConfig& config,
                        .Add({{"service", "decode"}})) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
+  // An address that resolves to several prefill pods (a headless Service) spreads over all.
+  args.SetLoadBalancingPolicyName("round_robin");
   for (const std::string& address : options_.prefill_addresses) {
     prefill_stubs_.push_back(v1::PrefillService::NewStub(
         grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args)));

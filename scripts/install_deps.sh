@@ -7,7 +7,7 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev libssl-dev libre2-dev
   prometheus-cpp-dev libcpp-httplib-dev nlohmann-json3-dev libopenblas-dev
-  python3 python3-grpcio python3-protobuf python3-numpy curl
+  python3 python3-grpcio python3-protobuf python3-numpy python3-yaml curl
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,81 @@
+#!/usr/bin/python3
+"""Checks deploy/: the Kubernetes manifests parse and are consistent with the services' flags and
+ports, and every metric the Grafana dashboard queries is one the services export."""
+import glob
+import json
+import os
+import re
+import sys
+
+import yaml
+
+ROOT = os.environ.get("TEST_SRCDIR", "")
+if ROOT:
+    ROOT = os.path.join(ROOT, os.environ.get("TEST_WORKSPACE", "sparseaccel"))
+else:
+    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+failures = []
+
+
+def check(condition, message):
+    if not condition:
+        failures.append(message)
+
+
+def source(path):
+    return open(os.path.join(ROOT, path)).read()
+
+
+flags = {
+    "prefill_server": set(re.findall(r"ABSL_FLAG\([^,]+, (\w+),", source("prefill_service/main.cc"))),
+    "decode_server": set(re.findall(r"ABSL_FLAG\([^,]+, (\w+),", source("decode_service/main.cc"))),
+}
+documents = []
+for path in sorted(glob.glob(os.path.join(ROOT, "deploy/k8s/*.yaml"))):
+    documents += [d for d in yaml.safe_load_all(open(path)) if d]
+kinds = [d["kind"] for d in documents]
+check(kinds.count("Deployment") == 2, "expected two Deployments, got %s" % kinds)
+for doc in documents:
+    if doc["kind"] != "Deployment":
+        continue
+    container = doc["spec"]["template"]["spec"]["containers"][0]
+    binary = os.path.basename(container["command"][0])
+    check(binary in flags, "unknown binary %s" % binary)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    args = dict(a[2:].split("=", 1) for a in container["args"])
+    for name in args:
+        check(name in flags.get(binary, ()), "%s has no flag --%s" % (binary, name))
+    check(args["listen"].endswith(":%d" % ports["grpc"]), "%s listen/port mismatch" % binary)
+    check(int(args["metrics_port"]) == ports["metrics"], "%s metrics port mismatch" % binary)
+    annotations = doc["spec"]["template"]["metadata"]["annotations"]
+    check(int(annotations["prometheus.io/port"]) == ports["metrics"],
+          "%s scrape annotation port mismatch" % binary)
+    check(container["readinessProbe"]["grpc"]["port"] == ports["grpc"],
+          "%s readiness probe port" % binary)
+    grace = int(args.get("shutdown_grace_seconds", 30))
+    check(doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace,
+          "%s terminationGracePeriodSeconds must exceed --shutdown_grace_seconds" % binary)
+
+exported = set()
+for path in ("decode_service/decode_server.cc", "prefill_service/prefill_server.cc"):
+    exported |= set(re.findall(r'\.Name\("(sparseaccel_\w+)"\)', source(path)))
+check(len(exported) >= 10, "found only %d exported metrics" % len(exported))
+dashboard = json.load(open(os.path.join(ROOT, "deploy/grafana/sparseaccel.json")))
+queried = set()
+for panel in dashboard["panels"]:
+    for target in panel["targets"]:
+        for name in re.findall(r"sparseaccel_\w+", target["expr"]):
+            queried.add(re.sub(r"_(bucket|sum|count)$", "", name))
+check(queried, "dashboard queries no metrics")
+for name in sorted(queried - exported):
+    failures.append("dashboard queries %s, which no service exports" % name)
+for name in sorted(exported):
+    check(re.search(r"_(seconds|bytes|total|blocks|depth|sequences|requests)$", name),
+          "metric %s lacks a unit or _total suffix" % name)
+
+for failure in failures:
+    print("FAIL:", failure)
+print("deploy checks: %d failures (%d manifests, %d metrics exported, %d queried)" %
+      (len(failures), len(documents), len(exported), len(queried)))
+sys.exit(1 if failures else 0)

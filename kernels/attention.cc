@@ -7,11 +7,11 @@
 namespace sparseaccel {
 
 void AttendOneQuery(const float* q_head, const KvLayerView& kv, int64_t kv_head, int64_t head_dim,
-                    int64_t num_keys, double* scores, float* out_head) {
+                    const int64_t* keys, int64_t num_keys, double* scores, float* out_head) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
   double max_score = -INFINITY;
   for (int64_t k = 0; k < num_keys; ++k) {
-    const float* key = kv.KRow(k) + kv_head * head_dim;
+    const float* key = kv.KRow(keys ? keys[k] : k) + kv_head * head_dim;
     float dot = 0;
     for (int64_t d = 0; d < head_dim; ++d) dot += q_head[d] * key[d];
     scores[k] = dot * scale;
@@ -24,7 +24,7 @@ void AttendOneQuery(const float* q_head, const KvLayerView& kv, int64_t kv_head,
   }
   std::vector<double> acc(head_dim, 0.0);
   for (int64_t k = 0; k < num_keys; ++k) {
-    const float* value = kv.VRow(k) + kv_head * head_dim;
+    const float* value = kv.VRow(keys ? keys[k] : k) + kv_head * head_dim;
     const double p = scores[k];
     for (int64_t d = 0; d < head_dim; ++d) acc[d] += p * value[d];
   }
@@ -42,7 +42,7 @@ void CausalAttentionCpu(const float* q, int64_t n, int64_t start_pos, const Atte
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t h = 0; h < shape.num_heads; ++h) {
         const int64_t offset = (i * shape.num_heads + h) * d;
-        AttendOneQuery(q + offset, kv, h / group, d, start_pos + i + 1, scores.data(),
+        AttendOneQuery(q + offset, kv, h / group, d, nullptr, start_pos + i + 1, scores.data(),
                        out + offset);
       }
     }

@@ -22,10 +22,11 @@ struct AttentionShape {
 void CausalAttentionCpu(const float* q, int64_t n, int64_t start_pos, const AttentionShape& shape,
                         const KvLayerView& kv, float* out);
 
-// One query row of one head against the keys [0, num_keys) of its KV head: the building block
-// of the dense and sparse CPU paths. `scores` is scratch of num_keys doubles.
+// One query row of one head against `num_keys` keys of its KV head: positions keys[0..num_keys)
+// or, when `keys` is null, positions 0..num_keys-1. The building block of the dense and sparse
+// CPU paths. `scores` is scratch of num_keys doubles.
 void AttendOneQuery(const float* q_head, const KvLayerView& kv, int64_t kv_head, int64_t head_dim,
-                    int64_t num_keys, double* scores, float* out_head);
+                    const int64_t* keys, int64_t num_keys, double* scores, float* out_head);
 
 }  // namespace sparseaccel
 

@@ -1,0 +1,264 @@
+#include "kernels/sparse/sparse_index.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+namespace sparseaccel {
+namespace {
+
+int64_t NumBlocks(int64_t n) { return (n + kBlockSize - 1) / kBlockSize; }
+
+// Builds the flat index from per-block sorted range starts and column lists.
+SparseIndex Pack(int64_t n, const std::vector<std::vector<int32_t>>& ranges,
+                 const std::vector<std::vector<int32_t>>& columns) {
+  SparseIndex index;
+  index.num_tokens = n;
+  index.num_query_blocks = static_cast<int64_t>(ranges.size());
+  for (const auto& r : ranges) index.max_ranges = std::max<int64_t>(index.max_ranges, r.size());
+  for (const auto& c : columns) index.max_columns = std::max<int64_t>(index.max_columns, c.size());
+  index.range_count.resize(index.num_query_blocks);
+  index.column_count.resize(index.num_query_blocks);
+  index.range_start.assign(index.num_query_blocks * index.max_ranges, -1);
+  index.column_index.assign(index.num_query_blocks * index.max_columns, -1);
+  for (int64_t b = 0; b < index.num_query_blocks; ++b) {
+    index.range_count[b] = static_cast<int32_t>(ranges[b].size());
+    std::copy(ranges[b].begin(), ranges[b].end(), &index.range_start[b * index.max_ranges]);
+    index.column_count[b] = static_cast<int32_t>(columns[b].size());
+    std::copy(columns[b].begin(), columns[b].end(), &index.column_index[b * index.max_columns]);
+  }
+  return index;
+}
+
+// Indices of the `count` largest scores, larger first, ties to the smaller index; entries with
+// score +inf (forced) always come first.
+std::vector<int64_t> TopK(const std::vector<double>& scores, int64_t count) {
+  std::vector<int64_t> order(scores.size());
+  std::iota(order.begin(), order.end(), 0);
+  count = std::min<int64_t>(count, static_cast<int64_t>(scores.size()));
+  auto better = [&](int64_t a, int64_t b) {
+    return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+  };
+  std::partial_sort(order.begin(), order.begin() + count, order.end(), better);
+  order.resize(count);
+  return order;
+}
+
+// Softmax of q . k / sqrt(d) over keys 0..last (causal), in double.
+void SoftmaxRow(const float* q, const float* k, int64_t k_stride, int64_t last, int64_t d,
+                std::vector<double>* probs) {
+  probs->assign(last + 1, 0.0);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  double mx = -INFINITY;
+  for (int64_t j = 0; j <= last; ++j) {
+    double dot = 0;
+    for (int64_t t = 0; t < d; ++t) dot += static_cast<double>(q[t]) * k[j * k_stride + t];
+    (*probs)[j] = dot * scale;
+    mx = std::max(mx, (*probs)[j]);
+  }
+  double sum = 0;
+  for (double& p : *probs) sum += (p = std::exp(p - mx));
+  for (double& p : *probs) p /= sum;
+}
+
+}  // namespace
+
+std::vector<int64_t> SparseIndex::KeysOfBlock(int64_t block) const {
+  const int64_t limit = std::min(num_tokens, (block + 1) * kBlockSize);
+  std::vector<int64_t> keys;
+  for (int32_t i = 0; i < range_count[block]; ++i) {
+    const int64_t start = range_start[block * max_ranges + i];
+    for (int64_t key = start; key < std::min(start + kBlockSize, limit); ++key) keys.push_back(key);
+  }
+  for (int32_t i = 0; i < column_count[block]; ++i) {
+    keys.push_back(column_index[block * max_columns + i]);
+  }
+  std::sort(keys.begin(), keys.end());
+  return keys;
+}
+
+SparseIndex DenseIndex(int64_t n) {
+  std::vector<std::vector<int32_t>> ranges(NumBlocks(n)), columns(NumBlocks(n));
+  for (int64_t b = 0; b < NumBlocks(n); ++b) {
+    for (int64_t kb = 0; kb <= b; ++kb) ranges[b].push_back(static_cast<int32_t>(kb * kBlockSize));
+  }
+  return Pack(n, ranges, columns);
+}
+
+SparseIndex AShapeIndex(int64_t n, int64_t sink, int64_t window) {
+  const int64_t sink_blocks = NumBlocks(sink);
+  const int64_t window_blocks = std::max<int64_t>(1, NumBlocks(window));
+  std::vector<std::vector<int32_t>> ranges(NumBlocks(n)), columns(NumBlocks(n));
+  for (int64_t b = 0; b < NumBlocks(n); ++b) {
+    for (int64_t kb = 0; kb <= b; ++kb) {
+      if (kb < sink_blocks || kb > b - window_blocks) {
+        ranges[b].push_back(static_cast<int32_t>(kb * kBlockSize));
+      }
+    }
+  }
+  return Pack(n, ranges, columns);
+}
+
+SparseIndex VerticalSlashIndex(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
+                               int64_t n, int64_t d, const VerticalSlashBudget& budget) {
+  const int64_t last_q = std::max<int64_t>(1, std::min(budget.last_q, n));
+  std::vector<double> column_score(n, 0.0), slash_score(n, 0.0), probs;
+  for (int64_t i = n - last_q; i < n; ++i) {
+    SoftmaxRow(q + i * q_stride, k, k_stride, i, d, &probs);
+    for (int64_t j = 0; j <= i; ++j) {
+      column_score[j] += probs[j];
+      slash_score[i - j] += probs[j];
+    }
+  }
+  // Always kept: the first columns (attention sinks) and the nearest diagonals (local window).
+  constexpr int64_t kForcedColumns = 4;
+  for (int64_t j = 0; j < std::min(kForcedColumns, n); ++j) column_score[j] = INFINITY;
+  for (int64_t o = 0; o < std::min(kBlockSize, n); ++o) slash_score[o] = INFINITY;
+  std::vector<int64_t> verticals = TopK(column_score, std::max(budget.vertical, kForcedColumns));
+  std::vector<int64_t> slashes = TopK(slash_score, std::max(budget.slash, kBlockSize));
+  std::sort(verticals.begin(), verticals.end());
+  std::sort(slashes.begin(), slashes.end(), std::greater<int64_t>());  // Far diagonals first.
+
+  std::vector<std::vector<int32_t>> ranges(NumBlocks(n)), columns(NumBlocks(n));
+  for (int64_t b = 0; b < NumBlocks(n); ++b) {
+    const int64_t q0 = b * kBlockSize, q1 = std::min(n, q0 + kBlockSize);
+    // Offset o covers keys [q0 - o, q1 - 1 - o] (clipped at 0); merge into sorted intervals.
+    std::vector<std::pair<int64_t, int64_t>> intervals;
+    for (int64_t o : slashes) {
+      if (o > q1 - 1) continue;
+      const int64_t lo = std::max<int64_t>(0, q0 - o), hi = q1 - 1 - o;
+      if (!intervals.empty() && lo <= intervals.back().second + 1) {
+        intervals.back().second = std::max(intervals.back().second, hi);
+      } else {
+        intervals.emplace_back(lo, hi);
+      }
+    }
+    // Tile the union into 64-key ranges, never overlapping.
+    int64_t covered_until = 0;  // Keys below this are already in a range.
+    for (const auto& [lo, hi] : intervals) {
+      for (int64_t start = std::max(lo, covered_until); start <= hi; start += kBlockSize) {
+        ranges[b].push_back(static_cast<int32_t>(start));
+        covered_until = start + kBlockSize;
+      }
+    }
+    size_t r = 0;
+    for (int64_t col : verticals) {
+      if (col >= q1) break;
+      while (r < ranges[b].size() && ranges[b][r] + kBlockSize <= col) ++r;
+      const bool inside = r < ranges[b].size() && ranges[b][r] <= col;
+      if (!inside) columns[b].push_back(static_cast<int32_t>(col));
+    }
+  }
+  return Pack(n, ranges, columns);
+}
+
+SparseIndex BlockSparseIndex(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
+                             int64_t n, int64_t d, int64_t top_k) {
+  const int64_t blocks = NumBlocks(n);
+  auto pool = [&](const float* x, int64_t stride) {
+    std::vector<double> pooled(blocks * d, 0.0);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t r0 = b * kBlockSize, r1 = std::min(n, r0 + kBlockSize);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t t = 0; t < d; ++t) pooled[b * d + t] += x[r * stride + t];
+      }
+      for (int64_t t = 0; t < d; ++t) pooled[b * d + t] /= static_cast<double>(r1 - r0);
+    }
+    return pooled;
+  };
+  const std::vector<double> pq = pool(q, q_stride), pk = pool(k, k_stride);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  std::vector<std::vector<int32_t>> ranges(blocks), columns(blocks);
+  for (int64_t b = 0; b < blocks; ++b) {
+    std::vector<double> scores(b + 1);
+    double mx = -INFINITY;
+    for (int64_t kb = 0; kb <= b; ++kb) {
+      double dot = 0;
+      for (int64_t t = 0; t < d; ++t) dot += pq[b * d + t] * pk[kb * d + t];
+      scores[kb] = dot * scale;
+      mx = std::max(mx, scores[kb]);
+    }
+    double sum = 0;
+    for (double& s : scores) sum += (s = std::exp(s - mx));
+    for (double& s : scores) s /= sum;
+    scores[b] = INFINITY;  // The diagonal block is always computed.
+    std::vector<int64_t> chosen = TopK(scores, std::max<int64_t>(1, top_k));
+    std::sort(chosen.begin(), chosen.end());
+    for (int64_t kb : chosen) ranges[b].push_back(static_cast<int32_t>(kb * kBlockSize));
+  }
+  return Pack(n, ranges, columns);
+}
+
+void SparseAttentionCpu(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
+                        const float* v, int64_t v_stride, int64_t d, const SparseIndex& index,
+                        float* out, int64_t out_stride) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t b = 0; b < index.num_query_blocks; ++b) {
+    const std::vector<int64_t> keys = index.KeysOfBlock(b);
+    std::vector<double> scores(keys.size()), acc(d);
+    const int64_t q1 = std::min(index.num_tokens, (b + 1) * kBlockSize);
+    for (int64_t i = b * kBlockSize; i < q1; ++i) {
+      const int64_t visible = std::upper_bound(keys.begin(), keys.end(), i) - keys.begin();
+      double mx = -INFINITY;
+      for (int64_t j = 0; j < visible; ++j) {
+        double dot = 0;
+        for (int64_t t = 0; t < d; ++t) {
+          dot += static_cast<double>(q[i * q_stride + t]) * k[keys[j] * k_stride + t];
+        }
+        scores[j] = dot * scale;
+        mx = std::max(mx, scores[j]);
+      }
+      double sum = 0;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t j = 0; j < visible; ++j) {
+        const double p = std::exp(scores[j] - mx);
+        sum += p;
+        for (int64_t t = 0; t < d; ++t) acc[t] += p * v[keys[j] * v_stride + t];
+      }
+      for (int64_t t = 0; t < d; ++t) out[i * out_stride + t] = static_cast<float>(acc[t] / sum);
+    }
+  }
+}
+
+double IndexDensity(const SparseIndex& index) {
+  const int64_t n = index.num_tokens;
+  int64_t selected = 0;
+  for (int64_t b = 0; b < index.num_query_blocks; ++b) {
+    const std::vector<int64_t> keys = index.KeysOfBlock(b);
+    const int64_t q1 = std::min(n, (b + 1) * kBlockSize);
+    for (int64_t i = b * kBlockSize; i < q1; ++i) {
+      selected += std::upper_bound(keys.begin(), keys.end(), i) - keys.begin();
+    }
+  }
+  return static_cast<double>(selected) / (static_cast<double>(n) * (n + 1) / 2);
+}
+
+Fidelity MeasureFidelity(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
+                         const float* v, int64_t v_stride, int64_t d, const SparseIndex& index) {
+  const int64_t n = index.num_tokens;
+  std::vector<float> sparse(n * d), dense(n * d);
+  SparseAttentionCpu(q, q_stride, k, k_stride, v, v_stride, d, index, sparse.data(), d);
+  SparseAttentionCpu(q, q_stride, k, k_stride, v, v_stride, d, DenseIndex(n), dense.data(), d);
+  double err = 0, norm = 0;
+  for (int64_t i = 0; i < n * d; ++i) {
+    err += (double(sparse[i]) - dense[i]) * (double(sparse[i]) - dense[i]);
+    norm += double(dense[i]) * dense[i];
+  }
+  double recall = 0;
+#pragma omp parallel for reduction(+ : recall) schedule(dynamic, 1)
+  for (int64_t b = 0; b < index.num_query_blocks; ++b) {
+    const std::vector<int64_t> keys = index.KeysOfBlock(b);
+    std::vector<double> probs;
+    const int64_t q1 = std::min(n, (b + 1) * kBlockSize);
+    for (int64_t i = b * kBlockSize; i < q1; ++i) {
+      SoftmaxRow(q + i * q_stride, k, k_stride, i, d, &probs);
+      for (int64_t key : keys) {
+        if (key <= i) recall += probs[key];
+      }
+    }
+  }
+  return Fidelity{IndexDensity(index), recall / n, std::sqrt(err / norm)};
+}
+
+}  // namespace sparseaccel

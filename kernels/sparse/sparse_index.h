@@ -1,0 +1,93 @@
+#ifndef SPARSEACCEL_KERNELS_SPARSE_SPARSE_INDEX_H_
+#define SPARSEACCEL_KERNELS_SPARSE_SPARSE_INDEX_H_
+
+// Dynamic sparse attention for one head of a prompt, on the CPU: the three patterns of
+// SparseAccelerate / MInference build a SparseIndex from the head's actual Q and K, and
+// SparseAttentionCpu computes exactly the (query, key) pairs the index selects. This is the
+// reference for the GPU kernels: they must select the same indices and match the outputs within
+// rounding.
+//
+// Index format (flat int32 arrays with a fixed stride per query block, as a kernel reads them):
+// queries are split into blocks of kBlockSize rows; query block b covers positions
+// [b * 64, min((b + 1) * 64, n)). For each query block:
+//   - ranges: range_count[b] key ranges, range_start[b * max_ranges + i], each covering keys
+//     [start, start + 64) (clipped to the causal limit). Starts ascend; ranges do not overlap.
+//   - columns: column_count[b] single keys, column_index[b * max_columns + i], ascending, none
+//     inside a range.
+// A query at position p attends to every selected key <= p (causal). Every query attends at
+// least to itself: each pattern keeps the diagonal.
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/types/span.h"
+
+namespace sparseaccel {
+
+constexpr int64_t kBlockSize = 64;
+
+struct SparseIndex {
+  int64_t num_tokens = 0;
+  int64_t num_query_blocks = 0;
+  int64_t max_ranges = 0;
+  int64_t max_columns = 0;
+  std::vector<int32_t> range_count;   // [num_query_blocks]
+  std::vector<int32_t> range_start;   // [num_query_blocks][max_ranges]
+  std::vector<int32_t> column_count;  // [num_query_blocks]
+  std::vector<int32_t> column_index;  // [num_query_blocks][max_columns]
+
+  // The selected keys of query block b, ascending (before the per-query causal cut).
+  std::vector<int64_t> KeysOfBlock(int64_t block) const;
+};
+
+// A-shape: the first `sink` keys plus the `window` keys up to each query, at block granularity
+// (sink and window rounded up to whole 64-key blocks).
+SparseIndex AShapeIndex(int64_t num_tokens, int64_t sink, int64_t window);
+
+struct VerticalSlashBudget {
+  int64_t vertical = 1000;  // Key columns kept.
+  int64_t slash = 6096;     // Diagonals kept.
+  int64_t last_q = 64;      // Queries whose attention estimates the pattern.
+};
+
+// Vertical-slash: softmax attention of the last `last_q` queries against all keys (causal);
+// column sums rank key columns, diagonal sums (offset = query - key) rank diagonals. The top
+// `vertical` columns and top `slash` offsets are kept; the first 4 columns and the offsets
+// 0..63 always are. Ties rank the smaller index first. Slash offsets become merged key ranges
+// per query block; columns already inside a range are dropped.
+// q, k: [num_tokens][head_dim] rows of one head (row stride `q_stride` / `k_stride` floats).
+SparseIndex VerticalSlashIndex(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
+                               int64_t num_tokens, int64_t head_dim,
+                               const VerticalSlashBudget& budget);
+
+// Block-sparse: Q and K mean-pooled over blocks of 64; softmax over pooled scores of the causal
+// key blocks; the top `top_k` key blocks per query block, always with the diagonal block.
+SparseIndex BlockSparseIndex(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
+                             int64_t num_tokens, int64_t head_dim, int64_t top_k);
+
+// Causal dense attention as an index (every key block): what a dense head computes.
+SparseIndex DenseIndex(int64_t num_tokens);
+
+// Attention of one head over the selected pairs. q, k, v, out: rows of head_dim floats with the
+// given strides; scale 1/sqrt(head_dim), softmax accumulated in double.
+void SparseAttentionCpu(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
+                        const float* v, int64_t v_stride, int64_t head_dim,
+                        const SparseIndex& index, float* out, int64_t out_stride);
+
+// How good an index is for one head, against dense attention.
+struct Fidelity {
+  double density = 0;         // Selected causal (q, k) pairs / all causal pairs.
+  double recall = 0;          // Mean over queries of the dense attention mass on selected keys.
+  double relative_error = 0;  // ||sparse - dense||_F / ||dense||_F of the outputs.
+};
+
+Fidelity MeasureFidelity(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
+                         const float* v, int64_t v_stride, int64_t head_dim,
+                         const SparseIndex& index);
+
+// Fraction of causal pairs an index selects (no Q/K needed).
+double IndexDensity(const SparseIndex& index);
+
+}  // namespace sparseaccel
+
+#endif  // SPARSEACCEL_KERNELS_SPARSE_SPARSE_INDEX_H_

@@ -1,0 +1,110 @@
+// Offline pattern search over a checkpoint: runs calibration prompts through the CPU engine,
+// captures every head's Q/K/V, picks each head's pattern and budget at the target density, and
+// writes the per-model sparse config (JSON) that the services load with --sparse_config.
+//   pattern_search --model DIR --out sparse.json [--target_density 0.1 --tokens 2048
+//                  --prompts 2 --seed 1 --dense_below 4096]
+
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "common/log.h"
+#include "kernels/sampling.h"
+#include "kernels/sparse/pattern_search.h"
+#include "model/sparse_prefill.h"
+
+ABSL_FLAG(std::string, model, "", "Checkpoint directory.");
+ABSL_FLAG(std::string, out, "", "Where to write the sparse config JSON.");
+ABSL_FLAG(double, target_density, 0.1, "Fraction of causal (q, k) pairs each head may compute.");
+ABSL_FLAG(int64_t, tokens, 2048, "Calibration prompt length.");
+ABSL_FLAG(int64_t, prompts, 2, "Calibration prompts (pseudo-random token ids).");
+ABSL_FLAG(uint64_t, seed, 1, "Seed of the calibration prompts.");
+ABSL_FLAG(int64_t, dense_below, 4096, "Prompts shorter than this run dense at serving time.");
+
+namespace sparseaccel {
+namespace {
+
+int Run() {
+  absl::StatusOr<std::unique_ptr<LlamaCpu>> model = LlamaCpu::Load(absl::GetFlag(FLAGS_model));
+  if (!model.ok()) {
+    LogError("pattern_search.load_failed", {{"error", model.status().ToString()}});
+    return 1;
+  }
+  const ModelConfig& config = (*model)->config();
+  const int64_t n = absl::GetFlag(FLAGS_tokens);
+  const int64_t layers = config.num_hidden_layers, heads = config.num_attention_heads;
+  std::vector<std::vector<std::vector<HeadSample>>> samples(
+      layers, std::vector<std::vector<HeadSample>>(heads));
+  for (int64_t p = 0; p < absl::GetFlag(FLAGS_prompts); ++p) {
+    std::vector<int32_t> prompt(n);
+    for (int64_t i = 0; i < n; ++i) {
+      prompt[i] = static_cast<int32_t>(SamplingUniform(absl::GetFlag(FLAGS_seed) + p, i) *
+                                       config.vocab_size);
+    }
+    AttentionRecorder recorder;
+    (*model)->SetAttentionOverride(&recorder);
+    ContiguousKvStore kv((*model)->kv_shape(), n);
+    std::vector<float> logits;
+    absl::Status status =
+        (*model)->Forward({SequenceChunk{prompt, 0, &kv, LogitsFor::kNone}}, &logits);
+    (*model)->SetAttentionOverride(nullptr);
+    if (!status.ok()) {
+      LogError("pattern_search.forward_failed", {{"error", status.ToString()}});
+      return 1;
+    }
+    std::vector<std::vector<HeadSample>> captured = recorder.TakeSamples();
+    for (int64_t l = 0; l < layers; ++l) {
+      for (int64_t h = 0; h < heads; ++h) samples[l][h].push_back(std::move(captured[l][h]));
+    }
+  }
+  SparseConfig sparse;
+  sparse.num_layers = layers;
+  sparse.num_heads = heads;
+  sparse.dense_below_tokens = absl::GetFlag(FLAGS_dense_below);
+  sparse.target_density = absl::GetFlag(FLAGS_target_density);
+  sparse.calibration_prompts = absl::GetFlag(FLAGS_prompts);
+  sparse.calibration_tokens = n;
+  sparse.calibration_seed = absl::GetFlag(FLAGS_seed);
+  const std::vector<HeadPattern> candidates = CandidatePatterns(n);
+  double density = 0, error = 0, recall = 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    sparse.heads.emplace_back();
+    for (int64_t h = 0; h < heads; ++h) {
+      HeadChoice choice =
+          SearchHead(samples[l][h], config.head_dim, sparse.target_density, candidates);
+      sparse.heads.back().push_back(choice.pattern);
+      density += choice.fidelity.density / (layers * heads);
+      error += choice.fidelity.relative_error / (layers * heads);
+      recall += choice.fidelity.recall / (layers * heads);
+      LogInfo("pattern_search.head", {{"layer", l},
+                                      {"head", h},
+                                      {"pattern", std::string(PatternName(choice.pattern.kind))},
+                                      {"density", choice.fidelity.density},
+                                      {"recall", choice.fidelity.recall},
+                                      {"relative_error", choice.fidelity.relative_error}});
+    }
+  }
+  std::ofstream out(absl::GetFlag(FLAGS_out));
+  out << SparseConfigToJson(sparse);
+  out.close();
+  if (!out) {
+    LogError("pattern_search.write_failed", {{"out", absl::GetFlag(FLAGS_out)}});
+    return 1;
+  }
+  LogInfo("pattern_search.done", {{"out", absl::GetFlag(FLAGS_out)},
+                                  {"mean_density", density},
+                                  {"mean_recall", recall},
+                                  {"mean_relative_error", error}});
+  return 0;
+}
+
+}  // namespace
+}  // namespace sparseaccel
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  return sparseaccel::Run();
+}

@@ -1,0 +1,55 @@
+#ifndef SPARSEACCEL_MODEL_SPARSE_PREFILL_H_
+#define SPARSEACCEL_MODEL_SPARSE_PREFILL_H_
+
+// Dynamic sparse attention in the CPU engine's prefill: each head runs its configured pattern,
+// building its index from the head's actual Q and K; prompts shorter than the config's
+// dense_below_tokens, decode steps and continued chunks run dense.
+
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "kernels/sparse/pattern_config.h"
+#include "kernels/sparse/pattern_search.h"
+#include "model/llama_cpu.h"
+
+namespace sparseaccel {
+
+class SparsePrefillAttention : public AttentionOverride {
+ public:
+  // InvalidArgument unless the config's layers and heads match the model.
+  static absl::StatusOr<std::unique_ptr<SparsePrefillAttention>> Create(const ModelConfig& model,
+                                                                        SparseConfig config);
+
+  absl::StatusOr<bool> Attend(int64_t layer, const float* q, int64_t n, int64_t start_pos,
+                              const AttentionShape& shape, const KvLayerView& kv,
+                              float* out) override;
+
+  // Mean density of the sparse heads run so far (for logs and reports).
+  double MeanDensity() const;
+
+ private:
+  explicit SparsePrefillAttention(SparseConfig config) : config_(std::move(config)) {}
+  SparseConfig config_;
+  mutable absl::Mutex mu_;
+  int64_t heads_run_ ABSL_GUARDED_BY(mu_) = 0;
+  double density_sum_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// Captures every layer's prompt Q, K and V per head (for the pattern search) and lets the
+// dense path run.
+class AttentionRecorder : public AttentionOverride {
+ public:
+  absl::StatusOr<bool> Attend(int64_t layer, const float* q, int64_t n, int64_t start_pos,
+                              const AttentionShape& shape, const KvLayerView& kv,
+                              float* out) override;
+  // samples()[layer][head]: Q of that head, K and V of its KV head, [n][head_dim] each.
+  std::vector<std::vector<HeadSample>> TakeSamples() { return std::move(samples_); }
+
+ private:
+  std::vector<std::vector<HeadSample>> samples_;
+};
+
+}  // namespace sparseaccel
+
+#endif  // SPARSEACCEL_MODEL_SPARSE_PREFILL_H_

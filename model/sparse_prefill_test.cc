@@ -1,0 +1,135 @@
+#include "model/sparse_prefill.h"
+
+#include <cmath>
+#include <random>
+
+#include "gtest/gtest.h"
+#include "kernels/sampling.h"
+#include "model/checkpoint_maker.h"
+
+namespace sparseaccel {
+namespace {
+
+std::unique_ptr<LlamaCpu> TinyModel() {
+  const char* tmp = getenv("TEST_TMPDIR");
+  const std::string dir = std::string(tmp ? tmp : "/tmp") + "/sparse_model";
+  CheckpointOptions options;
+  options.config = PresetConfig("tiny").value();
+  options.seed = std::random_device{}();
+  options.init_std = 0.08;
+  EXPECT_TRUE(WriteRandomCheckpoint(dir, options).ok());
+  return LlamaCpu::Load(dir).value();
+}
+
+SparseConfig UniformConfig(const ModelConfig& model, const std::vector<HeadPattern>& cycle,
+                           int64_t dense_below) {
+  SparseConfig config;
+  config.num_layers = model.num_hidden_layers;
+  config.num_heads = model.num_attention_heads;
+  config.dense_below_tokens = dense_below;
+  for (int64_t l = 0; l < config.num_layers; ++l) {
+    config.heads.emplace_back();
+    for (int64_t h = 0; h < config.num_heads; ++h) {
+      config.heads.back().push_back(cycle[(l + h) % cycle.size()]);
+    }
+  }
+  return config;
+}
+
+std::vector<float> Prefill(LlamaCpu* model, const std::vector<int32_t>& prompt,
+                           AttentionOverride* attention) {
+  model->SetAttentionOverride(attention);
+  ContiguousKvStore kv(model->kv_shape(), prompt.size());
+  std::vector<float> logits;
+  EXPECT_TRUE(model->Forward({SequenceChunk{prompt, 0, &kv, LogitsFor::kAll}}, &logits).ok());
+  model->SetAttentionOverride(nullptr);
+  return logits;
+}
+
+double MaxRelativeError(const std::vector<float>& a, const std::vector<float>& b) {
+  double err = 0, ref = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    err = std::max(err, double(std::fabs(a[i] - b[i])));
+    ref = std::max(ref, double(std::fabs(b[i])));
+  }
+  return err / ref;
+}
+
+TEST(SparsePrefillTest, FullBudgetsEqualDenseAndShortPromptsStayDense) {
+  auto model = TinyModel();
+  std::mt19937 rng(std::random_device{}());
+  std::vector<int32_t> prompt(300);
+  for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % 512);
+  const int64_t n = static_cast<int64_t>(prompt.size());
+  HeadPattern a_shape{HeadPattern::Kind::kAShape, 0, n}, vs, bs;
+  vs.kind = HeadPattern::Kind::kVerticalSlash;
+  vs.vertical_slash = {n, n, 64};
+  bs.kind = HeadPattern::Kind::kBlockSparse;
+  bs.top_k = n;
+  auto full = SparsePrefillAttention::Create(model->config(),
+                                             UniformConfig(model->config(), {a_shape, vs, bs}, 64));
+  ASSERT_TRUE(full.ok());
+  const std::vector<float> dense = Prefill(model.get(), prompt, nullptr);
+  EXPECT_LT(MaxRelativeError(Prefill(model.get(), prompt, full->get()), dense), 1e-5);
+  EXPECT_NEAR((*full)->MeanDensity(), 1.0, 1e-9);
+
+  // Below dense_below_tokens nothing changes, bit for bit.
+  HeadPattern tiny_window{HeadPattern::Kind::kAShape, 0, 64};
+  auto sparse = SparsePrefillAttention::Create(
+      model->config(), UniformConfig(model->config(), {tiny_window}, n + 1));
+  EXPECT_EQ(Prefill(model.get(), prompt, sparse->get()), dense);
+}
+
+TEST(SparsePrefillTest, SearchedConfigRunsAndReportsItsDistanceFromDense) {
+  auto model = TinyModel();
+  std::mt19937 rng(std::random_device{}());
+  std::vector<int32_t> prompt(512);
+  for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % 512);
+  // Calibrate on the prompt itself, then prefill sparsely.
+  AttentionRecorder recorder;
+  Prefill(model.get(), prompt, &recorder);
+  auto samples = recorder.TakeSamples();
+  SparseConfig config;
+  config.num_layers = model->config().num_hidden_layers;
+  config.num_heads = model->config().num_attention_heads;
+  config.dense_below_tokens = 256;
+  config.target_density = 0.5;
+  for (int64_t l = 0; l < config.num_layers; ++l) {
+    config.heads.emplace_back();
+    for (int64_t h = 0; h < config.num_heads; ++h) {
+      HeadChoice choice = SearchHead({samples[l][h]}, model->config().head_dim, 0.5,
+                                     CandidatePatterns(prompt.size()));
+      EXPECT_LE(choice.fidelity.density, 0.5);
+      config.heads.back().push_back(choice.pattern);
+    }
+  }
+  auto sparse = SparsePrefillAttention::Create(model->config(), config);
+  ASSERT_TRUE(sparse.ok());
+  const std::vector<float> dense = Prefill(model.get(), prompt, nullptr);
+  const std::vector<float> approx = Prefill(model.get(), prompt, sparse->get());
+  const double error = MaxRelativeError(approx, dense);
+  EXPECT_TRUE(std::isfinite(error));
+  EXPECT_LT((*sparse)->MeanDensity(), 0.5 + 1e-9);
+  const int64_t vocab = model->config().vocab_size;
+  int same = 0;
+  for (size_t r = 0; r < prompt.size(); ++r) {
+    same += SampleTokenCpu(&approx[r * vocab], vocab, {}, 0) ==
+            SampleTokenCpu(&dense[r * vocab], vocab, {}, 0);
+  }
+  RecordProperty("max_relative_logit_error", std::to_string(error));
+  RecordProperty("greedy_agreement", std::to_string(double(same) / prompt.size()));
+  std::printf("sparse prefill: density %.3f, max relative logit error %.4f, greedy agreement "
+              "%.3f\n",
+              (*sparse)->MeanDensity(), error, double(same) / prompt.size());
+}
+
+TEST(SparsePrefillTest, MismatchedConfigIsRejected) {
+  auto model = TinyModel();
+  SparseConfig config = UniformConfig(model->config(), {HeadPattern{}}, 0);
+  config.num_heads += 1;
+  EXPECT_EQ(SparsePrefillAttention::Create(model->config(), config).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace sparseaccel

@@ -12,6 +12,7 @@
 #include "common/metrics.h"
 #include "model/fingerprint.h"
 #include "model/llama_cpu.h"
+#include "model/sparse_prefill.h"
 #include "prefill_service/prefill_server.h"
 
 ABSL_FLAG(std::string, model_dir, "", "Hugging Face checkpoint directory.");
@@ -20,6 +21,8 @@ ABSL_FLAG(int32_t, metrics_port, 9464, "Port of the Prometheus /metrics endpoint
 ABSL_FLAG(std::string, device, "cpu", "Compute backend: cpu.");
 ABSL_FLAG(int64_t, max_prompt_tokens, 131072, "Longest prompt accepted.");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 30, "How long SIGTERM waits for running requests.");
+ABSL_FLAG(std::string, sparse_config, "",
+          "Per-head sparse attention config (from pattern_search); empty: dense prefill.");
 
 namespace sparseaccel {
 namespace {
@@ -39,6 +42,21 @@ int Run() {
   if (!fingerprint.ok()) {
     LogError("prefill.start_failed", {{"error", fingerprint.status().ToString()}});
     return 1;
+  }
+  std::unique_ptr<SparsePrefillAttention> sparse;
+  if (!absl::GetFlag(FLAGS_sparse_config).empty()) {
+    absl::StatusOr<SparseConfig> config = LoadSparseConfig(absl::GetFlag(FLAGS_sparse_config));
+    absl::StatusOr<std::unique_ptr<SparsePrefillAttention>> attention =
+        config.ok() ? SparsePrefillAttention::Create((*model)->config(), *config)
+                    : absl::StatusOr<std::unique_ptr<SparsePrefillAttention>>(config.status());
+    if (!attention.ok()) {
+      LogError("prefill.start_failed", {{"error", attention.status().ToString()}});
+      return 1;
+    }
+    LogInfo("prefill.sparse_attention", {{"config", absl::GetFlag(FLAGS_sparse_config)},
+                                         {"dense_below_tokens", config->dense_below_tokens}});
+    sparse = *std::move(attention);
+    (*model)->SetAttentionOverride(sparse.get());
   }
   PrefillEngineOptions options;
   options.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);

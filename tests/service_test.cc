@@ -168,6 +168,7 @@ class ServicePair {
 
   int prefill_port() const { return prefill_port_; }
   PrefillServer* prefill_service() { return prefill_service_.get(); }
+  DecodeServer* decode_service() { return decode_service_.get(); }
   prometheus::Registry& prefill_registry() { return prefill_registry_; }
   prometheus::Registry& decode_registry() { return decode_registry_; }
 
@@ -475,7 +476,10 @@ TEST(ServiceTest, MetricsAreServedOverHttp) {
   ASSERT_TRUE(services.Generate(MakeRequest(RandomPrompt(10, &rng), 5)).status.ok());
   auto registry = std::shared_ptr<prometheus::Registry>(&services.decode_registry(),
                                                         [](prometheus::Registry*) {});
-  auto server = MetricsServer::Start("127.0.0.1", 0, registry);
+  // The last blocks return to the pool just after the response; gauges refresh on scrape.
+  ASSERT_TRUE(services.Drained());
+  auto server = MetricsServer::Start("127.0.0.1", 0, registry,
+                                     [&services] { services.decode_service()->UpdateGauges(); });
   ASSERT_TRUE(server.ok());
   httplib::Client client("127.0.0.1", (*server)->port());
   auto response = client.Get("/metrics");

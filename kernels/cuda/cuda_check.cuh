@@ -1,0 +1,49 @@
+#ifndef SPARSEACCEL_KERNELS_CUDA_CUDA_CHECK_CUH_
+#define SPARSEACCEL_KERNELS_CUDA_CUDA_CHECK_CUH_
+
+// Status plumbing and bf16 helpers shared by the .cu files of kernels/cuda.
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace sparseaccel {
+namespace cuda {
+
+inline absl::Status CudaStatus(cudaError_t error, const char* what) {
+  if (error == cudaSuccess) return absl::OkStatus();
+  return absl::InternalError(
+      absl::StrCat(what, ": ", cudaGetErrorName(error), ": ", cudaGetErrorString(error)));
+}
+
+// The status of the launch just made (configuration errors show up here at once).
+inline absl::Status LaunchStatus(const char* kernel) {
+  return CudaStatus(cudaGetLastError(), kernel);
+}
+
+inline cudaStream_t AsStream(void* stream) { return static_cast<cudaStream_t>(stream); }
+
+inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ float Bf16BitsToFloat(uint16_t bits) {
+  return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+}
+
+__device__ __forceinline__ uint16_t FloatToBf16Bits(float x) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+
+}  // namespace cuda
+}  // namespace sparseaccel
+
+#define CUDA_RETURN_IF_ERROR(expr)                                                    \
+  do {                                                                                \
+    const absl::Status cuda_status_ = ::sparseaccel::cuda::CudaStatus((expr), #expr); \
+    if (!cuda_status_.ok()) return cuda_status_;                                      \
+  } while (0)
+
+#endif  // SPARSEACCEL_KERNELS_CUDA_CUDA_CHECK_CUH_

@@ -16,6 +16,10 @@ namespace sparseaccel {
 
 enum class Planted { kNone, kSinkLocal, kVertical, kSlash, kBlock };
 
+// kSinkLocal: query i attends keys 0..2 and the keys of its own and the two previous 64-token
+// chunks.
+constexpr int64_t kLocalChunk = 64;
+
 // `strength`: the planted scores' margin over the background, in softmax units.
 inline HeadSample PlantedHead(Planted kind, int64_t n, int64_t d, std::mt19937* rng,
                               double strength = 10.0) {
@@ -55,13 +59,17 @@ inline HeadSample PlantedHead(Planted kind, int64_t n, int64_t d, std::mt19937* 
       for (int64_t i = 0; i < n; ++i) add(&s.q, i, u, amplitude);
       for (int64_t c : columns) add(&s.k, c, u, amplitude);
       if (kind == Planted::kSinkLocal) {
-        // Local window: position codes shared by each query and its 32 predecessors.
-        std::vector<std::vector<float>> code(n / 16 + 2);
+        // Local window of 128 to 191 keys, wider than the diagonals vertical-slash candidates
+        // keep: a code per 64-token chunk; keys carry their chunk's code, queries their own
+        // chunk's and the two previous chunks' codes.
+        std::vector<std::vector<float>> code(n / kLocalChunk + 1);
         for (auto& c : code) c = unit();
         for (int64_t i = 0; i < n; ++i) {
-          add(&s.k, i, code[i / 16], amplitude);
-          add(&s.q, i, code[i / 16], amplitude);
-          if (i / 16 >= 1) add(&s.q, i, code[i / 16 - 1], amplitude);
+          add(&s.k, i, code[i / kLocalChunk], amplitude);
+          for (int64_t chunk = std::max<int64_t>(0, i / kLocalChunk - 2); chunk <= i / kLocalChunk;
+               ++chunk) {
+            add(&s.q, i, code[chunk], amplitude);
+          }
         }
       }
       break;

@@ -171,16 +171,11 @@ SparseIndex BlockSparseIndex(const float* q, int64_t q_stride, const float* k, i
   std::vector<std::vector<int32_t>> ranges(blocks), columns(blocks);
   for (int64_t b = 0; b < blocks; ++b) {
     std::vector<double> scores(b + 1);
-    double mx = -INFINITY;
     for (int64_t kb = 0; kb <= b; ++kb) {
       double dot = 0;
       for (int64_t t = 0; t < d; ++t) dot += pq[b * d + t] * pk[kb * d + t];
       scores[kb] = dot * scale;
-      mx = std::max(mx, scores[kb]);
     }
-    double sum = 0;
-    for (double& s : scores) sum += (s = std::exp(s - mx));
-    for (double& s : scores) s /= sum;
     scores[b] = INFINITY;  // The diagonal block is always computed.
     std::vector<int64_t> chosen = TopK(scores, std::max<int64_t>(1, top_k));
     std::sort(chosen.begin(), chosen.end());
@@ -234,31 +229,66 @@ double IndexDensity(const SparseIndex& index) {
   return static_cast<double>(selected) / (static_cast<double>(n) * (n + 1) / 2);
 }
 
+double IndexTileCost(const SparseIndex& index) {
+  int64_t tiles = 0, dense_tiles = 0;
+  for (int64_t b = 0; b < index.num_query_blocks; ++b) {
+    tiles += index.range_count[b] + (index.column_count[b] + kBlockSize - 1) / kBlockSize;
+    dense_tiles += b + 1;
+  }
+  return dense_tiles == 0 ? 0.0 : static_cast<double>(tiles) / dense_tiles;
+}
+
+DenseReference ComputeDenseReference(const float* q, int64_t q_stride, const float* k,
+                                     int64_t k_stride, const float* v, int64_t v_stride, int64_t n,
+                                     int64_t d) {
+  DenseReference dense;
+  dense.num_tokens = n;
+  dense.head_dim = d;
+  dense.output.resize(n * d);
+  SparseAttentionCpu(q, q_stride, k, k_stride, v, v_stride, d, DenseIndex(n), dense.output.data(),
+                     d);
+  dense.probs.resize(n * (n + 1) / 2);
+#pragma omp parallel for schedule(dynamic, 16)
+  for (int64_t i = 0; i < n; ++i) {
+    std::vector<double> row;
+    SoftmaxRow(q + i * q_stride, k, k_stride, i, d, &row);
+    std::copy(row.begin(), row.end(), dense.probs.begin() + i * (i + 1) / 2);
+  }
+  return dense;
+}
+
 Fidelity MeasureFidelity(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
-                         const float* v, int64_t v_stride, int64_t d, const SparseIndex& index) {
+                         const float* v, int64_t v_stride, int64_t d, const DenseReference& dense,
+                         const SparseIndex& index) {
   const int64_t n = index.num_tokens;
-  std::vector<float> sparse(n * d), dense(n * d);
+  std::vector<float> sparse(n * d);
   SparseAttentionCpu(q, q_stride, k, k_stride, v, v_stride, d, index, sparse.data(), d);
-  SparseAttentionCpu(q, q_stride, k, k_stride, v, v_stride, d, DenseIndex(n), dense.data(), d);
   double err = 0, norm = 0;
   for (int64_t i = 0; i < n * d; ++i) {
-    err += (double(sparse[i]) - dense[i]) * (double(sparse[i]) - dense[i]);
-    norm += double(dense[i]) * dense[i];
+    const double diff = static_cast<double>(sparse[i]) - dense.output[i];
+    err += diff * diff;
+    norm += static_cast<double>(dense.output[i]) * dense.output[i];
   }
   double recall = 0;
-#pragma omp parallel for reduction(+ : recall) schedule(dynamic, 1)
   for (int64_t b = 0; b < index.num_query_blocks; ++b) {
     const std::vector<int64_t> keys = index.KeysOfBlock(b);
-    std::vector<double> probs;
     const int64_t q1 = std::min(n, (b + 1) * kBlockSize);
     for (int64_t i = b * kBlockSize; i < q1; ++i) {
-      SoftmaxRow(q + i * q_stride, k, k_stride, i, d, &probs);
+      const float* row = &dense.probs[i * (i + 1) / 2];
       for (int64_t key : keys) {
-        if (key <= i) recall += probs[key];
+        if (key > i) break;
+        recall += row[key];
       }
     }
   }
-  return Fidelity{IndexDensity(index), recall / n, std::sqrt(err / norm)};
+  return Fidelity{IndexDensity(index), IndexTileCost(index), recall / n, std::sqrt(err / norm)};
+}
+
+Fidelity MeasureFidelity(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
+                         const float* v, int64_t v_stride, int64_t d, const SparseIndex& index) {
+  const DenseReference dense =
+      ComputeDenseReference(q, q_stride, k, k_stride, v, v_stride, index.num_tokens, d);
+  return MeasureFidelity(q, q_stride, k, k_stride, v, v_stride, d, dense, index);
 }
 
 }  // namespace sparseaccel

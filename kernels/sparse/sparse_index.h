@@ -61,7 +61,8 @@ SparseIndex VerticalSlashIndex(const float* q, int64_t q_stride, const float* k,
                                const VerticalSlashBudget& budget);
 
 // Block-sparse: Q and K mean-pooled over blocks of 64; softmax over pooled scores of the causal
-// key blocks; the top `top_k` key blocks per query block, always with the diagonal block.
+// key blocks; the top `top_k` key blocks per query block, always with the diagonal block. The
+// softmax is monotone, so blocks are ranked by their pooled logits (no exp, no underflow ties).
 SparseIndex BlockSparseIndex(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
                              int64_t num_tokens, int64_t head_dim, int64_t top_k);
 
@@ -74,19 +75,43 @@ void SparseAttentionCpu(const float* q, int64_t q_stride, const float* k, int64_
                         const float* v, int64_t v_stride, int64_t head_dim,
                         const SparseIndex& index, float* out, int64_t out_stride);
 
+// Dense attention of one head, computed once and shared by every index measured against it.
+struct DenseReference {
+  int64_t num_tokens = 0;
+  int64_t head_dim = 0;
+  std::vector<float> output;  // [num_tokens][head_dim]
+  // Causal attention probabilities, row i (keys 0..i) at offset i * (i + 1) / 2.
+  std::vector<float> probs;
+};
+
+DenseReference ComputeDenseReference(const float* q, int64_t q_stride, const float* k,
+                                     int64_t k_stride, const float* v, int64_t v_stride,
+                                     int64_t num_tokens, int64_t head_dim);
+
 // How good an index is for one head, against dense attention.
 struct Fidelity {
   double density = 0;         // Selected causal (q, k) pairs / all causal pairs.
+  double tile_cost = 0;       // Kernel cost model: IndexTileCost.
   double recall = 0;          // Mean over queries of the dense attention mass on selected keys.
   double relative_error = 0;  // ||sparse - dense||_F / ||dense||_F of the outputs.
 };
 
 Fidelity MeasureFidelity(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
                          const float* v, int64_t v_stride, int64_t head_dim,
+                         const DenseReference& dense, const SparseIndex& index);
+
+// The same, computing the dense reference first (for a single index).
+Fidelity MeasureFidelity(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
+                         const float* v, int64_t v_stride, int64_t head_dim,
                          const SparseIndex& index);
 
 // Fraction of causal pairs an index selects (no Q/K needed).
 double IndexDensity(const SparseIndex& index);
+
+// What a tiled GPU kernel pays, relative to dense causal attention: per query block one 64x64
+// tile per key range plus one tile per started group of 64 columns, over the (b + 1) tiles of
+// dense query block b. Diagonal tiles count whole although half masked.
+double IndexTileCost(const SparseIndex& index);
 
 }  // namespace sparseaccel
 

@@ -37,7 +37,7 @@ void ExpectWellFormed(const SparseIndex& index) {
 }
 
 TEST(SparseIndexTest, FullBudgetsEqualDense) {
-  std::mt19937 rng(std::random_device{}());
+  std::mt19937 rng(21);
   for (int64_t n : {40, 64, 257, 600}) {
     HeadSample s = PlantedHead(Planted::kNone, n, kDim, &rng);
     HeadPattern a_shape{HeadPattern::Kind::kAShape, 0, n};
@@ -51,14 +51,25 @@ TEST(SparseIndexTest, FullBudgetsEqualDense) {
       Fidelity f =
           MeasureFidelity(s.q.data(), kDim, s.k.data(), kDim, s.v.data(), kDim, kDim, index);
       EXPECT_NEAR(f.density, 1.0, 1e-12) << PatternName(p.kind) << " n=" << n;
-      EXPECT_NEAR(f.recall, 1.0, 1e-9);
+      EXPECT_NEAR(f.recall, 1.0, 1e-6);  // Probabilities stored as float.
       EXPECT_LT(f.relative_error, 1e-6);
     }
   }
 }
 
+TEST(SparseIndexTest, DensityAndTileCostCountWhatIsSelected) {
+  // 200 tokens: query blocks of 64, 64, 64 and 8 rows.
+  const int64_t n = 200;
+  EXPECT_DOUBLE_EQ(IndexDensity(DenseIndex(n)), 1.0);
+  EXPECT_DOUBLE_EQ(IndexTileCost(DenseIndex(n)), 1.0);
+  // Diagonal block only: 4 tiles of the dense 1 + 2 + 3 + 4.
+  const SparseIndex diagonal = AShapeIndex(n, 0, 1);
+  EXPECT_DOUBLE_EQ(IndexTileCost(diagonal), 0.4);
+  EXPECT_DOUBLE_EQ(IndexDensity(diagonal), (3 * 64.0 * 65 / 2 + 8.0 * 9 / 2) / (n * (n + 1) / 2.0));
+}
+
 TEST(SparseIndexTest, RandomInputsGiveValidIndices) {
-  std::mt19937 rng(std::random_device{}());
+  std::mt19937 rng(22);
   for (int64_t n : {1, 30, 100, 257, 700}) {
     HeadSample s = PlantedHead(Planted::kNone, n, kDim, &rng);
     std::vector<SparseIndex> indices = {
@@ -72,13 +83,13 @@ TEST(SparseIndexTest, RandomInputsGiveValidIndices) {
       EXPECT_GT(f.density, 0);
       EXPECT_LE(f.density, 1.0 + 1e-12);
       EXPECT_TRUE(std::isfinite(f.relative_error));
-      EXPECT_LE(f.recall, 1.0 + 1e-9);
+      EXPECT_LE(f.recall, 1.0 + 1e-6);
     }
   }
 }
 
 TEST(SparseIndexTest, SparseAttentionMatchesBruteForceOverSelectedKeys) {
-  std::mt19937 rng(std::random_device{}());
+  std::mt19937 rng(23);
   const int64_t n = 200;
   HeadSample s = PlantedHead(Planted::kNone, n, kDim, &rng);
   SparseIndex index = VerticalSlashIndex(s.q.data(), kDim, s.k.data(), kDim, n, kDim, {10, 70, 64});
@@ -110,7 +121,7 @@ TEST(SparseIndexTest, SparseAttentionMatchesBruteForceOverSelectedKeys) {
 }
 
 TEST(SparseIndexTest, PlantedStructureIsRecovered) {
-  std::mt19937 rng(std::random_device{}());
+  std::mt19937 rng(24);
   const int64_t n = 1024;
   {
     HeadSample s = PlantedHead(Planted::kVertical, n, kDim, &rng);
@@ -153,9 +164,15 @@ TEST(SparseIndexTest, PlantedStructureIsRecovered) {
   {
     HeadSample s = PlantedHead(Planted::kSinkLocal, n, kDim, &rng);
     Fidelity f = MeasureFidelity(s.q.data(), kDim, s.k.data(), kDim, s.v.data(), kDim, kDim,
-                                 AShapeIndex(n, 64, 128));
+                                 AShapeIndex(n, 64, 192));
     EXPECT_GT(f.recall, 0.9);
-    EXPECT_LT(f.density, 0.35);
+    EXPECT_LT(f.density, 0.45);
+    // The always-kept sink columns and nearest diagonals of vertical-slash reach only part of
+    // the window.
+    Fidelity near = MeasureFidelity(
+        s.q.data(), kDim, s.k.data(), kDim, s.v.data(), kDim, kDim,
+        VerticalSlashIndex(s.q.data(), kDim, s.k.data(), kDim, n, kDim, {4, 64, 64}));
+    EXPECT_LT(near.recall, f.recall - 0.1);
   }
 }
 

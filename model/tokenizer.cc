@@ -100,15 +100,38 @@ bool IsValidUtf8(absl::string_view bytes) {
   return true;
 }
 
-// The code point of the valid UTF-8 character at `pos`, its length in *len.
+// The code point of the UTF-8 character at `pos`, its length in *len; an invalid sequence
+// gives kInvalidCodePoint and its maximal subpart's length.
+constexpr uint32_t kInvalidCodePoint = 0xFFFFFFFF;
 uint32_t DecodeCodePoint(absl::string_view text, size_t pos, size_t* len) {
   uint8_t lead = static_cast<uint8_t>(text[pos]);
-  int n = std::max(Utf8SequenceLength(lead), 1);
-  *len = n;
-  if (n == 1) return lead;
-  uint32_t cp = lead & (0x7F >> n);
-  for (int i = 1; i < n; ++i) cp = (cp << 6) | (static_cast<uint8_t>(text[pos + i]) & 0x3F);
+  if (lead < 0x80) {
+    *len = 1;
+    return lead;
+  }
+  auto [length, valid] = Utf8Step(text, pos);
+  *len = length;
+  if (!valid) return kInvalidCodePoint;
+  uint32_t cp = lead & (0x7F >> length);
+  for (size_t i = 1; i < length; ++i) {
+    cp = (cp << 6) | (static_cast<uint8_t>(text[pos + i]) & 0x3F);
+  }
   return cp;
+}
+
+// A vocabulary token spelled in the byte-level alphabet -> its raw bytes (false when a
+// character is outside the alphabet).
+bool ByteLevelToBytes(absl::string_view token, std::string* bytes) {
+  static const std::vector<int> kByteOf = ByteLevelDecodeTable();
+  bytes->clear();
+  for (size_t pos = 0; pos < token.size();) {
+    size_t len;
+    uint32_t cp = DecodeCodePoint(token, pos, &len);
+    if (cp >= kByteOf.size() || kByteOf[cp] < 0) return false;
+    bytes->push_back(static_cast<char>(kByteOf[cp]));
+    pos += len;
+  }
+  return true;
 }
 
 // Rewrites `\s` / `\S` to Unicode White_Space classes for RE2.
@@ -312,19 +335,6 @@ absl::Status Tokenizer::ParseTokenizerJson(absl::string_view text) {
   ignore_merges_ =
       field(model, "ignore_merges").is_boolean() && field(model, "ignore_merges").get<bool>();
 
-  static const std::vector<int> kByteOf = ByteLevelDecodeTable();
-  const auto to_bytes = [&](const std::string& token, std::string* bytes) {
-    bytes->clear();
-    for (size_t pos = 0; pos < token.size();) {
-      size_t len;
-      uint32_t cp = DecodeCodePoint(token, pos, &len);
-      if (cp >= kByteOf.size() || kByteOf[cp] < 0) return false;
-      bytes->push_back(static_cast<char>(kByteOf[cp]));
-      pos += len;
-    }
-    return true;
-  };
-
   const Json& vocab = field(model, "vocab");
   if (!vocab.is_object() || vocab.empty()) {
     return absl::InvalidArgumentError("tokenizer.json: model.vocab must be a non-empty object");
@@ -338,7 +348,7 @@ absl::Status Tokenizer::ParseTokenizerJson(absl::string_view text) {
       return absl::InvalidArgumentError(
           absl::StrCat("tokenizer.json: bad id for vocab entry \"", it.key(), "\""));
     }
-    if (!to_bytes(it.key(), &bytes)) {
+    if (!ByteLevelToBytes(it.key(), &bytes)) {
       return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: vocab entry \"", it.key(),
                                                      "\" is not in the byte-level alphabet"));
     }
@@ -373,8 +383,8 @@ absl::Status Tokenizer::ParseTokenizerJson(absl::string_view text) {
       left = merge[0].get<std::string>();
       right = merge[1].get<std::string>();
     }
-    if (left.empty() || right.empty() || !to_bytes(left, &left_bytes) ||
-        !to_bytes(right, &right_bytes)) {
+    if (left.empty() || right.empty() || !ByteLevelToBytes(left, &left_bytes) ||
+        !ByteLevelToBytes(right, &right_bytes)) {
       return absl::InvalidArgumentError(
           absl::StrCat("tokenizer.json: malformed merge #", rank, ": ", merge.dump()));
     }
@@ -587,14 +597,7 @@ int32_t Tokenizer::TokenId(absl::string_view token) const {
   auto added = added_tokens_.find(token);
   if (added != added_tokens_.end()) return added->second.id;
   std::string bytes;
-  static const std::vector<int> kByteOf = ByteLevelDecodeTable();
-  for (size_t pos = 0; pos < token.size();) {
-    size_t len;
-    uint32_t cp = DecodeCodePoint(token, pos, &len);
-    if (cp >= kByteOf.size() || kByteOf[cp] < 0) return -1;
-    bytes.push_back(static_cast<char>(kByteOf[cp]));
-    pos += len;
-  }
+  if (!ByteLevelToBytes(token, &bytes)) return -1;
   auto it = bytes_to_id_.find(bytes);
   return it == bytes_to_id_.end() ? -1 : it->second;
 }

@@ -328,6 +328,7 @@ TEST(TokenizerTest, AddedTokens) {
   EXPECT_FALSE(tokenizer->IsSpecial(1003));
   EXPECT_EQ(tokenizer->TokenId("<|eot|>"), 1001);
   EXPECT_EQ(tokenizer->TokenId("no such token"), -1);
+  EXPECT_EQ(tokenizer->TokenId("\xE2"), -1);  // Invalid UTF-8.
 }
 
 TEST(TokenizerTest, Decode) {

@@ -3,14 +3,21 @@
 // writes the per-model sparse config (JSON) that the services load with --sparse_config.
 //   pattern_search --model DIR --out sparse.json [--target_density 0.1 --tokens 2048
 //                  --prompts 2 --seed 1 --dense_below 4096]
+//   pattern_search --model DIR --out sparse.json --prompt_file ids.txt
+// Calibration prompts are pseudo-random token ids, or read from --prompt_file: one prompt per
+// line, token ids separated by white space.
 
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
 #include "common/log.h"
 #include "kernels/sampling.h"
 #include "kernels/sparse/pattern_search.h"
@@ -23,9 +30,52 @@ ABSL_FLAG(int64_t, tokens, 2048, "Calibration prompt length.");
 ABSL_FLAG(int64_t, prompts, 2, "Calibration prompts (pseudo-random token ids).");
 ABSL_FLAG(uint64_t, seed, 1, "Seed of the calibration prompts.");
 ABSL_FLAG(int64_t, dense_below, 4096, "Prompts shorter than this run dense at serving time.");
+ABSL_FLAG(std::string, prompt_file, "",
+          "Calibration prompts, one per line of white-space separated token ids (instead of "
+          "--prompts random prompts of --tokens ids).");
 
 namespace sparseaccel {
 namespace {
+
+// The calibration prompts: from --prompt_file, or pseudo-random ids.
+absl::StatusOr<std::vector<std::vector<int32_t>>> CalibrationPrompts(int64_t vocab_size) {
+  std::vector<std::vector<int32_t>> prompts;
+  const std::string path = absl::GetFlag(FLAGS_prompt_file);
+  if (path.empty()) {
+    const int64_t n = absl::GetFlag(FLAGS_tokens);
+    if (n < 1 || absl::GetFlag(FLAGS_prompts) < 1) {
+      return absl::InvalidArgumentError("--tokens and --prompts must be >= 1");
+    }
+    for (int64_t p = 0; p < absl::GetFlag(FLAGS_prompts); ++p) {
+      prompts.emplace_back(n);
+      for (int64_t i = 0; i < n; ++i) {
+        prompts.back()[i] =
+            static_cast<int32_t>(SamplingUniform(absl::GetFlag(FLAGS_seed) + p, i) * vocab_size);
+      }
+    }
+    return prompts;
+  }
+  std::ifstream file(path);
+  if (!file) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  std::string line;
+  for (int64_t line_number = 1; std::getline(file, line); ++line_number) {
+    std::istringstream ids(line);
+    std::vector<int32_t> prompt;
+    std::string id;
+    while (ids >> id) {
+      char* end = nullptr;
+      const long value = std::strtol(id.c_str(), &end, 10);
+      if (*end != '\0' || value < 0 || value >= vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat(path, ":", line_number, ": '", id,
+                                                       "' is not a token id below ", vocab_size));
+      }
+      prompt.push_back(static_cast<int32_t>(value));
+    }
+    if (!prompt.empty()) prompts.push_back(std::move(prompt));
+  }
+  if (prompts.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": no prompts"));
+  return prompts;
+}
 
 int Run() {
   absl::StatusOr<std::unique_ptr<LlamaCpu>> model = LlamaCpu::Load(absl::GetFlag(FLAGS_model));
@@ -33,20 +83,26 @@ int Run() {
     LogError("pattern_search.load_failed", {{"error", model.status().ToString()}});
     return 1;
   }
+  const double target = absl::GetFlag(FLAGS_target_density);
+  if (!(target > 0 && target <= 1)) {
+    LogError("pattern_search.bad_flag", {{"error", "--target_density must be in (0, 1]"}});
+    return 1;
+  }
   const ModelConfig& config = (*model)->config();
-  const int64_t n = absl::GetFlag(FLAGS_tokens);
+  absl::StatusOr<std::vector<std::vector<int32_t>>> prompts = CalibrationPrompts(config.vocab_size);
+  if (!prompts.ok()) {
+    LogError("pattern_search.bad_prompts", {{"error", prompts.status().ToString()}});
+    return 1;
+  }
   const int64_t layers = config.num_hidden_layers, heads = config.num_attention_heads;
   std::vector<std::vector<std::vector<HeadSample>>> samples(
       layers, std::vector<std::vector<HeadSample>>(heads));
-  for (int64_t p = 0; p < absl::GetFlag(FLAGS_prompts); ++p) {
-    std::vector<int32_t> prompt(n);
-    for (int64_t i = 0; i < n; ++i) {
-      prompt[i] = static_cast<int32_t>(SamplingUniform(absl::GetFlag(FLAGS_seed) + p, i) *
-                                       config.vocab_size);
-    }
+  int64_t n = 0;  // The longest prompt: candidate budgets are sized for it.
+  for (const std::vector<int32_t>& prompt : *prompts) {
+    n = std::max<int64_t>(n, prompt.size());
     AttentionRecorder recorder;
     (*model)->SetAttentionOverride(&recorder);
-    ContiguousKvStore kv((*model)->kv_shape(), n);
+    ContiguousKvStore kv((*model)->kv_shape(), prompt.size());
     std::vector<float> logits;
     absl::Status status =
         (*model)->Forward({SequenceChunk{prompt, 0, &kv, LogitsFor::kNone}}, &logits);
@@ -65,11 +121,11 @@ int Run() {
   sparse.num_heads = heads;
   sparse.dense_below_tokens = absl::GetFlag(FLAGS_dense_below);
   sparse.target_density = absl::GetFlag(FLAGS_target_density);
-  sparse.calibration_prompts = absl::GetFlag(FLAGS_prompts);
+  sparse.calibration_prompts = static_cast<int64_t>(prompts->size());
   sparse.calibration_tokens = n;
   sparse.calibration_seed = absl::GetFlag(FLAGS_seed);
   const std::vector<HeadPattern> candidates = CandidatePatterns(n);
-  double density = 0, error = 0, recall = 0;
+  double density = 0, tile_cost = 0, error = 0, recall = 0;
   for (int64_t l = 0; l < layers; ++l) {
     sparse.heads.emplace_back();
     for (int64_t h = 0; h < heads; ++h) {
@@ -77,12 +133,14 @@ int Run() {
           SearchHead(samples[l][h], config.head_dim, sparse.target_density, candidates);
       sparse.heads.back().push_back(choice.pattern);
       density += choice.fidelity.density / (layers * heads);
+      tile_cost += choice.fidelity.tile_cost / (layers * heads);
       error += choice.fidelity.relative_error / (layers * heads);
       recall += choice.fidelity.recall / (layers * heads);
       LogInfo("pattern_search.head", {{"layer", l},
                                       {"head", h},
                                       {"pattern", std::string(PatternName(choice.pattern.kind))},
                                       {"density", choice.fidelity.density},
+                                      {"tile_cost", choice.fidelity.tile_cost},
                                       {"recall", choice.fidelity.recall},
                                       {"relative_error", choice.fidelity.relative_error}});
     }
@@ -96,6 +154,7 @@ int Run() {
   }
   LogInfo("pattern_search.done", {{"out", absl::GetFlag(FLAGS_out)},
                                   {"mean_density", density},
+                                  {"mean_tile_cost", tile_cost},
                                   {"mean_recall", recall},
                                   {"mean_relative_error", error}});
   return 0;

@@ -46,4 +46,10 @@ __device__ __forceinline__ uint16_t FloatToBf16Bits(float x) {
     if (!cuda_status_.ok()) return cuda_status_;                                      \
   } while (0)
 
+#define RETURN_IF_LAUNCH_FAILED(kernel)                                            \
+  do {                                                                             \
+    const absl::Status launch_status_ = ::sparseaccel::cuda::LaunchStatus(kernel); \
+    if (!launch_status_.ok()) return launch_status_;                               \
+  } while (0)
+
 #endif  // SPARSEACCEL_KERNELS_CUDA_CUDA_CHECK_CUH_

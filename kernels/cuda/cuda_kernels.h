@@ -79,7 +79,7 @@ struct PagedDecodeArgs {
   int64_t max_blocks_per_seq = 0;
   const int32_t* seq_lens = nullptr;  // Device, [num_seqs], each in [1, max_seq_len].
   int64_t num_seqs = 0;
-  int64_t max_seq_len = 0;  // Bounds the split; seq_lens above it are an error on device.
+  int64_t max_seq_len = 0;  // Sizes the split; longer seq_lens are clamped to it.
   int64_t block_tokens = 0;
   int64_t num_heads = 0;
   int64_t num_kv_heads = 0;

@@ -1,0 +1,459 @@
+// Each CUDA kernel against its CPU twin in kernels/ on fresh random inputs (a new seed per
+// run, printed on failure). Inputs are rounded to bf16 first and the twin runs in fp32/double
+// on exactly those values, so the bounds below only cover the kernels' own rounding. Outputs
+// are poisoned with NaN before every call and every element is checked.
+
+#include "kernels/cuda/cuda_kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/activation.h"
+#include "kernels/attention.h"
+#include "kernels/cuda/device_memory.h"
+#include "kernels/rmsnorm.h"
+#include "kernels/rope.h"
+#include "kernels/sampling.h"
+
+namespace sparseaccel {
+namespace cuda {
+namespace {
+
+constexpr uint8_t kNanBytes = 0xff;
+
+uint16_t ToBf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  if (std::isnan(x)) return 0x7fc0;
+  bits += 0x7fff + ((bits >> 16) & 1);  // Round to nearest even.
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+float FromBf16(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float x;
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
+std::vector<float> FromBf16(const std::vector<uint16_t>& v) {
+  std::vector<float> out(v.size());
+  std::transform(v.begin(), v.end(), out.begin(), [](uint16_t b) { return FromBf16(b); });
+  return out;
+}
+
+class CudaKernelsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    seed_ = std::random_device{}();
+    rng_.seed(seed_);
+    RecordProperty("seed", std::to_string(seed_));
+  }
+
+  // bf16 values of N(0, stddev) (resampled until no element is exactly zero).
+  std::vector<uint16_t> RandomBf16(size_t count, float stddev = 1.f) {
+    std::normal_distribution<float> dist(0.f, stddev);
+    std::vector<uint16_t> v(count);
+    for (uint16_t& x : v) {
+      do {
+        x = ToBf16(dist(rng_));
+      } while (FromBf16(x) == 0.f);
+    }
+    return v;
+  }
+
+  // Every element finite, and max|a-b| / max|b| below `bound`.
+  void ExpectClose(const std::vector<float>& actual, const std::vector<float>& expected,
+                   double bound, const std::string& what) {
+    ASSERT_EQ(actual.size(), expected.size()) << what;
+    double max_diff = 0, max_ref = 0;
+    for (size_t i = 0; i < actual.size(); ++i) {
+      ASSERT_TRUE(std::isfinite(actual[i])) << what << " element " << i << " seed " << seed_;
+      max_diff = std::max(max_diff, std::abs(double(actual[i]) - expected[i]));
+      max_ref = std::max(max_ref, std::abs(double(expected[i])));
+    }
+    ASSERT_GT(max_ref, 0) << what;
+    EXPECT_LT(max_diff / max_ref, bound) << what << " seed " << seed_;
+  }
+
+  uint32_t seed_ = 0;
+  std::mt19937_64 rng_;
+};
+
+#define ASSERT_OK(expr) ASSERT_TRUE((expr).ok()) << (expr)
+#define ASSERT_OK_AND_ASSIGN(lhs, expr)            \
+  auto lhs##_or = (expr);                          \
+  ASSERT_TRUE(lhs##_or.ok()) << lhs##_or.status(); \
+  auto lhs = std::move(*lhs##_or)
+
+TEST_F(CudaKernelsTest, ConversionsRoundTripExactly) {
+  const size_t count = 100003;
+  std::vector<float> values(count);
+  std::normal_distribution<float> dist(0.f, 10.f);
+  for (float& x : values) x = dist(rng_);
+  ASSERT_OK_AND_ASSIGN(d_f32, ToDevice(values));
+  ASSERT_OK_AND_ASSIGN(d_bf16, DeviceBuffer::Allocate(count * 2));
+  ASSERT_OK_AND_ASSIGN(d_back, DeviceBuffer::Allocate(count * 4));
+  ASSERT_OK(d_bf16.Fill(kNanBytes));
+  ASSERT_OK(d_back.Fill(kNanBytes));
+  ASSERT_OK(F32ToBf16(d_f32.As<float>(), count, d_bf16.As<uint16_t>(), nullptr));
+  ASSERT_OK(Bf16ToF32(d_bf16.As<uint16_t>(), count, d_back.As<float>(), nullptr));
+  ASSERT_OK_AND_ASSIGN(bf16, ToHost<uint16_t>(d_bf16, count));
+  ASSERT_OK_AND_ASSIGN(back, ToHost<float>(d_back, count));
+  for (size_t i = 0; i < count; ++i) {
+    ASSERT_EQ(bf16[i], ToBf16(values[i])) << i;
+    ASSERT_EQ(back[i], FromBf16(bf16[i])) << i;
+  }
+}
+
+TEST_F(CudaKernelsTest, EmbeddingGatherCopiesRowsAndZeroesBadIds) {
+  const int64_t vocab = 1000, hidden = 300;
+  const std::vector<uint16_t> table = RandomBf16(vocab * hidden);
+  std::vector<int32_t> ids = {0, 999, 5, 5, -1, 1000, 123};
+  std::uniform_int_distribution<int32_t> pick(0, vocab - 1);
+  for (int i = 0; i < 20; ++i) ids.push_back(pick(rng_));
+  const int64_t rows = ids.size();
+  ASSERT_OK_AND_ASSIGN(d_table, ToDevice(table));
+  ASSERT_OK_AND_ASSIGN(d_ids, ToDevice(ids));
+  ASSERT_OK_AND_ASSIGN(d_out, DeviceBuffer::Allocate(rows * hidden * 2));
+  ASSERT_OK(d_out.Fill(kNanBytes));
+  ASSERT_OK(EmbeddingGather(d_ids.As<int32_t>(), rows, d_table.As<uint16_t>(), vocab, hidden,
+                            d_out.As<uint16_t>(), nullptr));
+  ASSERT_OK_AND_ASSIGN(out, ToHost<uint16_t>(d_out, rows * hidden));
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool valid = ids[r] >= 0 && ids[r] < vocab;
+    for (int64_t i = 0; i < hidden; ++i) {
+      ASSERT_EQ(out[r * hidden + i], valid ? table[ids[r] * hidden + i] : 0) << r << " " << i;
+    }
+  }
+}
+
+// Output in bf16: each element carries up to 2^-9 relative rounding, plus fp32 vs double
+// accumulation of the mean square: 1e-2 of the largest magnitude covers both with margin.
+TEST_F(CudaKernelsTest, AddRmsNormMatchesCpu) {
+  struct Case {
+    int64_t rows, dim;
+    bool residual;
+  };
+  for (const Case& c : {Case{7, 4096, true}, Case{3, 100, false}, Case{33, 2048, true}}) {
+    const std::vector<uint16_t> x = RandomBf16(c.rows * c.dim, 2.f);
+    const std::vector<uint16_t> residual = RandomBf16(c.rows * c.dim, 2.f);
+    std::vector<uint16_t> weight = RandomBf16(c.dim, 0.5f);
+    ASSERT_OK_AND_ASSIGN(d_x, ToDevice(x));
+    ASSERT_OK_AND_ASSIGN(d_res, ToDevice(residual));
+    ASSERT_OK_AND_ASSIGN(d_w, ToDevice(weight));
+    ASSERT_OK_AND_ASSIGN(d_out, DeviceBuffer::Allocate(c.rows * c.dim * 2));
+    ASSERT_OK(d_out.Fill(kNanBytes));
+    const float eps = 1e-5f;
+    ASSERT_OK(AddRmsNorm(d_x.As<uint16_t>(), c.residual ? d_res.As<uint16_t>() : nullptr,
+                         d_w.As<uint16_t>(), c.rows, c.dim, eps, d_out.As<uint16_t>(), nullptr));
+    // The updated x is exactly bf16(x + residual): the sum of two bf16 is exact in fp32.
+    std::vector<float> sum(c.rows * c.dim);
+    for (size_t i = 0; i < sum.size(); ++i) {
+      sum[i] =
+          c.residual ? FromBf16(ToBf16(FromBf16(x[i]) + FromBf16(residual[i]))) : FromBf16(x[i]);
+    }
+    ASSERT_OK_AND_ASSIGN(new_x, ToHost<uint16_t>(d_x, sum.size()));
+    ASSERT_EQ(FromBf16(new_x), sum);
+    std::vector<float> expected(sum.size());
+    const std::vector<float> w = FromBf16(weight);
+    RmsNormCpu(sum.data(), w.data(), c.rows, c.dim, eps, expected.data());
+    ASSERT_OK_AND_ASSIGN(out, ToHost<uint16_t>(d_out, sum.size()));
+    ExpectClose(FromBf16(out), expected, 1e-2, "rmsnorm dim " + std::to_string(c.dim));
+  }
+}
+
+// Same angles as the CPU (same inv_freq, fp32 position * inv_freq, double trig); the only
+// difference is the bf16 rounding of the result: 1e-2 of the largest magnitude.
+TEST_F(CudaKernelsTest, RopeMatchesCpuWithLlama3Scaling) {
+  Llama3RopeScaling scaling;
+  scaling.enabled = true;
+  struct Case {
+    int64_t rows, heads, kv_heads, dim;
+  };
+  for (const Case& c : {Case{37, 32, 8, 128}, Case{5, 4, 4, 64}, Case{9, 8, 1, 128}}) {
+    const std::vector<float> inv_freq = RopeInverseFrequencies(c.dim, 500000.0, scaling);
+    const int64_t stride = (c.heads + 2 * c.kv_heads) * c.dim;  // A fused [q | k | v] row.
+    const std::vector<uint16_t> qkv = RandomBf16(c.rows * stride);
+    std::vector<int64_t> positions(c.rows);
+    std::uniform_int_distribution<int64_t> pos(0, 131071);
+    for (int64_t& p : positions) p = pos(rng_);
+    std::vector<int32_t> positions32(positions.begin(), positions.end());
+    ASSERT_OK_AND_ASSIGN(d_qkv, ToDevice(qkv));
+    ASSERT_OK_AND_ASSIGN(d_pos, ToDevice(positions32));
+    ASSERT_OK_AND_ASSIGN(d_freq, ToDevice(inv_freq));
+    uint16_t* q = d_qkv.As<uint16_t>();
+    ASSERT_OK(ApplyRope(q, stride, c.heads, q + c.heads * c.dim, stride, c.kv_heads, c.rows, c.dim,
+                        d_pos.As<int32_t>(), d_freq.As<float>(), nullptr));
+    ASSERT_OK_AND_ASSIGN(out, ToHost<uint16_t>(d_qkv, qkv.size()));
+    // CPU: rotate q and k separately (dense rows), v untouched.
+    std::vector<float> q_cpu(c.rows * c.heads * c.dim), k_cpu(c.rows * c.kv_heads * c.dim);
+    for (int64_t r = 0; r < c.rows; ++r) {
+      for (int64_t i = 0; i < c.heads * c.dim; ++i) {
+        q_cpu[r * c.heads * c.dim + i] = FromBf16(qkv[r * stride + i]);
+      }
+      for (int64_t i = 0; i < c.kv_heads * c.dim; ++i) {
+        k_cpu[r * c.kv_heads * c.dim + i] = FromBf16(qkv[r * stride + c.heads * c.dim + i]);
+      }
+    }
+    ApplyRopeCpu(q_cpu.data(), c.rows, c.heads, c.dim, positions.data(), inv_freq.data());
+    ApplyRopeCpu(k_cpu.data(), c.rows, c.kv_heads, c.dim, positions.data(), inv_freq.data());
+    std::vector<float> q_gpu, k_gpu;
+    for (int64_t r = 0; r < c.rows; ++r) {
+      for (int64_t i = 0; i < c.heads * c.dim; ++i) q_gpu.push_back(FromBf16(out[r * stride + i]));
+      for (int64_t i = 0; i < c.kv_heads * c.dim; ++i) {
+        k_gpu.push_back(FromBf16(out[r * stride + c.heads * c.dim + i]));
+      }
+      for (int64_t i = (c.heads + c.kv_heads) * c.dim; i < stride; ++i) {
+        ASSERT_EQ(out[r * stride + i], qkv[r * stride + i]) << "v changed";
+      }
+    }
+    ExpectClose(q_gpu, q_cpu, 1e-2, "rope q");
+    ExpectClose(k_gpu, k_cpu, 1e-2, "rope k");
+  }
+}
+
+// bf16 output of an fp32 computation (expf vs std::exp differ by ulps): 1e-2.
+TEST_F(CudaKernelsTest, SwiGluMatchesCpuOnFusedRows) {
+  const int64_t rows = 13, width = 1000, stride = 2 * width;
+  const std::vector<uint16_t> gate_up = RandomBf16(rows * stride, 3.f);
+  ASSERT_OK_AND_ASSIGN(d_in, ToDevice(gate_up));
+  ASSERT_OK_AND_ASSIGN(d_out, DeviceBuffer::Allocate(rows * width * 2));
+  ASSERT_OK(d_out.Fill(kNanBytes));
+  const uint16_t* in = d_in.As<uint16_t>();
+  ASSERT_OK(SwiGlu(in, in + width, rows, width, stride, d_out.As<uint16_t>(), nullptr));
+  std::vector<float> gate(rows * width), up(rows * width), expected(rows * width);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < width; ++i) {
+      gate[r * width + i] = FromBf16(gate_up[r * stride + i]);
+      up[r * width + i] = FromBf16(gate_up[r * stride + width + i]);
+    }
+  }
+  SwiGluCpu(gate.data(), up.data(), rows * width, expected.data());
+  ASSERT_OK_AND_ASSIGN(out, ToHost<uint16_t>(d_out, rows * width));
+  ExpectClose(FromBf16(out), expected, 1e-2, "swiglu");
+}
+
+// Attention bounds: the kernel rounds the softmax weights P to bf16 before P V (relative
+// error up to 2^-9 per weight, partly averaging out over keys) and writes bf16 (2^-9); the
+// scores are exact fp32 sums of bf16 products. 2e-2 of the largest output magnitude leaves
+// margin over the ~4e-3 these add up to, and still catches any wrong mask, scale or head.
+constexpr double kAttentionBound = 2e-2;
+
+TEST_F(CudaKernelsTest, PrefillAttentionMatchesCpu) {
+  struct Case {
+    int64_t n, n_kv, heads, kv_heads, dim;
+    bool fused_q;  // q rows inside a fused [q | k | v] projection (q_stride > row).
+  };
+  const Case cases[] = {
+      {200, 200, 4, 4, 64, false},  {130, 300, 8, 2, 128, true}, {257, 257, 16, 2, 128, false},
+      {64, 1000, 8, 1, 64, false},  {1, 77, 4, 1, 128, false},   {700, 700, 32, 8, 128, true},
+      {129, 129, 2, 2, 128, false},
+  };
+  for (const Case& c : cases) {
+    const std::string what = "n=" + std::to_string(c.n) + " n_kv=" + std::to_string(c.n_kv) +
+                             " heads=" + std::to_string(c.heads) + "/" +
+                             std::to_string(c.kv_heads) + " dim=" + std::to_string(c.dim);
+    const int64_t q_row = c.heads * c.dim, kv_row = c.kv_heads * c.dim;
+    const int64_t q_stride = c.fused_q ? q_row + 2 * kv_row : q_row;
+    const std::vector<uint16_t> q = RandomBf16(c.n * q_stride, 1.5f);
+    const std::vector<uint16_t> k = RandomBf16(c.n_kv * kv_row, 1.5f);
+    const std::vector<uint16_t> v = RandomBf16(c.n_kv * kv_row);
+    ASSERT_OK_AND_ASSIGN(d_q, ToDevice(q));
+    ASSERT_OK_AND_ASSIGN(d_k, ToDevice(k));
+    ASSERT_OK_AND_ASSIGN(d_v, ToDevice(v));
+    ASSERT_OK_AND_ASSIGN(d_out, DeviceBuffer::Allocate(c.n * q_row * 2));
+    ASSERT_OK(d_out.Fill(kNanBytes));
+    PrefillAttentionArgs args;
+    args.q = d_q.As<uint16_t>();
+    args.q_stride = q_stride;
+    args.k = d_k.As<uint16_t>();
+    args.v = d_v.As<uint16_t>();
+    args.kv_stride = kv_row;
+    args.out = d_out.As<uint16_t>();
+    args.out_stride = q_row;
+    args.n = c.n;
+    args.n_kv = c.n_kv;
+    args.num_heads = c.heads;
+    args.num_kv_heads = c.kv_heads;
+    args.head_dim = c.dim;
+    ASSERT_OK(PrefillAttention(args, nullptr));
+    ASSERT_OK(DeviceSynchronize());
+    ASSERT_OK_AND_ASSIGN(out, ToHost<uint16_t>(d_out, c.n * q_row));
+
+    std::vector<float> q_dense(c.n * q_row);
+    for (int64_t r = 0; r < c.n; ++r) {
+      for (int64_t i = 0; i < q_row; ++i) q_dense[r * q_row + i] = FromBf16(q[r * q_stride + i]);
+    }
+    std::vector<float> k_f = FromBf16(k), v_f = FromBf16(v), expected(c.n * q_row);
+    KvLayerView view;
+    view.block_tokens = c.n_kv;
+    view.row_size = kv_row;
+    view.k_blocks = {k_f.data()};
+    view.v_blocks = {v_f.data()};
+    CausalAttentionCpu(q_dense.data(), c.n, c.n_kv - c.n, {c.heads, c.kv_heads, c.dim}, view,
+                       expected.data());
+    ExpectClose(FromBf16(out), expected, kAttentionBound, what);
+  }
+}
+
+TEST_F(CudaKernelsTest, PagedDecodeAttentionMatchesCpu) {
+  struct Case {
+    int64_t heads, kv_heads, dim, block_tokens;
+    std::vector<int64_t> lengths;
+  };
+  const Case cases[] = {
+      {8, 8, 64, 16, {1, 17, 300}}, {32, 8, 128, 16, {1000, 4097, 33, 5}},
+      {16, 2, 128, 32, {20000}},    {8, 1, 64, 7, {129, 64, 2000}},
+      {24, 8, 128, 16, {513, 1}},  // 3 query heads per KV head.
+  };
+  for (const Case& c : cases) {
+    const int64_t num_seqs = c.lengths.size();
+    const int64_t max_len = *std::max_element(c.lengths.begin(), c.lengths.end());
+    const int64_t max_blocks = (max_len + c.block_tokens - 1) / c.block_tokens;
+    const int64_t kv_row = c.kv_heads * c.dim, q_row = c.heads * c.dim;
+    // Blocks of all sequences scattered over a pool with spare blocks, in random order.
+    int64_t used_blocks = 0;
+    for (int64_t len : c.lengths) used_blocks += (len + c.block_tokens - 1) / c.block_tokens;
+    const int64_t pool_blocks = used_blocks + 3;
+    std::vector<int32_t> block_order(pool_blocks);
+    std::iota(block_order.begin(), block_order.end(), 0);
+    std::shuffle(block_order.begin(), block_order.end(), rng_);
+    std::vector<int32_t> tables(num_seqs * max_blocks, -1);
+    int64_t next = 0;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      for (int64_t b = 0; b * c.block_tokens < c.lengths[s]; ++b) {
+        tables[s * max_blocks + b] = block_order[next++];
+      }
+    }
+    const std::vector<uint16_t> k_pool = RandomBf16(pool_blocks * c.block_tokens * kv_row, 1.5f);
+    const std::vector<uint16_t> v_pool = RandomBf16(pool_blocks * c.block_tokens * kv_row);
+    const std::vector<uint16_t> q = RandomBf16(num_seqs * q_row, 1.5f);
+    std::vector<int32_t> lengths32(c.lengths.begin(), c.lengths.end());
+    ASSERT_OK_AND_ASSIGN(d_q, ToDevice(q));
+    ASSERT_OK_AND_ASSIGN(d_k, ToDevice(k_pool));
+    ASSERT_OK_AND_ASSIGN(d_v, ToDevice(v_pool));
+    ASSERT_OK_AND_ASSIGN(d_tables, ToDevice(tables));
+    ASSERT_OK_AND_ASSIGN(d_lens, ToDevice(lengths32));
+    ASSERT_OK_AND_ASSIGN(d_work, DeviceBuffer::Allocate(
+                                     PagedDecodeWorkspaceBytes(num_seqs, c.heads, c.dim, max_len)));
+    ASSERT_OK_AND_ASSIGN(d_out, DeviceBuffer::Allocate(num_seqs * q_row * 2));
+    ASSERT_OK(d_out.Fill(kNanBytes));
+    ASSERT_OK(d_work.Fill(kNanBytes));
+    PagedDecodeArgs args;
+    args.q = d_q.As<uint16_t>();
+    args.q_stride = q_row;
+    args.k_pool = d_k.As<uint16_t>();
+    args.v_pool = d_v.As<uint16_t>();
+    args.block_tables = d_tables.As<int32_t>();
+    args.max_blocks_per_seq = max_blocks;
+    args.seq_lens = d_lens.As<int32_t>();
+    args.num_seqs = num_seqs;
+    args.max_seq_len = max_len;
+    args.block_tokens = c.block_tokens;
+    args.num_heads = c.heads;
+    args.num_kv_heads = c.kv_heads;
+    args.head_dim = c.dim;
+    args.workspace = d_work.As<void>();
+    args.out = d_out.As<uint16_t>();
+    args.out_stride = q_row;
+    ASSERT_OK(PagedDecodeAttention(args, nullptr));
+    ASSERT_OK(DeviceSynchronize());
+    ASSERT_OK_AND_ASSIGN(out, ToHost<uint16_t>(d_out, num_seqs * q_row));
+
+    std::vector<float> k_f = FromBf16(k_pool), v_f = FromBf16(v_pool), q_f = FromBf16(q);
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      KvLayerView view;
+      view.block_tokens = c.block_tokens;
+      view.row_size = kv_row;
+      for (int64_t b = 0; b * c.block_tokens < c.lengths[s]; ++b) {
+        const int64_t block = tables[s * max_blocks + b];
+        view.k_blocks.push_back(k_f.data() + block * c.block_tokens * kv_row);
+        view.v_blocks.push_back(v_f.data() + block * c.block_tokens * kv_row);
+      }
+      std::vector<float> expected(q_row);
+      CausalAttentionCpu(q_f.data() + s * q_row, 1, c.lengths[s] - 1, {c.heads, c.kv_heads, c.dim},
+                         view, expected.data());
+      const std::vector<uint16_t> got(out.begin() + s * q_row, out.begin() + (s + 1) * q_row);
+      // fp32 softmax in the kernel (no bf16 P): the bf16 output rounding dominates.
+      ExpectClose(FromBf16(got), expected, 1e-2,
+                  "decode seq " + std::to_string(s) + " len " + std::to_string(c.lengths[s]) +
+                      " heads " + std::to_string(c.heads) + "/" + std::to_string(c.kv_heads));
+    }
+  }
+}
+
+// Same logits, params and step: the same token as SampleTokenCpu. The GPU forms the same
+// double weights in the same candidate order; only the order of the prefix additions differs
+// (relative 1e-16), so a mismatch needs a draw within that distance of a boundary.
+TEST_F(CudaKernelsTest, SampleTokensMatchesCpu) {
+  for (const int64_t vocab : {int64_t{1000}, int64_t{128256}}) {
+    std::vector<SamplingParams> kinds(8);
+    kinds[0] = {0.f, 0, 1.f, 1};     // Greedy.
+    kinds[1] = {0.7f, 0, 1.f, 2};    // Temperature only.
+    kinds[2] = {1.0f, 50, 1.f, 3};   // Top-k.
+    kinds[3] = {0.8f, 0, 0.9f, 4};   // Top-p.
+    kinds[4] = {1.3f, 40, 0.8f, 5};  // Top-k then top-p.
+    kinds[5] = {1.5f, 1, 1.f, 6};    // Top-k 1: greedy.
+    kinds[6] = {2.0f, 0, 0.05f, 7};  // A tiny nucleus.
+    kinds[7] = {0.3f, 2000, 0.99f, 8};
+    const int64_t rows = kinds.size();
+    std::vector<float> logits(rows * vocab);
+    std::normal_distribution<float> dist(0.f, 3.f);
+    for (float& x : logits) x = dist(rng_);
+    // Ties: repeated values, including a shared maximum in the greedy row.
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = logits.data() + r * vocab;
+      const int64_t top = std::max_element(row, row + vocab) - row;
+      for (int i = 0; i < 10; ++i) row[(top + 97 * (i + 1)) % vocab] = row[top];
+      for (int i = 0; i < 200; ++i) row[(7 * i + 3) % vocab] = row[(11 * i + 5) % vocab];
+    }
+    ASSERT_OK_AND_ASSIGN(d_logits, ToDevice(logits));
+    ASSERT_OK_AND_ASSIGN(d_work, DeviceBuffer::Allocate(SampleTokensWorkspaceBytes(rows, vocab)));
+    ASSERT_OK_AND_ASSIGN(d_tokens, DeviceBuffer::Allocate(rows * 4));
+    for (auto& p : kinds) p.seed = rng_();
+    for (uint64_t step = 0; step < 12; ++step) {
+      std::vector<uint64_t> steps(rows);
+      for (int64_t r = 0; r < rows; ++r) steps[r] = step * 31 + r;
+      ASSERT_OK(d_tokens.Fill(kNanBytes));
+      ASSERT_OK(SampleTokens(d_logits.As<float>(), rows, vocab, kinds.data(), steps.data(),
+                             d_work.As<void>(), d_tokens.As<int32_t>(), nullptr));
+      ASSERT_OK_AND_ASSIGN(tokens, ToHost<int32_t>(d_tokens, rows));
+      for (int64_t r = 0; r < rows; ++r) {
+        EXPECT_EQ(tokens[r], SampleTokenCpu(logits.data() + r * vocab, vocab, kinds[r], steps[r]))
+            << "vocab " << vocab << " row " << r << " step " << step << " seed " << seed_;
+      }
+    }
+  }
+}
+
+TEST_F(CudaKernelsTest, BadShapesAreErrors) {
+  PrefillAttentionArgs prefill;
+  prefill.head_dim = 96;
+  EXPECT_EQ(PrefillAttention(prefill, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  prefill.head_dim = 128;
+  prefill.n = 10;
+  prefill.n_kv = 5;  // Fewer keys than queries.
+  prefill.num_heads = prefill.num_kv_heads = 1;
+  EXPECT_EQ(PrefillAttention(prefill, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  PagedDecodeArgs decode;
+  decode.head_dim = 128;
+  decode.num_seqs = 1;
+  decode.num_heads = 12;
+  decode.num_kv_heads = 8;  // Not a divisor.
+  decode.block_tokens = 16;
+  decode.max_seq_len = 10;
+  decode.max_blocks_per_seq = 1;
+  EXPECT_EQ(PagedDecodeAttention(decode, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(SwiGlu(nullptr, nullptr, 1, 10, 5, nullptr, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace sparseaccel

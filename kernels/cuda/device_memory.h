@@ -1,0 +1,91 @@
+#ifndef SPARSEACCEL_KERNELS_CUDA_DEVICE_MEMORY_H_
+#define SPARSEACCEL_KERNELS_CUDA_DEVICE_MEMORY_H_
+
+// Device memory and timing from plain C++ (no CUDA headers), for tests and benchmarks of the
+// kernels in cuda_kernels.h.
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace sparseaccel {
+namespace cuda {
+
+// An owned device allocation.
+class DeviceBuffer {
+ public:
+  static absl::StatusOr<DeviceBuffer> Allocate(size_t bytes);
+  DeviceBuffer() = default;
+  DeviceBuffer(DeviceBuffer&& other) noexcept;
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer();
+
+  template <typename T>
+  T* As() const {
+    return static_cast<T*>(data_);
+  }
+  size_t bytes() const { return bytes_; }
+
+  // Synchronous copies of `bytes` (default: the whole buffer) from/to host memory.
+  absl::Status CopyFrom(const void* host, size_t bytes);
+  absl::Status CopyTo(void* host, size_t bytes) const;
+  // Fills every byte with `value` (0xff: every bf16 and fp32 in the buffer becomes NaN).
+  absl::Status Fill(uint8_t value);
+
+ private:
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Allocates a buffer holding `values`.
+template <typename T>
+absl::StatusOr<DeviceBuffer> ToDevice(const std::vector<T>& values) {
+  absl::StatusOr<DeviceBuffer> buffer = DeviceBuffer::Allocate(values.size() * sizeof(T));
+  if (buffer.ok()) {
+    absl::Status status = buffer->CopyFrom(values.data(), values.size() * sizeof(T));
+    if (!status.ok()) return status;
+  }
+  return buffer;
+}
+
+template <typename T>
+absl::StatusOr<std::vector<T>> ToHost(const DeviceBuffer& buffer, size_t count) {
+  std::vector<T> values(count);
+  absl::Status status = buffer.CopyTo(values.data(), count * sizeof(T));
+  if (!status.ok()) return status;
+  return values;
+}
+
+absl::Status DeviceSynchronize();
+
+// "NVIDIA H100 80GB HBM3, 132 SMs, cc 9.0".
+absl::StatusOr<std::string> DeviceDescription();
+
+// GPU time between two events on the default stream.
+class EventTimer {
+ public:
+  static absl::StatusOr<EventTimer> Create();
+  EventTimer(EventTimer&& other) noexcept;
+  EventTimer(const EventTimer&) = delete;
+  EventTimer& operator=(const EventTimer&) = delete;
+  ~EventTimer();
+  absl::Status Start();
+  // Waits for the stop event; the GPU time since Start() in milliseconds.
+  absl::StatusOr<float> StopMilliseconds();
+
+ private:
+  EventTimer() = default;
+  void* start_ = nullptr;
+  void* stop_ = nullptr;
+};
+
+}  // namespace cuda
+}  // namespace sparseaccel
+
+#endif  // SPARSEACCEL_KERNELS_CUDA_DEVICE_MEMORY_H_

@@ -1,0 +1,191 @@
+#ifndef SPARSEACCEL_KERNELS_CUDA_FLASH_TILE_CUH_
+#define SPARSEACCEL_KERNELS_CUDA_FLASH_TILE_CUH_
+
+// The inner step of FlashAttention-2 on tensor cores (mma.sync m16n8k16 bf16, fp32
+// accumulators), shared by the dense prefill kernel and the sparse kernels: one warp owns 16
+// query rows, holds their Q fragments in registers, and folds one tile of kFlashKeys keys
+// (K and V in shared memory) into its running output with an online softmax.
+//
+// Shared-memory tiles are rows of kHeadDim bf16, 16-byte chunks XOR-swizzled by (row % 8) so
+// that the 8 rows an ldmatrix reads hit 8 different bank groups: see SwizzledOffset().
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+namespace sparseaccel {
+namespace cuda {
+
+constexpr int kFlashKeys = 64;  // Keys per tile.
+
+// Element offset of (row, col) in a swizzled tile of rows of `kHeadDim` bf16.
+template <int kHeadDim>
+__device__ __forceinline__ int SwizzledOffset(int row, int col) {
+  const int chunk = (col / 8) ^ (row % 8);
+  return row * kHeadDim + chunk * 8 + col % 8;
+}
+
+__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void CpAsync16(void* smem, const void* global, bool valid) {
+  // src-size 0 zero-fills the 16 bytes: rows past the end read as zeros.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SharedAddress(smem)),
+               "l"(global), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SharedAddress(smem)));
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SharedAddress(smem)));
+}
+
+// d += a * b for one m16n8k16 tile (row-major A, column-major B).
+__device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Per-warp state of 16 query rows. Lane l owns rows l/4 and l/4 + 8 of the warp's 16, and in
+// the output the columns 8j + 2(l%4) + {0,1} of each 8-wide column tile j.
+template <int kHeadDim>
+struct FlashWarpState {
+  uint32_t q[kHeadDim / 16][4];  // A fragments of Q, one per 16-wide slice of head_dim.
+  float o[kHeadDim / 8][4];      // Unnormalised output accumulators.
+  float row_max[2];              // Running max of the scaled scores (log2 domain).
+  float row_sum[2];              // Running sum of exp2(score - row_max), this lane's columns.
+
+  // Loads Q fragments of rows [row0, row0 + 16) of a swizzled shared tile; resets the state.
+  __device__ __forceinline__ void Init(const __nv_bfloat16* q_tile, int row0) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      LdMatrixX4(q[kk],
+                 q_tile + SwizzledOffset<kHeadDim>(row0 + lane % 16, kk * 16 + (lane / 16) * 8));
+    }
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0;
+    row_max[0] = row_max[1] = -INFINITY;
+    row_sum[0] = row_sum[1] = 0;
+  }
+
+  // Folds one tile of kFlashKeys keys (swizzled K and V tiles in shared memory) in.
+  // scale_log2 = log2(e) / sqrt(head_dim). If `mask`, key i of the tile (at position
+  // key_pos0 + i) is dropped for a query row at position q_pos (rows: q_pos0 + lane/4 and
+  // q_pos0 + lane/4 + 8) when key_pos0 + i > q_pos.
+  __device__ __forceinline__ void AttendTile(const __nv_bfloat16* k_tile,
+                                             const __nv_bfloat16* v_tile, float scale_log2,
+                                             bool mask, int64_t key_pos0, int64_t q_pos0) {
+    const int lane = threadIdx.x % 32;
+    float s[kFlashKeys / 8][4];
+#pragma unroll
+    for (int n = 0; n < kFlashKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0;
+      // S = Q K^T: K rows are the columns of B, so plain ldmatrix gives B fragments; one x4
+      // covers two 8-key tiles x 16 of head_dim.
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+#pragma unroll
+      for (int n2 = 0; n2 < kFlashKeys / 16; ++n2) {
+        uint32_t b[4];
+        LdMatrixX4(b, k_tile + SwizzledOffset<kHeadDim>(n2 * 16 + (lane / 16) * 8 + lane % 8,
+                                                        kk * 16 + ((lane / 8) % 2) * 8));
+        MmaBf16(s[2 * n2], q[kk], b[0], b[1]);
+        MmaBf16(s[2 * n2 + 1], q[kk], b[2], b[3]);
+      }
+    }
+    // Online softmax in the log2 domain.
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < kFlashKeys / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[n][e] * scale_log2;
+        if (mask) {
+          const int64_t key = key_pos0 + n * 8 + 2 * (lane % 4) + e % 2;
+          const int64_t query = q_pos0 + lane / 4 + (e / 2) * 8;
+          if (key > query) x = -INFINITY;
+        }
+        s[n][e] = x;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
+      }
+    }
+    float correction[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(~0u, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(~0u, tile_max[r], 2));
+      const float new_max = fmaxf(row_max[r], tile_max[r]);
+      // A row with every key so far masked keeps max -inf: use 0 so exp2 gives 0, not NaN.
+      const float base = new_max == -INFINITY ? 0.f : new_max;
+      correction[r] = exp2f(row_max[r] - base);
+      row_max[r] = new_max;
+      tile_max[r] = base;
+      row_sum[r] *= correction[r];
+    }
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j) {
+      o[j][0] *= correction[0];
+      o[j][1] *= correction[0];
+      o[j][2] *= correction[1];
+      o[j][3] *= correction[1];
+    }
+    // P = exp2(S - max) becomes the A operand of P V, 16 keys per mma k-step.
+    uint32_t p[kFlashKeys / 16][4];
+#pragma unroll
+    for (int n = 0; n < kFlashKeys / 8; ++n) {
+      const float p0 = exp2f(s[n][0] - tile_max[0]), p1 = exp2f(s[n][1] - tile_max[0]);
+      const float p2 = exp2f(s[n][2] - tile_max[1]), p3 = exp2f(s[n][3] - tile_max[1]);
+      row_sum[0] += p0 + p1;
+      row_sum[1] += p2 + p3;
+      p[n / 2][(n % 2) * 2] = PackBf16(p0, p1);
+      p[n / 2][(n % 2) * 2 + 1] = PackBf16(p2, p3);
+    }
+    // O += P V: V rows are keys (the k dimension), so ldmatrix.trans gives B fragments; one
+    // x4 covers 16 keys x two 8-wide column tiles.
+#pragma unroll
+    for (int kk = 0; kk < kFlashKeys / 16; ++kk) {
+#pragma unroll
+      for (int j2 = 0; j2 < kHeadDim / 16; ++j2) {
+        uint32_t b[4];
+        LdMatrixX4Trans(
+            b, v_tile + SwizzledOffset<kHeadDim>(kk * 16 + lane % 16, j2 * 16 + (lane / 16) * 8));
+        MmaBf16(o[2 * j2], p[kk], b[0], b[1]);
+        MmaBf16(o[2 * j2 + 1], p[kk], b[2], b[3]);
+      }
+    }
+  }
+
+  // The row sums across the 4 lanes of a row, ready for normalising: call once at the end.
+  __device__ __forceinline__ void FinishRowSums() {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_sum[r] += __shfl_xor_sync(~0u, row_sum[r], 1);
+      row_sum[r] += __shfl_xor_sync(~0u, row_sum[r], 2);
+    }
+  }
+};
+
+}  // namespace cuda
+}  // namespace sparseaccel
+
+#endif  // SPARSEACCEL_KERNELS_CUDA_FLASH_TILE_CUH_

@@ -1,0 +1,151 @@
+// Dense causal prefill attention, FlashAttention-2 style: a block of 8 warps takes 128 query
+// rows of one head, streams the key tiles 0..(its last position) through shared memory with
+// cp.async double buffering, and runs FlashWarpState::AttendTile on each; only tiles that
+// cross the diagonal are masked.
+
+#include <cmath>
+
+#include "kernels/cuda/cuda_check.cuh"
+#include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/flash_tile.cuh"
+
+namespace sparseaccel {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kQueryRows = 16 * kWarps;  // Queries per block.
+
+template <int kHeadDim>
+constexpr int PrefillSharedBytes() {
+  // Q tile + two stages of (K tile, V tile).
+  return (kQueryRows + 4 * kFlashKeys) * kHeadDim * 2;
+}
+
+// Copies `rows` rows of kHeadDim bf16 (row r at src + r * stride) into a swizzled tile;
+// rows >= valid_rows are zero-filled.
+template <int kHeadDim, int kRows>
+__device__ __forceinline__ void LoadTile(__nv_bfloat16* tile, const uint16_t* src, int64_t stride,
+                                         int64_t valid_rows) {
+  constexpr int kChunksPerRow = kHeadDim / 8;
+  constexpr int kChunks = kRows * kChunksPerRow;
+  static_assert(kChunks % (kWarps * 32) == 0, "tile must split evenly over the threads");
+#pragma unroll
+  for (int c = threadIdx.x; c < kChunks; c += kWarps * 32) {
+    const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+    const bool valid = row < valid_rows;
+    CpAsync16(tile + SwizzledOffset<kHeadDim>(row, col), src + (valid ? row * stride + col : 0),
+              valid);
+  }
+}
+
+template <int kHeadDim>
+__global__ void __launch_bounds__(kWarps * 32)
+    PrefillAttentionKernel(PrefillAttentionArgs args, float scale_log2) {
+  extern __shared__ __align__(128) unsigned char shared[];
+  __nv_bfloat16* q_tile = reinterpret_cast<__nv_bfloat16*>(shared);
+  __nv_bfloat16* kv_tiles = q_tile + kQueryRows * kHeadDim;  // [stage][K, V][keys][dim]
+  const int head = blockIdx.x;
+  const int kv_head = head / (args.num_heads / args.num_kv_heads);
+  // Heaviest query blocks (most keys) first.
+  const int64_t q_block = gridDim.y - 1 - blockIdx.y;
+  const int64_t q0 = q_block * kQueryRows;
+  const int64_t offset = args.n_kv - args.n;  // Position of query row 0.
+  const int64_t last_pos = min(offset + q0 + kQueryRows - 1, args.n_kv - 1);
+  const int num_tiles = static_cast<int>(last_pos / kFlashKeys + 1);
+  const int64_t first_pos = offset + q0;
+
+  const uint16_t* k_src = args.k + kv_head * kHeadDim;
+  const uint16_t* v_src = args.v + kv_head * kHeadDim;
+  auto load_kv = [&](int tile, int stage) {
+    const int64_t key0 = int64_t{tile} * kFlashKeys;
+    __nv_bfloat16* k_dst = kv_tiles + stage * 2 * kFlashKeys * kHeadDim;
+    LoadTile<kHeadDim, kFlashKeys>(k_dst, k_src + key0 * args.kv_stride, args.kv_stride,
+                                   args.n_kv - key0);
+    LoadTile<kHeadDim, kFlashKeys>(k_dst + kFlashKeys * kHeadDim, v_src + key0 * args.kv_stride,
+                                   args.kv_stride, args.n_kv - key0);
+  };
+  LoadTile<kHeadDim, kQueryRows>(q_tile, args.q + q0 * args.q_stride + head * kHeadDim,
+                                 args.q_stride, args.n - q0);
+  load_kv(0, 0);
+  CpAsyncCommit();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t warp_pos0 = first_pos + warp * 16;
+  FlashWarpState<kHeadDim> state;
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    if (tile + 1 < num_tiles) load_kv(tile + 1, (tile + 1) % 2);
+    CpAsyncCommit();
+    CpAsyncWait<1>();
+    __syncthreads();
+    if (tile == 0) state.Init(q_tile, warp * 16);
+    const int64_t key0 = int64_t{tile} * kFlashKeys;
+    // Tiles entirely after this warp's last row contribute nothing.
+    if (key0 <= warp_pos0 + 15) {
+      const __nv_bfloat16* k_tile = kv_tiles + (tile % 2) * 2 * kFlashKeys * kHeadDim;
+      state.AttendTile(k_tile, k_tile + kFlashKeys * kHeadDim, scale_log2,
+                       key0 + kFlashKeys - 1 > warp_pos0, key0, warp_pos0);
+    }
+    __syncthreads();  // The stage is overwritten by the next iteration's loads.
+  }
+  state.FinishRowSums();
+
+  // Normalise and store: lane owns rows lane/4 (+8), columns 8j + 2(lane%4) + {0,1}.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = q0 + warp * 16 + lane / 4 + r * 8;
+    if (row >= args.n) continue;
+    const float inv_sum = 1.f / state.row_sum[r];
+    uint16_t* dst = args.out + row * args.out_stride + head * kHeadDim + 2 * (lane % 4);
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j) {
+      *reinterpret_cast<uint32_t*>(dst + j * 8) =
+          PackBf16(state.o[j][2 * r] * inv_sum, state.o[j][2 * r + 1] * inv_sum);
+    }
+  }
+}
+
+template <int kHeadDim>
+absl::Status LaunchPrefill(const PrefillAttentionArgs& args, cudaStream_t stream) {
+  constexpr int kShared = PrefillSharedBytes<kHeadDim>();
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(PrefillAttentionKernel<kHeadDim>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kShared));
+  const dim3 grid(static_cast<unsigned>(args.num_heads),
+                  static_cast<unsigned>(CeilDiv(args.n, kQueryRows)));
+  const float scale_log2 = static_cast<float>(M_LOG2E / std::sqrt(double{kHeadDim}));
+  PrefillAttentionKernel<kHeadDim><<<grid, kWarps * 32, kShared, stream>>>(args, scale_log2);
+  return LaunchStatus("PrefillAttentionKernel");
+}
+
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+absl::Status PrefillAttention(const PrefillAttentionArgs& args, void* stream) {
+  if (args.head_dim != 64 && args.head_dim != 128) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("PrefillAttention: head_dim ", args.head_dim, " (supported: 64, 128)"));
+  }
+  if (args.n < 0 || args.n_kv < args.n || args.num_heads <= 0 || args.num_kv_heads <= 0 ||
+      args.num_heads % args.num_kv_heads != 0 || args.num_heads > 65535 ||
+      CeilDiv(args.n, kQueryRows) > 65535 || args.n_kv > (int64_t{1} << 31)) {
+    return absl::InvalidArgumentError(absl::StrCat("PrefillAttention: bad shape n=", args.n,
+                                                   " n_kv=", args.n_kv, " heads=", args.num_heads,
+                                                   " kv_heads=", args.num_kv_heads));
+  }
+  if (args.q_stride < args.num_heads * args.head_dim ||
+      args.kv_stride < args.num_kv_heads * args.head_dim ||
+      args.out_stride < args.num_heads * args.head_dim || args.q_stride % 8 != 0 ||
+      args.kv_stride % 8 != 0 || args.out_stride % 8 != 0 || !Aligned16(args.q) ||
+      !Aligned16(args.k) || !Aligned16(args.v) || !Aligned16(args.out)) {
+    return absl::InvalidArgumentError(
+        "PrefillAttention: strides must cover a row and be multiples of 8 elements, pointers "
+        "16-byte aligned");
+  }
+  if (args.n == 0) return absl::OkStatus();
+  if (args.head_dim == 64) return LaunchPrefill<64>(args, AsStream(stream));
+  return LaunchPrefill<128>(args, AsStream(stream));
+}
+
+}  // namespace cuda
+}  // namespace sparseaccel

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repository root, with binaries staged (here) by
+#   scripts/gpu/kernels.sh --stage
+# into out/device/. On the device: the CUDA kernel tests, the prefill attention benchmark and
+# torch SDPA (cuDNN, flash) on the same shapes; results JSON under $OUT (default out/results).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+if [[ "${1:-}" == "--stage" ]]; then
+  base="${BAZEL_OUTPUT_BASE:-/tmp/bazel_cuk}"
+  bazel --output_base="$base" build //kernels/cuda:cuda_kernels_test \
+    //bench/attention:prefill_attention_bench
+  bin="$(bazel --output_base="$base" info bazel-bin 2>/dev/null)"
+  mkdir -p out/device
+  for b in kernels/cuda/cuda_kernels_test bench/attention/prefill_attention_bench; do
+    install -m 755 "$bin/$b" out/device/
+    # Non-glibc shared libraries the binaries need (CUDA's own come from the device).
+    ldd "$bin/$b" | awk '/=> \// {print $3}' |
+      grep -Ev '/(libc|libm|libdl|librt|libpthread|libgcc_s|libstdc\+\+|ld-linux)[.-]' |
+      grep -v /usr/local/cuda | xargs -r -I{} cp -L -n {} out/device/
+    if LD_LIBRARY_PATH=out/device ldd "out/device/${b##*/}" | grep 'not found'; then
+      echo "missing libraries for $b" >&2
+      exit 1
+    fi
+  done
+  du -sh out/device
+  exit 0
+fi
+
+OUT="${OUT:-out/results}"
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH="out/device:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader || true
+
+status=0
+out/device/cuda_kernels_test --gtest_output="xml:$OUT/cuda_kernels_test.xml" \
+  2>&1 | tee "$OUT/cuda_kernels_test.log" | grep -E '^\[( +OK|  FAILED|  PASSED|==========)' ||
+  true
+grep -q '^\[  PASSED' "$OUT/cuda_kernels_test.log" || { status=1; tail -40 "$OUT/cuda_kernels_test.log"; }
+
+out/device/prefill_attention_bench > "$OUT/ours.json" || status=1
+python3 bench/attention/torch_sdpa.py > "$OUT/torch.json" || status=1
+
+python3 - "$OUT" <<'PY'
+import datetime, json, sys
+out = sys.argv[1]
+ours, torch_ = json.load(open(f"{out}/ours.json")), json.load(open(f"{out}/torch.json"))
+merged = {"date": datetime.date.today().isoformat(), "device": ours["device"],
+          "shape": ours["shape"], "ours": ours, "torch_sdpa": torch_}
+json.dump(merged, open(f"{out}/prefill_attention.json", "w"), indent=2)
+rows = {r["context"]: r for r in ours["results"]}
+by = {b: {r["context"]: r for r in rs} for b, rs in torch_["backends"].items()}
+print("| context | ours ms | ours TFLOP/s | cuDNN ms | cuDNN TFLOP/s | flash ms | flash TFLOP/s |")
+print("|---|---|---|---|---|---|---|")
+fmt = lambda r, k: f"{r[k]:.2f}" if r and k in r else "-"
+for n, r in rows.items():
+    c, f = by["cudnn"].get(n), by["flash"].get(n)
+    print(f"| {n//1024}K | {fmt(r,'median_ms')} | {r['tflops']:.0f} | {fmt(c,'median_ms')} | "
+          f"{fmt(c,'tflops')} | {fmt(f,'median_ms')} | {fmt(f,'tflops')} |")
+PY
+exit $status

@@ -114,11 +114,19 @@ SparseIndex VerticalSlashIndex(const float* q, int64_t q_stride, const float* k,
   constexpr int64_t kForcedColumns = 4;
   for (int64_t j = 0; j < std::min(kForcedColumns, n); ++j) column_score[j] = INFINITY;
   for (int64_t o = 0; o < std::min(kBlockSize, n); ++o) slash_score[o] = INFINITY;
-  std::vector<int64_t> verticals = TopK(column_score, std::max(budget.vertical, kForcedColumns));
-  std::vector<int64_t> slashes = TopK(slash_score, std::max(budget.slash, kBlockSize));
-  std::sort(verticals.begin(), verticals.end());
-  std::sort(slashes.begin(), slashes.end(), std::greater<int64_t>());  // Far diagonals first.
+  return ConvertVerticalSlash(n, TopK(column_score, std::max(budget.vertical, kForcedColumns)),
+                              TopK(slash_score, std::max(budget.slash, kBlockSize)));
+}
 
+SparseIndex ConvertVerticalSlash(int64_t n, std::vector<int64_t> verticals,
+                                 std::vector<int64_t> slashes) {
+  auto outside = [n](int64_t x) { return x < 0 || x >= n; };
+  verticals.erase(std::remove_if(verticals.begin(), verticals.end(), outside), verticals.end());
+  slashes.erase(std::remove_if(slashes.begin(), slashes.end(), outside), slashes.end());
+  std::sort(verticals.begin(), verticals.end());
+  verticals.erase(std::unique(verticals.begin(), verticals.end()), verticals.end());
+  std::sort(slashes.begin(), slashes.end(), std::greater<int64_t>());  // Far diagonals first.
+  slashes.erase(std::unique(slashes.begin(), slashes.end()), slashes.end());
   std::vector<std::vector<int32_t>> ranges(NumBlocks(n)), columns(NumBlocks(n));
   for (int64_t b = 0; b < NumBlocks(n); ++b) {
     const int64_t q0 = b * kBlockSize, q1 = std::min(n, q0 + kBlockSize);

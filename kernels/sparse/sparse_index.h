@@ -60,6 +60,15 @@ SparseIndex VerticalSlashIndex(const float* q, int64_t q_stride, const float* k,
                                int64_t num_tokens, int64_t head_dim,
                                const VerticalSlashBudget& budget);
 
+// Algorithm 2: the index of kept key columns `verticals` (0 <= column < num_tokens) and kept
+// diagonal offsets `slashes` (0 <= offset = query - key < num_tokens), in any order, duplicates
+// and out-of-range entries ignored. Per query
+// block [q0, q1), offset o covers keys [max(0, q0 - o), q1 - 1 - o]; the union over offsets is
+// cut, from its low end, into ranges of 64 keys (the last one may reach past the union: those
+// keys are computed too); columns below q1 not inside a range become the column list.
+SparseIndex ConvertVerticalSlash(int64_t num_tokens, std::vector<int64_t> verticals,
+                                 std::vector<int64_t> slashes);
+
 // Block-sparse: Q and K mean-pooled over blocks of 64; softmax over pooled scores of the causal
 // key blocks; the top `top_k` key blocks per query block, always with the diagonal block. The
 // softmax is monotone, so blocks are ranked by their pooled logits (no exp, no underflow ties).

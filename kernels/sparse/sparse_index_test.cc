@@ -57,6 +57,23 @@ TEST(SparseIndexTest, FullBudgetsEqualDense) {
   }
 }
 
+// The worked example of docs/sparse_attention.md.
+TEST(SparseIndexTest, VerticalSlashConversionMatchesTheDocumentedExample) {
+  std::vector<int64_t> slashes = {100};
+  for (int64_t o = 0; o < 64; ++o) slashes.push_back(o);
+  const SparseIndex index = ConvertVerticalSlash(256, {150, 3, 2, 1, 0, 2, 300}, slashes);
+  EXPECT_EQ(index.num_query_blocks, 4);
+  EXPECT_EQ(index.max_ranges, 3);
+  EXPECT_EQ(index.max_columns, 4);
+  EXPECT_EQ(index.range_count, (std::vector<int32_t>{1, 2, 3, 3}));
+  EXPECT_EQ(index.range_start,
+            (std::vector<int32_t>{0, -1, -1, 0, 64, -1, 28, 92, 156, 92, 156, 220}));
+  EXPECT_EQ(index.column_count, (std::vector<int32_t>{0, 0, 4, 4}));
+  EXPECT_EQ(index.column_index,
+            (std::vector<int32_t>{-1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 2, 3, 0, 1, 2, 3}));
+  ExpectWellFormed(index);
+}
+
 TEST(SparseIndexTest, DensityAndTileCostCountWhatIsSelected) {
   // 200 tokens: query blocks of 64, 64, 64 and 8 rows.
   const int64_t n = 200;

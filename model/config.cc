@@ -1,5 +1,6 @@
 #include "model/config.h"
 
+#include <cmath>
 #include <fstream>
 #include <sstream>
 
@@ -12,6 +13,10 @@ namespace sparseaccel {
 namespace {
 
 using Json = nlohmann::json;
+
+// Bound on every size field, so that products of two sizes (a weight's element count) cannot
+// overflow int64 in the engines; real models are many orders of magnitude below it.
+constexpr int64_t kMaxSize = (int64_t{1} << 31) - 1;
 
 absl::Status FieldError(const std::string& field, const std::string& problem) {
   return absl::InvalidArgumentError(absl::StrCat("config.json: field '", field, "' ", problem));
@@ -63,11 +68,24 @@ absl::Status CheckArchitecture(const Json& json) {
   return FieldError("architectures", "must contain LlamaForCausalLM (or model_type \"llama\")");
 }
 
-absl::Status ParseRopeScaling(const Json& json, RopeScaling* scaling) {
-  auto it = json.find("rope_scaling");
+// Reads `rope_scaling` (transformers 4.x) or `rope_parameters` (5.x, which also carries
+// rope_theta) into `c`.
+absl::Status ParseRope(const Json& json, ModelConfig* c) {
+  RETURN_IF_ERROR(ReadDouble(json, "rope_theta", &c->rope_theta));
+  std::string field = "rope_parameters";
+  auto it = json.find(field);
+  if (it == json.end() || it->is_null()) {
+    field = "rope_scaling";
+    it = json.find(field);
+  }
   if (it == json.end() || it->is_null()) return absl::OkStatus();
-  if (!it->is_object()) return FieldError("rope_scaling", "must be an object or null");
+  if (!it->is_object()) return FieldError(field, "must be an object or null");
   const Json& rope = *it;
+  if (rope.contains("rope_theta")) {
+    absl::Status status = ReadDouble(rope, "rope_theta", &c->rope_theta);
+    if (!status.ok()) return FieldError(field + ".rope_theta", "must be a number");
+  }
+  RopeScaling* scaling = &c->rope_scaling;
   std::string type;
   for (const char* key : {"rope_type", "type"}) {
     auto t = rope.find(key);
@@ -78,7 +96,7 @@ absl::Status ParseRopeScaling(const Json& json, RopeScaling* scaling) {
   }
   if (type == "default") return absl::OkStatus();
   if (type != "llama3") {
-    return FieldError("rope_scaling.rope_type",
+    return FieldError(field + ".rope_type",
                       absl::StrCat("\"", type, "\" is not supported (only \"llama3\")"));
   }
   scaling->type = RopeScaling::Type::kLlama3;
@@ -86,21 +104,23 @@ absl::Status ParseRopeScaling(const Json& json, RopeScaling* scaling) {
            {"factor", &scaling->factor},
            {"low_freq_factor", &scaling->low_freq_factor},
            {"high_freq_factor", &scaling->high_freq_factor}}) {
-    if (!rope.contains(key)) return FieldError(absl::StrCat("rope_scaling.", key), "is missing");
+    const std::string name = absl::StrCat(field, ".", key);
+    if (!rope.contains(key)) return FieldError(name, "is missing");
     absl::Status status = ReadDouble(rope, key, target);
-    if (!status.ok()) return FieldError(absl::StrCat("rope_scaling.", key), "must be a number");
-    if (!(*target > 0)) return FieldError(absl::StrCat("rope_scaling.", key), "must be > 0");
+    if (!status.ok()) return FieldError(name, "must be a number");
+    if (!(*target > 0)) return FieldError(name, "must be > 0");
   }
   if (!(scaling->high_freq_factor > scaling->low_freq_factor)) {
-    return FieldError("rope_scaling.high_freq_factor", "must exceed low_freq_factor");
+    return FieldError(field + ".high_freq_factor", "must exceed low_freq_factor");
   }
   int64_t original = 0;
   absl::Status status = ReadInt(rope, "original_max_position_embeddings", true, &original);
   if (!status.ok()) {
-    return FieldError("rope_scaling.original_max_position_embeddings", "must be an integer");
+    return FieldError(field + ".original_max_position_embeddings", "must be an integer");
   }
-  if (original <= 0) {
-    return FieldError("rope_scaling.original_max_position_embeddings", "must be > 0");
+  if (original <= 0 || original > kMaxSize) {
+    return FieldError(field + ".original_max_position_embeddings",
+                      absl::StrCat("must be in [1, ", kMaxSize, "]"));
   }
   scaling->original_max_position_embeddings = original;
   return absl::OkStatus();
@@ -147,24 +167,27 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text) {
            {"num_attention_heads", c.num_attention_heads},
            {"num_key_value_heads", c.num_key_value_heads},
            {"max_position_embeddings", c.max_position_embeddings}}) {
-    if (value <= 0) return FieldError(field, "must be > 0");
+    if (value <= 0 || value > kMaxSize) {
+      return FieldError(field, absl::StrCat("must be in [1, ", kMaxSize, "]"));
+    }
   }
   if (c.num_attention_heads % c.num_key_value_heads != 0) {
     return FieldError("num_key_value_heads", "must divide num_attention_heads");
   }
   c.head_dim = c.hidden_size / c.num_attention_heads;
   RETURN_IF_ERROR(ReadInt(json, "head_dim", false, &c.head_dim));
-  if (c.head_dim <= 0 || c.head_dim % 2 != 0) {
+  if (c.head_dim <= 0 || c.head_dim > kMaxSize || c.head_dim % 2 != 0) {
     return FieldError("head_dim", "must be a positive even number");
   }
   if (!json.contains("head_dim") && c.hidden_size % c.num_attention_heads != 0) {
     return FieldError("num_attention_heads", "must divide hidden_size");
   }
-  RETURN_IF_ERROR(ReadDouble(json, "rope_theta", &c.rope_theta));
-  if (!(c.rope_theta > 0)) return FieldError("rope_theta", "must be > 0");
+  RETURN_IF_ERROR(ParseRope(json, &c));
+  if (!(c.rope_theta > 0) || !std::isfinite(c.rope_theta)) {
+    return FieldError("rope_theta", "must be > 0");
+  }
   RETURN_IF_ERROR(ReadDouble(json, "rms_norm_eps", &c.rms_norm_eps));
   if (!(c.rms_norm_eps > 0)) return FieldError("rms_norm_eps", "must be > 0");
-  RETURN_IF_ERROR(ParseRopeScaling(json, &c.rope_scaling));
   RETURN_IF_ERROR(ReadBool(json, "tie_word_embeddings", &c.tie_word_embeddings));
   RETURN_IF_ERROR(ReadInt(json, "bos_token_id", false, &c.bos_token_id));
   RETURN_IF_ERROR(ParseEos(json, &c.eos_token_ids));
@@ -227,7 +250,8 @@ std::string ModelConfigToJson(const ModelConfig& c) {
       {"rope_theta", c.rope_theta},
       {"rms_norm_eps", c.rms_norm_eps},
       {"tie_word_embeddings", c.tie_word_embeddings},
-      {"torch_dtype", c.torch_dtype},
+      {"torch_dtype", c.torch_dtype},  // transformers 4.x reads this name, 5.x "dtype".
+      {"dtype", c.torch_dtype},
   };
   if (c.rope_scaling.type == RopeScaling::Type::kLlama3) {
     json["rope_scaling"] = {

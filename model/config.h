@@ -45,15 +45,18 @@ struct ModelConfig {
 };
 
 // Parses config.json text. Errors (InvalidArgument) name the offending field: unknown
-// architecture / model_type, missing or non-positive sizes, heads not dividing, unsupported
-// rope_scaling type, unsupported options (e.g. attention_bias or mlp_bias set to true).
+// architecture / model_type, missing, non-positive or absurd (>= 2^31) sizes, heads not
+// dividing, unsupported rope_scaling type, unsupported options (hidden_act other than silu,
+// attention_bias or mlp_bias set to true). Rope settings are read from `rope_scaling` +
+// `rope_theta` (transformers 4.x) or from `rope_parameters` (transformers 5.x) alike.
 absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text);
 
 // Reads and parses `<model_dir>/config.json` (NotFound when absent).
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir);
 
-// config.json text in Hugging Face's layout (architectures LlamaForCausalLM, model_type llama),
-// which ParseModelConfig and transformers both read back to the same model.
+// config.json text in Hugging Face's layout (architectures LlamaForCausalLM, model_type llama,
+// rope_scaling with rope_type "llama3" or null, both torch_dtype and dtype), which
+// ParseModelConfig and transformers (4.x and 5.x) both read back to the same model.
 std::string ModelConfigToJson(const ModelConfig& config);
 
 }  // namespace sparseaccel

@@ -47,8 +47,10 @@ int Run() {
     return 2;
   }
   ModelConfig c = *preset;
+  // 0 keeps the preset's value; anything else (negative included, to be rejected with the
+  // field's name when the config is validated) replaces it.
   auto override_int = [](int64_t flag, int64_t* field) {
-    if (flag > 0) *field = flag;
+    if (flag != 0) *field = flag;
   };
   override_int(absl::GetFlag(FLAGS_layers), &c.num_hidden_layers);
   override_int(absl::GetFlag(FLAGS_hidden), &c.hidden_size);
@@ -56,8 +58,15 @@ int Run() {
   override_int(absl::GetFlag(FLAGS_kv_heads), &c.num_key_value_heads);
   override_int(absl::GetFlag(FLAGS_intermediate), &c.intermediate_size);
   override_int(absl::GetFlag(FLAGS_max_position), &c.max_position_embeddings);
-  c.head_dim = c.hidden_size / c.num_attention_heads;
-  override_int(absl::GetFlag(FLAGS_head_dim), &c.head_dim);
+  if (absl::GetFlag(FLAGS_head_dim) != 0) {
+    c.head_dim = absl::GetFlag(FLAGS_head_dim);
+  } else if (c.num_attention_heads > 0 && c.hidden_size % c.num_attention_heads == 0) {
+    c.head_dim = c.hidden_size / c.num_attention_heads;
+  } else {
+    LogError("make_checkpoint.usage",
+             {{"error", "--heads must divide --hidden (or give --head_dim)"}});
+    return 2;
+  }
   CheckpointOptions options;
   options.tokenizer_json = absl::GetFlag(FLAGS_tokenizer_json);
   if (!options.tokenizer_json.empty()) c.vocab_size = 128256;

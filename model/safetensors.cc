@@ -10,6 +10,7 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <set>
 #include <sstream>
 #include <utility>
 
@@ -33,7 +34,40 @@ absl::StatusOr<DType> ParseDType(const std::string& name) {
   if (name == "F32") return DType::kF32;
   if (name == "F16") return DType::kF16;
   if (name == "BF16") return DType::kBF16;
-  return absl::UnimplementedError(absl::StrCat("dtype ", name, " is not supported"));
+  // The rest of the format's dtypes are valid files this engine cannot use.
+  for (const char* known : {"F64", "F8_E4M3", "F8_E5M2", "I64", "I32", "I16", "I8", "U64", "U32",
+                            "U16", "U8", "BOOL"}) {
+    if (name == known) {
+      return absl::UnimplementedError(absl::StrCat("dtype ", name, " is not supported"));
+    }
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unknown dtype \"", name, "\""));
+}
+
+// Parses a header, refusing keys repeated within one object: nlohmann::json would keep one of
+// them silently, and two entries for one tensor name make the file ambiguous.
+absl::StatusOr<Json> ParseHeaderJson(const char* begin, const char* end, absl::string_view source) {
+  std::vector<std::set<std::string>> open_objects;
+  std::string duplicate;
+  auto track_keys = [&](int /*depth*/, Json::parse_event_t event, Json& parsed) {
+    if (event == Json::parse_event_t::object_start) {
+      open_objects.emplace_back();
+    } else if (event == Json::parse_event_t::object_end && !open_objects.empty()) {
+      open_objects.pop_back();
+    } else if (event == Json::parse_event_t::key && !open_objects.empty() && parsed.is_string() &&
+               duplicate.empty() && !open_objects.back().insert(parsed.get<std::string>()).second) {
+      duplicate = parsed.get<std::string>();
+    }
+    return true;
+  };
+  Json header = Json::parse(begin, end, track_keys, /*allow_exceptions=*/false);
+  if (header.is_discarded() || !header.is_object()) {
+    return Malformed(source, "header is not a JSON object");
+  }
+  if (!duplicate.empty()) {
+    return Malformed(source, absl::StrCat("header repeats the key '", duplicate, "'"));
+  }
+  return header;
 }
 
 absl::StatusOr<std::string> ReadFile(const std::string& path) {
@@ -162,16 +196,16 @@ absl::StatusOr<SafetensorsFile> SafetensorsFile::Parse(absl::Span<const uint8_t>
   if (bytes.size() < 8) return Malformed(source, "shorter than the 8-byte header length");
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];
-  if (header_len > kMaxHeaderBytes || header_len > bytes.size() - 8) {
+  if (header_len > kMaxHeaderBytes) {
+    return Malformed(source, absl::StrCat("header length ", header_len, " exceeds the limit of ",
+                                          kMaxHeaderBytes, " bytes"));
+  }
+  if (header_len > bytes.size() - 8) {
     return Malformed(source, absl::StrCat("header length ", header_len, " exceeds the file (",
                                           bytes.size(), " bytes)"));
   }
   const char* header_begin = reinterpret_cast<const char*>(bytes.data() + 8);
-  Json header = Json::parse(header_begin, header_begin + header_len, nullptr,
-                            /*allow_exceptions=*/false);
-  if (header.is_discarded() || !header.is_object()) {
-    return Malformed(source, "header is not a JSON object");
-  }
+  ASSIGN_OR_RETURN(Json header, ParseHeaderJson(header_begin, header_begin + header_len, source));
   const uint8_t* data = bytes.data() + 8 + header_len;
   const uint64_t data_size = bytes.size() - 8 - header_len;
 
@@ -246,11 +280,23 @@ absl::StatusOr<SafetensorsFile> SafetensorsFile::Parse(absl::Span<const uint8_t>
     if (end > begin) ranges.emplace_back(begin, end);
     file.tensors_.emplace(name, std::move(view));
   }
+  // As the format requires, the tensors tile the data area: no overlaps (one byte, two
+  // tensors), no holes and no trailing bytes (what a wrong header length or a polyglot leaves).
   std::sort(ranges.begin(), ranges.end());
-  for (size_t i = 1; i < ranges.size(); ++i) {
-    if (ranges[i].first < ranges[i - 1].second) {
-      return Malformed(source, absl::StrCat("tensors overlap at byte ", ranges[i].first));
+  uint64_t covered = 0;
+  for (const auto& [begin, end] : ranges) {
+    if (begin < covered) {
+      return Malformed(source, absl::StrCat("tensors overlap at byte ", begin));
     }
+    if (begin > covered) {
+      return Malformed(source, absl::StrCat("bytes [", covered, ", ", begin,
+                                            ") of the data area belong to no tensor"));
+    }
+    covered = end;
+  }
+  if (covered != data_size) {
+    return Malformed(source, absl::StrCat("the data area has ", data_size - covered,
+                                          " trailing bytes that belong to no tensor"));
   }
   return file;
 }
@@ -269,9 +315,9 @@ absl::StatusOr<std::unique_ptr<TensorStore>> TensorStore::OpenFile(const std::st
   int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return absl::NotFoundError(absl::StrCat("cannot open ", path, ": ", strerror(errno)));
   struct stat st;
-  if (fstat(fd, &st) != 0) {
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     close(fd);
-    return absl::InternalError(absl::StrCat("cannot stat ", path));
+    return absl::InvalidArgumentError(absl::StrCat(path, " is not a regular file"));
   }
   auto mapping = std::make_unique<Mapping>();
   mapping->size = static_cast<size_t>(st.st_size);
@@ -371,19 +417,42 @@ absl::Status WriteSafetensorsStreamed(const std::string& path, absl::Span<const 
                                       const std::map<std::string, std::string>& metadata,
                                       const TensorFiller& fill) {
   std::vector<const TensorSpec*> sorted;
-  for (const TensorSpec& spec : specs) sorted.push_back(&spec);
+  for (const TensorSpec& spec : specs) {
+    if (spec.name.empty() || spec.name == "__metadata__") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("WriteSafetensors: invalid tensor name '", spec.name, "'"));
+    }
+    for (int64_t d : spec.shape) {
+      if (d < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("WriteSafetensors: tensor ", spec.name, " has a negative dimension"));
+      }
+    }
+    sorted.push_back(&spec);
+  }
   std::sort(sorted.begin(), sorted.end(),
             [](const TensorSpec* a, const TensorSpec* b) { return a->name < b->name; });
   Json header = Json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   uint64_t offset = 0;
-  for (const TensorSpec* spec : sorted) {
+  for (size_t i = 0; i < sorted.size(); ++i) {
+    const TensorSpec* spec = sorted[i];
+    if (i > 0 && sorted[i - 1]->name == spec->name) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("WriteSafetensors: duplicate tensor ", spec->name));
+    }
     header[spec->name] = {{"dtype", std::string(DTypeName(spec->dtype))},
                           {"shape", spec->shape},
                           {"data_offsets", {offset, offset + spec->NumBytes()}}};
     offset += spec->NumBytes();
   }
-  std::string header_text = header.dump();
+  std::string header_text;
+  try {
+    header_text = header.dump();
+  } catch (const Json::exception&) {  // Only thrown for strings that are not UTF-8.
+    return absl::InvalidArgumentError(
+        "WriteSafetensors: tensor names and metadata must be valid UTF-8");
+  }
   header_text.append((8 - header_text.size() % 8) % 8, ' ');
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   if (!out) return absl::PermissionDeniedError(absl::StrCat("cannot write ", path));
@@ -415,7 +484,8 @@ absl::Status WriteSafetensors(const std::string& path, absl::Span<const TensorTo
                                                      spec.NumBytes()));
     }
     if (!by_name.emplace(t.name, &t).second) {
-      return absl::InvalidArgumentError(absl::StrCat("WriteSafetensors: duplicate ", t.name));
+      return absl::InvalidArgumentError(
+          absl::StrCat("WriteSafetensors: duplicate tensor ", t.name));
     }
     specs.push_back(std::move(spec));
   }

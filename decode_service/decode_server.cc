@@ -4,6 +4,7 @@
 #include <chrono>
 #include <unordered_set>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/grpc_util.h"
 #include "common/log.h"
@@ -41,6 +42,65 @@ std::string OutcomeName(const absl::Status& status) {
   for (char& c : name) c = c == ' ' ? '_' : static_cast<char>(std::tolower(c));
   return name;
 }
+
+// Turns generated tokens into the text deltas sent to the client. Text that may be the start
+// of a stop string is held back until it is not (or until the stream ends).
+class TextStream {
+ public:
+  TextStream(const Tokenizer* tokenizer, std::vector<std::string> stops)
+      : tokenizer_(tokenizer),
+        decoder_(tokenizer, /*skip_special_tokens=*/true),
+        stops_(std::move(stops)) {}
+
+  // The text to send with `token`. `last`: no token follows, so nothing is held back. Sets
+  // *stopped when a stop string appeared; the text then ends before it.
+  absl::StatusOr<std::string> Push(int32_t token, bool last, bool* stopped) {
+    *stopped = false;
+    if (tokenizer_ == nullptr) return std::string();
+    ASSIGN_OR_RETURN(std::string piece, decoder_.Push(token));
+    text_ += piece;
+    // Text sent so far was never a possible stop prefix, so a match starts at or after sent_.
+    size_t end = text_.size();
+    for (const std::string& stop : stops_) {
+      const size_t at = text_.find(stop, sent_);
+      if (at != std::string::npos && at < end) {
+        end = at;
+        *stopped = true;
+      }
+    }
+    if (!*stopped && last) {
+      text_ += decoder_.Flush();
+      end = text_.size();
+    } else if (!*stopped) {
+      end -= HeldBack();
+    }
+    std::string delta = text_.substr(sent_, end - sent_);
+    sent_ = end;
+    return delta;
+  }
+
+ private:
+  // Length of the longest end of the unsent text that is a proper prefix of a stop string.
+  size_t HeldBack() const {
+    const absl::string_view unsent = absl::string_view(text_).substr(sent_);
+    size_t held = 0;
+    for (const std::string& stop : stops_) {
+      for (size_t k = std::min(stop.size() - 1, unsent.size()); k > held; --k) {
+        if (absl::EndsWith(unsent, absl::string_view(stop).substr(0, k))) {
+          held = k;
+          break;
+        }
+      }
+    }
+    return held;
+  }
+
+  const Tokenizer* tokenizer_;
+  StreamDecoder decoder_;
+  const std::vector<std::string> stops_;
+  std::string text_;  // Everything decoded so far.
+  size_t sent_ = 0;   // Bytes of text_ sent.
+};
 
 }  // namespace
 
@@ -125,17 +185,46 @@ void DecodeServer::UpdateGauges() {
   host_memory_.Set(static_cast<double>(HostResidentBytes()));
 }
 
-absl::Status DecodeServer::Validate(const v1::GenerateRequest& request) const {
-  if (request.prompt_case() == v1::GenerateRequest::kText) {
+absl::StatusOr<std::vector<int32_t>> DecodeServer::PromptTokens(
+    const v1::GenerateRequest& request) const {
+  const Tokenizer* tokenizer = options_.tokenizer;
+  const bool needs_tokenizer = request.prompt_case() == v1::GenerateRequest::kText ||
+                               request.prompt_case() == v1::GenerateRequest::kChat ||
+                               request.stop_size() > 0;
+  if (needs_tokenizer && tokenizer == nullptr) {
     return absl::FailedPreconditionError(
-        "text prompts need the model's tokenizer.json, which this service has not loaded; "
-        "send token_ids");
+        "text prompts, chat prompts and stop strings need the model's tokenizer.json, which "
+        "this service's model directory lacks; send token_ids and stop_token_ids");
   }
-  if (request.prompt_case() != v1::GenerateRequest::kTokenIds ||
-      request.token_ids().ids_size() == 0) {
-    return absl::InvalidArgumentError("empty prompt");
+  std::vector<int32_t> prompt;
+  switch (request.prompt_case()) {
+    case v1::GenerateRequest::kTokenIds:
+      prompt.assign(request.token_ids().ids().begin(), request.token_ids().ids().end());
+      break;
+    case v1::GenerateRequest::kText:
+      if (!request.text().empty()) prompt = tokenizer->Encode(request.text());
+      break;
+    case v1::GenerateRequest::kChat: {
+      if (request.chat().messages_size() == 0) break;
+      std::vector<ChatMessage> messages;
+      for (const v1::ChatMessage& message : request.chat().messages()) {
+        messages.push_back({message.role(), message.content()});
+      }
+      absl::StatusOr<std::vector<int32_t>> ids = tokenizer->EncodeChat(messages);
+      if (!ids.ok()) {
+        // Unknown roles and the like are the caller's error; a template this build cannot
+        // render is the model's.
+        if (ids.status().code() == absl::StatusCode::kUnimplemented) return ids.status();
+        return absl::InvalidArgumentError(ids.status().message());
+      }
+      prompt = *std::move(ids);
+      break;
+    }
+    default:
+      break;
   }
-  const int64_t n = request.token_ids().ids_size();
+  if (prompt.empty()) return absl::InvalidArgumentError("empty prompt");
+  const int64_t n = static_cast<int64_t>(prompt.size());
   if (request.max_tokens() < 1 || request.max_tokens() > options_.max_new_tokens) {
     return absl::InvalidArgumentError(absl::StrCat(
         "max_tokens must be in [1, ", options_.max_new_tokens, "], got ", request.max_tokens()));
@@ -146,17 +235,17 @@ absl::Status DecodeServer::Validate(const v1::GenerateRequest& request) const {
     return absl::InvalidArgumentError(absl::StrCat("prompt has ", n, " tokens; with max_tokens ",
                                                    request.max_tokens(), " the limit is ", limit));
   }
-  for (int32_t id : request.token_ids().ids()) {
+  for (int32_t id : prompt) {
     if (id < 0 || id >= config_.vocab_size) {
       return absl::InvalidArgumentError(
           absl::StrCat("token id ", id, " outside the vocabulary [0, ", config_.vocab_size, ")"));
     }
   }
-  if (request.stop_size() > 0) {
-    return absl::InvalidArgumentError(
-        "stop strings need the model's tokenizer.json, which this service has not loaded");
+  for (const std::string& stop : request.stop()) {
+    if (stop.empty()) return absl::InvalidArgumentError("empty stop string");
   }
-  return ValidateSampling(request.sampling());
+  RETURN_IF_ERROR(ValidateSampling(request.sampling()));
+  return prompt;
 }
 
 absl::StatusOr<DecodeServer::Prefilled> DecodeServer::RemotePrefill(
@@ -279,7 +368,8 @@ grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
   const std::string request_id = request->request_id().empty()
                                      ? absl::StrCat("gen-", next_request_id_++)
                                      : request->request_id();
-  const int64_t prompt_tokens = request->token_ids().ids_size();
+  absl::StatusOr<std::vector<int32_t>> prompt = PromptTokens(*request);
+  const int64_t prompt_tokens = prompt.ok() ? static_cast<int64_t>(prompt->size()) : 0;
   const std::string bucket = ContextBucket(prompt_tokens);
   v1::FinishReason finish = v1::FINISH_REASON_UNSPECIFIED;
   int64_t generated = 0;
@@ -298,10 +388,7 @@ grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
     return ToGrpcStatus(status);
   };
 
-  absl::Status valid = Validate(*request);
-  if (!valid.ok()) return finish_request(valid);
-  const std::vector<int32_t> prompt(request->token_ids().ids().begin(),
-                                    request->token_ids().ids().end());
+  if (!prompt.ok()) return finish_request(prompt.status());
   const auto cancelled = [context] { return context->IsCancelled(); };
   absl::Time deadline = absl::FromChrono(context->deadline());
   absl::StatusOr<std::shared_ptr<DecodeSequence>> sequence =
@@ -310,7 +397,7 @@ grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
   UpdateGauges();
 
   absl::StatusOr<Prefilled> prefilled =
-      RemotePrefill(context, request_id, prompt, request->sampling(), sequence->get());
+      RemotePrefill(context, request_id, *prompt, request->sampling(), sequence->get());
   if (!prefilled.ok()) return finish_request(prefilled.status());
 
   std::unordered_set<int32_t> stop_ids(request->stop_token_ids().begin(),
@@ -322,11 +409,31 @@ grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
   Clock::time_point last_sent = start;
   double itl_sum = 0;
   const int64_t context_tokens = prompt_tokens;
+  TextStream text(options_.tokenizer, {request->stop().begin(), request->stop().end()});
+  absl::Status status;
 
-  // Sends one token; returns false once generation is over (finish set) or the client is gone.
+  // Sends one token; returns false once generation is over (finish set), the client is gone or
+  // the token has no text (status set).
   auto send = [&](int32_t token) -> bool {
+    if (eos_ids.count(token) > 0) {
+      finish = v1::FINISH_REASON_EOS;
+    } else if (stop_ids.count(token) > 0) {
+      finish = v1::FINISH_REASON_STOP;
+    } else if (generated + 1 >= request->max_tokens()) {
+      finish = v1::FINISH_REASON_LENGTH;
+    }
+    bool stopped = false;
+    absl::StatusOr<std::string> delta =
+        text.Push(token, finish != v1::FINISH_REASON_UNSPECIFIED, &stopped);
+    if (!delta.ok()) {
+      status = absl::InternalError(
+          absl::StrCat("generated token ", token, " has no text: ", delta.status().message()));
+      return false;
+    }
+    if (stopped) finish = v1::FINISH_REASON_STOP;
     v1::GenerateResponse response;
     response.mutable_token()->set_token_id(token);
+    response.mutable_token()->set_text(*std::move(delta));
     response.mutable_token()->set_index(static_cast<int32_t>(generated));
     if (!writer->Write(response)) {
       finish = v1::FINISH_REASON_CANCELLED;
@@ -344,17 +451,9 @@ grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
     }
     last_sent = now;
     ++generated;
-    if (eos_ids.count(token) > 0) {
-      finish = v1::FINISH_REASON_EOS;
-    } else if (stop_ids.count(token) > 0) {
-      finish = v1::FINISH_REASON_STOP;
-    } else if (generated >= request->max_tokens()) {
-      finish = v1::FINISH_REASON_LENGTH;
-    }
     return finish == v1::FINISH_REASON_UNSPECIFIED;
   };
 
-  absl::Status status;
   if (send(prefilled->first_token)) {
     engine_->Start(*sequence, prefilled->first_token, prompt_tokens,
                    ToSamplingParams(request->sampling()), request->max_tokens() - 1);

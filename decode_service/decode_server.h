@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "decode_service/decode_engine.h"
+#include "model/tokenizer.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
@@ -28,6 +29,9 @@ struct DecodeServerOptions {
   std::string model_fingerprint;
   int64_t max_prompt_tokens = 131072;
   int64_t max_new_tokens = 4096;
+  // The model's tokenizer, for text and chat prompts, text deltas and stop strings; null when
+  // the model directory has none (then only token-id prompts are served). Not owned.
+  const Tokenizer* tokenizer = nullptr;
 };
 
 class DecodeServer final : public v1::DecodeService::Service {
@@ -44,7 +48,8 @@ class DecodeServer final : public v1::DecodeService::Service {
 
  private:
   struct Prefilled;
-  absl::Status Validate(const v1::GenerateRequest& request) const;
+  // The prompt's token ids (text and chat prompts encoded), checked against the limits.
+  absl::StatusOr<std::vector<int32_t>> PromptTokens(const v1::GenerateRequest& request) const;
   // Streams the prompt's KV cache from a prefill service into `sequence`.
   absl::StatusOr<Prefilled> RemotePrefill(grpc::ServerContext* context,
                                           const std::string& request_id,

@@ -3,6 +3,7 @@
 //   decode_server --model_dir DIR --listen 0.0.0.0:50052 --metrics_port 9465 \
 //                 --prefill_addresses host1:50051,host2:50051
 
+#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "decode_service/decode_server.h"
 #include "model/fingerprint.h"
 #include "model/llama_cpu.h"
+#include "model/tokenizer.h"
 
 ABSL_FLAG(std::string, model_dir, "", "Hugging Face checkpoint directory.");
 ABSL_FLAG(std::string, listen, "0.0.0.0:50052", "gRPC listen address.");
@@ -51,6 +53,16 @@ int Run() {
     LogError("decode.start_failed", {{"error", fingerprint.status().ToString()}});
     return 1;
   }
+  // Without tokenizer.json the service still serves token-id prompts.
+  std::unique_ptr<Tokenizer> tokenizer;
+  if (std::ifstream(model_dir + "/tokenizer.json").good()) {
+    absl::StatusOr<std::unique_ptr<Tokenizer>> loaded = Tokenizer::Load(model_dir);
+    if (!loaded.ok()) {
+      LogError("decode.start_failed", {{"error", loaded.status().ToString()}});
+      return 1;
+    }
+    tokenizer = *std::move(loaded);
+  }
   DecodeEngineOptions engine_options;
   engine_options.block_tokens = absl::GetFlag(FLAGS_kv_block_tokens);
   engine_options.num_blocks = absl::GetFlag(FLAGS_kv_blocks);
@@ -63,6 +75,7 @@ int Run() {
   options.model_fingerprint = *fingerprint;
   options.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
   options.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
+  options.tokenizer = tokenizer.get();
   auto registry = std::make_shared<prometheus::Registry>();
   DecodeServer service(&engine, (*model)->config(), options, registry.get());
   absl::StatusOr<std::unique_ptr<MetricsServer>> metrics =
@@ -82,6 +95,7 @@ int Run() {
            {"metrics_port", (*metrics)->port()},
            {"prefill", absl::GetFlag(FLAGS_prefill_addresses)},
            {"kv_pool_mib", engine.pool().num_blocks() * engine.pool().BytesPerBlock() / (1 << 20)},
+           {"tokenizer", tokenizer != nullptr},
            {"fingerprint", *fingerprint}});
   const int signal = WaitForTerminationSignal();
   LogInfo("decode.draining", {{"signal", signal}, {"active", service.active_requests()}});

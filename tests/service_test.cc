@@ -2,6 +2,7 @@
 // split prefill/decode equals one in-process engine, and every failure path ends in a clear
 // status with all KV memory returned.
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <memory>
@@ -20,6 +21,8 @@
 #include "model/fingerprint.h"
 #include "model/llama_cpu.h"
 #include "model/sparse_prefill.h"
+#include "model/tokenizer.h"
+#include "nlohmann/json.hpp"
 #include "prefill_service/prefill_server.h"
 
 namespace sparseaccel {
@@ -86,6 +89,7 @@ std::vector<int32_t> RandomPrompt(int n, std::mt19937* rng) {
 struct Outcome {
   grpc::Status status;
   std::vector<int32_t> tokens;
+  std::string text;  // The text deltas, concatenated.
   v1::GenerateResult result;
 };
 
@@ -95,6 +99,7 @@ struct ServiceOptions {
   bool start_prefill = true;
   std::string decode_fingerprint;          // Empty: the model's.
   LanguageModel* prefill_model = nullptr;  // Null: the shared model.
+  const Tokenizer* tokenizer = nullptr;    // Null: token-id prompts only.
 };
 
 // Both services on loopback ports; `prefill_front` optionally stands between them.
@@ -123,6 +128,7 @@ class ServicePair {
         options.decode_fingerprint.empty() ? model.fingerprint : options.decode_fingerprint;
     decode_options.max_prompt_tokens = 1000;
     decode_options.max_new_tokens = 64;
+    decode_options.tokenizer = options.tokenizer;
     decode_service_ = std::make_unique<DecodeServer>(decode_engine_.get(), model.llama->config(),
                                                      decode_options, &decode_registry_);
     decode_server_ = StartGrpcServer("127.0.0.1:0", decode_service_.get(), &decode_port_);
@@ -145,6 +151,7 @@ class ServicePair {
     while (reader->Read(&response)) {
       if (response.has_token()) {
         outcome.tokens.push_back(response.token().token_id());
+        outcome.text += response.token().text();
         if (static_cast<int>(outcome.tokens.size()) == cancel_after_tokens) context.TryCancel();
       }
       if (response.has_result()) outcome.result = response.result();
@@ -312,10 +319,198 @@ TEST(ServiceTest, MalformedRequestsAreInvalidArgument) {
     EXPECT_FALSE(outcome.status.error_message().empty()) << name;
     EXPECT_TRUE(outcome.tokens.empty()) << name;
   }
+  // Without a tokenizer only token ids are understood.
   GenerateRequest text;
   text.set_text("hello");
   text.set_max_tokens(4);
   EXPECT_EQ(services.Generate(text).status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  GenerateRequest stop = MakeRequest(prompt, 4);
+  stop.add_stop("x");
+  EXPECT_EQ(services.Generate(stop).status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_TRUE(services.Drained());
+}
+
+// The byte-level BPE alphabet: byte b as the character tokenizer.json's vocabulary uses.
+std::string ByteLevelChar(int b) {
+  const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
+  int code = b;
+  if (!printable) {
+    code = 256;
+    for (int c = 0; c < b; ++c) {
+      if (!((c >= 33 && c <= 126) || (c >= 161 && c <= 172) || c >= 174)) ++code;
+    }
+  }
+  std::string utf8;
+  if (code < 0x80) {
+    utf8 += static_cast<char>(code);
+  } else {
+    utf8 += static_cast<char>(0xC0 | (code >> 6));
+    utf8 += static_cast<char>(0x80 | (code & 0x3F));
+  }
+  return utf8;
+}
+
+// A Llama-3-shaped tokenizer over the tiny model's 512 ids: the 256 bytes, two-letter words
+// (ids 256..507, decodable only) and four special tokens, with the Llama 3 chat template.
+std::unique_ptr<Tokenizer> MakeTinyTokenizer() {
+  using Json = nlohmann::json;
+  Json vocab = Json::object();
+  for (int b = 0; b < 256; ++b) vocab[ByteLevelChar(b)] = b;
+  for (int i = 0; i < 252; ++i) {
+    vocab[std::string{static_cast<char>('a' + i / 26), static_cast<char>('a' + i % 26)}] = 256 + i;
+  }
+  const std::vector<std::string> specials = {"<|begin_of_text|>", "<|eot_id|>",
+                                             "<|start_header_id|>", "<|end_header_id|>"};
+  Json added = Json::array();
+  for (int i = 0; i < 4; ++i) {
+    added.push_back({{"id", 508 + i},
+                     {"content", specials[i]},
+                     {"single_word", false},
+                     {"lstrip", false},
+                     {"rstrip", false},
+                     {"normalized", false},
+                     {"special", true}});
+  }
+  Json split = {{"type", "Split"},
+                {"pattern", {{"Regex", R"( ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+)"}}},
+                {"behavior", "Isolated"},
+                {"invert", false}};
+  Json byte_level = {{"type", "ByteLevel"},
+                     {"add_prefix_space", false},
+                     {"trim_offsets", true},
+                     {"use_regex", false}};
+  Json bos = {{"SpecialToken", {{"id", specials[0]}, {"type_id", 0}}}};
+  Json sequence = {{"Sequence", {{"id", "A"}, {"type_id", 0}}}};
+  Json tokenizer = {
+      {"version", "1.0"},
+      {"added_tokens", added},
+      {"normalizer", nullptr},
+      {"pre_tokenizer", {{"type", "Sequence"}, {"pretokenizers", {split, byte_level}}}},
+      {"post_processor",
+       {{"type", "TemplateProcessing"},
+        {"single", {bos, sequence}},
+        {"special_tokens", {{specials[0], {{"id", specials[0]}, {"ids", {508}}}}}}}},
+      {"decoder", {{"type", "ByteLevel"}}},
+      {"model",
+       {{"type", "BPE"},
+        {"dropout", nullptr},
+        {"unk_token", nullptr},
+        {"byte_fallback", false},
+        {"ignore_merges", false},
+        {"vocab", vocab},
+        {"merges", Json::array()}}}};
+  const std::string chat_template =
+      "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+      "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | "
+      "trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% "
+      "endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ "
+      "'<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+  Json config = {{"bos_token", specials[0]},
+                 {"eos_token", specials[1]},
+                 {"clean_up_tokenization_spaces", false},
+                 {"chat_template", chat_template}};
+  auto loaded = Tokenizer::FromJson(tokenizer.dump(), config.dump());
+  EXPECT_TRUE(loaded.ok()) << loaded.status();
+  return loaded.ok() ? *std::move(loaded) : nullptr;
+}
+
+GenerateRequest TextRequest(const std::string& text, int max_tokens) {
+  GenerateRequest request;
+  request.set_text(text);
+  request.set_max_tokens(max_tokens);
+  request.set_ignore_eos(true);
+  return request;
+}
+
+TEST(ServiceTest, TextAndChatPromptsStreamTextDeltas) {
+  std::unique_ptr<Tokenizer> tokenizer = MakeTinyTokenizer();
+  ASSERT_NE(tokenizer, nullptr);
+  ServiceOptions options;
+  options.tokenizer = tokenizer.get();
+  ServicePair services(options);
+  DecodeOptions plain;
+  plain.skip_special_tokens = true;
+  plain.clean_up_tokenization_spaces = DecodeOptions::CleanUp::kOff;
+
+  const std::string text = "The quick brown fox, 42 times.";
+  GenerateRequest request = TextRequest(text, 16);
+  request.mutable_sampling()->set_temperature(0.8f);
+  request.mutable_sampling()->set_seed(7);
+  Outcome outcome = services.Generate(request);
+  ASSERT_TRUE(outcome.status.ok()) << outcome.status.error_message();
+  const std::vector<int32_t> prompt = tokenizer->Encode(text);
+  EXPECT_EQ(outcome.result.prompt_tokens(), static_cast<int32_t>(prompt.size()));
+  EXPECT_EQ(outcome.tokens, GenerateAlone(prompt, request.sampling(), 16));
+  EXPECT_EQ(outcome.text, tokenizer->Decode(outcome.tokens, plain).value());
+
+  GenerateRequest chat;
+  chat.set_max_tokens(8);
+  chat.set_ignore_eos(true);
+  const std::vector<ChatMessage> messages = {{"system", "Be brief."}, {"user", "Hi there"}};
+  for (const ChatMessage& message : messages) {
+    v1::ChatMessage* added = chat.mutable_chat()->add_messages();
+    added->set_role(message.role);
+    added->set_content(message.content);
+  }
+  outcome = services.Generate(chat);
+  ASSERT_TRUE(outcome.status.ok()) << outcome.status.error_message();
+  EXPECT_EQ(outcome.tokens, GenerateAlone(tokenizer->EncodeChat(messages).value(), {}, 8));
+  EXPECT_EQ(outcome.text, tokenizer->Decode(outcome.tokens, plain).value());
+
+  chat.mutable_chat()->mutable_messages(0)->set_role("wizard");
+  EXPECT_EQ(services.Generate(chat).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(services.Generate(TextRequest("", 4)).status.error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(services.Drained());
+}
+
+TEST(ServiceTest, StopStringEndsTheTextBeforeIt) {
+  std::unique_ptr<Tokenizer> tokenizer = MakeTinyTokenizer();
+  ASSERT_NE(tokenizer, nullptr);
+  ServiceOptions options;
+  options.tokenizer = tokenizer.get();
+  ServicePair services(options);
+  std::mt19937 rng(std::random_device{}());
+  // Prompts of letters: the continuation then holds many two-letter words.
+  std::string text;
+  for (int i = 0; i < 24; ++i) text += static_cast<char>('a' + rng() % 26);
+  Outcome full = services.Generate(TextRequest(text, 32));
+  ASSERT_TRUE(full.status.ok()) << full.status.error_message();
+  ASSERT_GE(full.text.size(), 12u);
+  // A stop string of two characters from the middle of the text (whole UTF-8 characters, as
+  // proto strings must be); generation ends at its first occurrence.
+  const auto is_continuation = [&](size_t i) {
+    return i < full.text.size() && (static_cast<unsigned char>(full.text[i]) & 0xC0) == 0x80;
+  };
+  size_t begin = full.text.size() / 3, end = begin;
+  while (is_continuation(begin)) ++begin;
+  end = begin;
+  for (int chars = 0; chars < 2; ++chars) {
+    ++end;
+    while (is_continuation(end)) ++end;
+  }
+  const std::string stop = full.text.substr(begin, end - begin);
+  const size_t at = full.text.find(stop);
+  GenerateRequest request = TextRequest(text, 32);
+  request.add_stop(stop);
+  request.add_stop("\x01\x02\x03 never appears");
+  Outcome stopped = services.Generate(request);
+  ASSERT_TRUE(stopped.status.ok()) << stopped.status.error_message();
+  EXPECT_EQ(stopped.result.finish_reason(), v1::FINISH_REASON_STOP);
+  EXPECT_EQ(stopped.text, full.text.substr(0, at));
+  ASSERT_LE(stopped.tokens.size(), full.tokens.size());
+  EXPECT_TRUE(std::equal(stopped.tokens.begin(), stopped.tokens.end(), full.tokens.begin()));
+  EXPECT_LT(stopped.tokens.size(), full.tokens.size());
+
+  // A stop token id ends generation right after that token.
+  GenerateRequest by_id = TextRequest(text, 32);
+  by_id.add_stop_token_ids(full.tokens[3]);
+  Outcome id_stopped = services.Generate(by_id);
+  ASSERT_TRUE(id_stopped.status.ok());
+  EXPECT_EQ(id_stopped.result.finish_reason(), v1::FINISH_REASON_STOP);
+  const size_t first =
+      std::find(full.tokens.begin(), full.tokens.end(), full.tokens[3]) - full.tokens.begin();
+  EXPECT_EQ(id_stopped.tokens.size(), first + 1);
   EXPECT_TRUE(services.Drained());
 }
 

@@ -7,8 +7,6 @@
 // Calibration prompts are pseudo-random token ids, or read from --prompt_file: one prompt per
 // line, token ids separated by white space.
 
-#include <algorithm>
-#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -83,61 +81,25 @@ int Run() {
     LogError("pattern_search.load_failed", {{"error", model.status().ToString()}});
     return 1;
   }
-  const double target = absl::GetFlag(FLAGS_target_density);
-  if (!(target > 0 && target <= 1)) {
-    LogError("pattern_search.bad_flag", {{"error", "--target_density must be in (0, 1]"}});
-    return 1;
-  }
   const ModelConfig& config = (*model)->config();
   absl::StatusOr<std::vector<std::vector<int32_t>>> prompts = CalibrationPrompts(config.vocab_size);
   if (!prompts.ok()) {
     LogError("pattern_search.bad_prompts", {{"error", prompts.status().ToString()}});
     return 1;
   }
-  const int64_t layers = config.num_hidden_layers, heads = config.num_attention_heads;
-  std::vector<std::vector<std::vector<HeadSample>>> samples(
-      layers, std::vector<std::vector<HeadSample>>(heads));
-  int64_t n = 0;  // The longest prompt: candidate budgets are sized for it.
-  for (const std::vector<int32_t>& prompt : *prompts) {
-    n = std::max<int64_t>(n, prompt.size());
-    AttentionRecorder recorder;
-    (*model)->SetAttentionOverride(&recorder);
-    ContiguousKvStore kv((*model)->kv_shape(), prompt.size());
-    std::vector<float> logits;
-    absl::Status status =
-        (*model)->Forward({SequenceChunk{prompt, 0, &kv, LogitsFor::kNone}}, &logits);
-    (*model)->SetAttentionOverride(nullptr);
-    if (!status.ok()) {
-      LogError("pattern_search.forward_failed", {{"error", status.ToString()}});
-      return 1;
-    }
-    std::vector<std::vector<HeadSample>> captured = recorder.TakeSamples();
-    for (int64_t l = 0; l < layers; ++l) {
-      for (int64_t h = 0; h < heads; ++h) samples[l][h].push_back(std::move(captured[l][h]));
-    }
+  absl::StatusOr<ModelSearch> search =
+      SearchModelPatterns(model->get(), *prompts, absl::GetFlag(FLAGS_target_density),
+                          absl::GetFlag(FLAGS_dense_below));
+  if (!search.ok()) {
+    LogError("pattern_search.failed", {{"error", search.status().ToString()}});
+    return 1;
   }
-  SparseConfig sparse;
-  sparse.num_layers = layers;
-  sparse.num_heads = heads;
-  sparse.dense_below_tokens = absl::GetFlag(FLAGS_dense_below);
-  sparse.target_density = absl::GetFlag(FLAGS_target_density);
-  sparse.calibration_prompts = static_cast<int64_t>(prompts->size());
-  sparse.calibration_tokens = n;
-  sparse.calibration_seed = absl::GetFlag(FLAGS_seed);
-  const std::vector<HeadPattern> candidates = CandidatePatterns(n);
-  double density = 0, tile_cost = 0, error = 0, recall = 0;
-  for (int64_t l = 0; l < layers; ++l) {
-    sparse.heads.emplace_back();
-    for (int64_t h = 0; h < heads; ++h) {
-      HeadChoice choice =
-          SearchHead(samples[l][h], config.head_dim, sparse.target_density, candidates);
-      sparse.heads.back().push_back(choice.pattern);
-      density += choice.fidelity.density / (layers * heads);
-      tile_cost += choice.fidelity.tile_cost / (layers * heads);
-      error += choice.fidelity.relative_error / (layers * heads);
-      recall += choice.fidelity.recall / (layers * heads);
-      LogInfo("pattern_search.head", {{"layer", l},
-                                      {"head", h},
+  search->config.calibration_seed = absl::GetFlag(FLAGS_seed);
+  for (size_t l = 0; l < search->choices.size(); ++l) {
+    for (size_t h = 0; h < search->choices[l].size(); ++h) {
+      const HeadChoice& choice = search->choices[l][h];
+      LogInfo("pattern_search.head", {{"layer", static_cast<int64_t>(l)},
+                                      {"head", static_cast<int64_t>(h)},
                                       {"pattern", std::string(PatternName(choice.pattern.kind))},
                                       {"density", choice.fidelity.density},
                                       {"tile_cost", choice.fidelity.tile_cost},
@@ -146,17 +108,17 @@ int Run() {
     }
   }
   std::ofstream out(absl::GetFlag(FLAGS_out));
-  out << SparseConfigToJson(sparse);
+  out << SparseConfigToJson(search->config);
   out.close();
   if (!out) {
     LogError("pattern_search.write_failed", {{"out", absl::GetFlag(FLAGS_out)}});
     return 1;
   }
   LogInfo("pattern_search.done", {{"out", absl::GetFlag(FLAGS_out)},
-                                  {"mean_density", density},
-                                  {"mean_tile_cost", tile_cost},
-                                  {"mean_recall", recall},
-                                  {"mean_relative_error", error}});
+                                  {"mean_density", search->mean.density},
+                                  {"mean_tile_cost", search->mean.tile_cost},
+                                  {"mean_recall", search->mean.recall},
+                                  {"mean_relative_error", search->mean.relative_error}});
   return 0;
 }
 

@@ -1,5 +1,7 @@
 #include "model/sparse_prefill.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace sparseaccel {
@@ -79,6 +81,61 @@ absl::StatusOr<bool> AttentionRecorder::Attend(int64_t layer, const float* q, in
     samples_[layer].push_back(std::move(sample));
   }
   return false;
+}
+
+absl::StatusOr<ModelSearch> SearchModelPatterns(LlamaCpu* model,
+                                                const std::vector<std::vector<int32_t>>& prompts,
+                                                double target_density, int64_t dense_below_tokens) {
+  if (!(target_density > 0 && target_density <= 1)) {
+    return absl::InvalidArgumentError("target density must be in (0, 1]");
+  }
+  if (dense_below_tokens < 0) return absl::InvalidArgumentError("dense_below_tokens < 0");
+  if (prompts.empty()) return absl::InvalidArgumentError("no calibration prompts");
+  const ModelConfig& config = model->config();
+  const int64_t layers = config.num_hidden_layers, heads = config.num_attention_heads;
+  std::vector<std::vector<std::vector<HeadSample>>> samples(
+      layers, std::vector<std::vector<HeadSample>>(heads));
+  int64_t n = 0;  // The longest prompt.
+  for (const std::vector<int32_t>& prompt : prompts) {
+    if (prompt.empty()) return absl::InvalidArgumentError("empty calibration prompt");
+    n = std::max<int64_t>(n, prompt.size());
+    AttentionRecorder recorder;
+    model->SetAttentionOverride(&recorder);
+    ContiguousKvStore kv(model->kv_shape(), prompt.size());
+    std::vector<float> logits;
+    absl::Status status =
+        model->Forward({SequenceChunk{prompt, 0, &kv, LogitsFor::kNone}}, &logits);
+    model->SetAttentionOverride(nullptr);
+    if (!status.ok()) return status;
+    std::vector<std::vector<HeadSample>> captured = recorder.TakeSamples();
+    for (int64_t l = 0; l < layers; ++l) {
+      for (int64_t h = 0; h < heads; ++h) samples[l][h].push_back(std::move(captured[l][h]));
+    }
+  }
+  ModelSearch search;
+  search.config.num_layers = layers;
+  search.config.num_heads = heads;
+  search.config.dense_below_tokens = dense_below_tokens;
+  search.config.target_density = target_density;
+  search.config.calibration_prompts = static_cast<int64_t>(prompts.size());
+  search.config.calibration_tokens = n;
+  const std::vector<HeadPattern> candidates = CandidatePatterns(n);
+  const double per_head = 1.0 / (layers * heads);
+  for (int64_t l = 0; l < layers; ++l) {
+    search.config.heads.emplace_back();
+    search.choices.emplace_back();
+    for (int64_t h = 0; h < heads; ++h) {
+      HeadChoice choice = SearchHead(samples[l][h], config.head_dim, target_density, candidates);
+      samples[l][h].clear();  // Done with this head: free its Q/K/V.
+      search.config.heads.back().push_back(choice.pattern);
+      search.mean.density += choice.fidelity.density * per_head;
+      search.mean.tile_cost += choice.fidelity.tile_cost * per_head;
+      search.mean.recall += choice.fidelity.recall * per_head;
+      search.mean.relative_error += choice.fidelity.relative_error * per_head;
+      search.choices.back().push_back(choice);
+    }
+  }
+  return search;
 }
 
 }  // namespace sparseaccel

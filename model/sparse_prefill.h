@@ -50,6 +50,20 @@ class AttentionRecorder : public AttentionOverride {
   std::vector<std::vector<HeadSample>> samples_;
 };
 
+// The pattern search over a whole model (Algorithm 1 for every layer and head): each
+// calibration prompt's prefill runs dense with an AttentionRecorder installed, then every head
+// is searched on its samples with candidates sized for the longest prompt. Holds all layers'
+// Q/K/V of all prompts in memory (3 x prompts x tokens x heads x head_dim floats per layer).
+struct ModelSearch {
+  SparseConfig config;                           // calibration_seed left to the caller.
+  std::vector<std::vector<HeadChoice>> choices;  // [layer][head]
+  Fidelity mean;                                 // Over all heads.
+};
+
+absl::StatusOr<ModelSearch> SearchModelPatterns(LlamaCpu* model,
+                                                const std::vector<std::vector<int32_t>>& prompts,
+                                                double target_density, int64_t dense_below_tokens);
+
 }  // namespace sparseaccel
 
 #endif  // SPARSEACCEL_MODEL_SPARSE_PREFILL_H_

@@ -85,24 +85,23 @@ TEST(SparsePrefillTest, SearchedConfigRunsAndReportsItsDistanceFromDense) {
   std::mt19937 rng(33);
   std::vector<int32_t> prompt(512);
   for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % 512);
-  // Calibrate on the prompt itself, then prefill sparsely.
-  AttentionRecorder recorder;
-  Prefill(model.get(), prompt, &recorder);
-  auto samples = recorder.TakeSamples();
-  SparseConfig config;
-  config.num_layers = model->config().num_hidden_layers;
-  config.num_heads = model->config().num_attention_heads;
-  config.dense_below_tokens = 256;
-  config.target_density = 0.5;
-  for (int64_t l = 0; l < config.num_layers; ++l) {
-    config.heads.emplace_back();
-    for (int64_t h = 0; h < config.num_heads; ++h) {
-      HeadChoice choice = SearchHead({samples[l][h]}, model->config().head_dim, 0.5,
-                                     CandidatePatterns(prompt.size()));
-      EXPECT_LE(choice.fidelity.density, 0.5);
-      config.heads.back().push_back(choice.pattern);
-    }
+  // Calibrate on the prompt itself and on a second one, then prefill sparsely.
+  std::vector<int32_t> other(400);
+  for (int32_t& t : other) t = static_cast<int32_t>(rng() % 512);
+  absl::StatusOr<ModelSearch> search = SearchModelPatterns(model.get(), {prompt, other}, 0.5, 256);
+  ASSERT_TRUE(search.ok()) << search.status();
+  const SparseConfig& config = search->config;
+  EXPECT_EQ(config.calibration_prompts, 2);
+  EXPECT_EQ(config.calibration_tokens, 512);
+  ASSERT_EQ(search->choices.size(), config.heads.size());
+  for (const auto& layer : search->choices) {
+    for (const HeadChoice& choice : layer) EXPECT_LE(choice.fidelity.density, 0.5);
   }
+  EXPECT_LE(search->mean.density, 0.5);
+  EXPECT_GT(search->mean.recall, 0);
+  absl::StatusOr<SparseConfig> parsed = ParseSparseConfig(SparseConfigToJson(config));
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(SparseConfigToJson(*parsed), SparseConfigToJson(config));
   auto sparse = SparsePrefillAttention::Create(model->config(), config);
   ASSERT_TRUE(sparse.ok());
   const std::vector<float> dense = Prefill(model.get(), prompt, nullptr);
@@ -118,13 +117,21 @@ TEST(SparsePrefillTest, SearchedConfigRunsAndReportsItsDistanceFromDense) {
   }
   RecordProperty("max_relative_logit_error", std::to_string(error));
   RecordProperty("greedy_agreement", std::to_string(double(same) / prompt.size()));
-  std::printf("sparse prefill: density %.3f, max relative logit error %.4f, greedy agreement "
-              "%.3f\n",
-              (*sparse)->MeanDensity(), error, double(same) / prompt.size());
+  std::printf(
+      "sparse prefill: density %.3f, max relative logit error %.4f, greedy agreement "
+      "%.3f\n",
+      (*sparse)->MeanDensity(), error, double(same) / prompt.size());
 }
 
-TEST(SparsePrefillTest, MismatchedConfigIsRejected) {
+TEST(SparsePrefillTest, BadSearchInputsAndMismatchedConfigsAreRejected) {
   auto model = TinyModel();
+  const std::vector<int32_t> prompt(100, 7);
+  EXPECT_EQ(SearchModelPatterns(model.get(), {}, 0.5, 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(SearchModelPatterns(model.get(), {prompt}, 0, 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(SearchModelPatterns(model.get(), {prompt, {}}, 0.5, 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
   SparseConfig config = UniformConfig(model->config(), {HeadPattern{}}, 0);
   config.num_heads += 1;
   EXPECT_EQ(SparsePrefillAttention::Create(model->config(), config).status().code(),

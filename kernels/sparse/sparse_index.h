@@ -14,6 +14,7 @@
 //     [start, start + 64) (clipped to the causal limit). Starts ascend; ranges do not overlap.
 //   - columns: column_count[b] single keys, column_index[b * max_columns + i], ascending, none
 //     inside a range.
+// Unused slots of range_start / column_index are -1. See docs/sparse_attention.md.
 // A query at position p attends to every selected key <= p (causal). Every query attends at
 // least to itself: each pattern keeps the diagonal.
 

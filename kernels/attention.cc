@@ -12,8 +12,8 @@ void AttendOneQuery(const float* q_head, const KvLayerView& kv, int64_t kv_head,
   double max_score = -INFINITY;
   for (int64_t k = 0; k < num_keys; ++k) {
     const float* key = kv.KRow(keys ? keys[k] : k) + kv_head * head_dim;
-    float dot = 0;
-    for (int64_t d = 0; d < head_dim; ++d) dot += q_head[d] * key[d];
+    double dot = 0;
+    for (int64_t d = 0; d < head_dim; ++d) dot += static_cast<double>(q_head[d]) * key[d];
     scores[k] = dot * scale;
     max_score = std::max(max_score, scores[k]);
   }

@@ -18,7 +18,8 @@ struct AttentionShape {
 // q: [n][num_heads][head_dim], the queries at positions start_pos .. start_pos + n - 1.
 // kv: keys and values for positions 0 .. start_pos + n - 1 (rows of num_kv_heads x head_dim).
 // out: [n][num_heads][head_dim]. Query at position p attends to keys 0..p with scale
-// 1/sqrt(head_dim); softmax with max subtraction, accumulated in double.
+// 1/sqrt(head_dim); dot products, softmax (with max subtraction) and the weighted sum of values
+// in double.
 void CausalAttentionCpu(const float* q, int64_t n, int64_t start_pos, const AttentionShape& shape,
                         const KvLayerView& kv, float* out);
 

@@ -61,7 +61,7 @@ KvLayerView BlockedView(std::vector<float>* k, std::vector<float>* v, int64_t to
 }
 
 TEST(AttentionTest, MatchesNaiveSoftmaxGqaPagedWithOffset) {
-  std::mt19937 rng(std::random_device{}());
+  std::mt19937 rng(35);
   std::normal_distribution<float> dist(0.0f, 1.5f);
   struct Case {
     AttentionShape shape;
@@ -89,7 +89,7 @@ TEST(AttentionTest, MatchesNaiveSoftmaxGqaPagedWithOffset) {
       max_err = std::max(max_err, std::fabs(out[i] - expected[i]));
       max_ref = std::max(max_ref, std::fabs(expected[i]));
     }
-    EXPECT_LT(max_err / max_ref, 1e-5) << "heads " << c.shape.num_heads << " n " << c.n;
+    EXPECT_LT(max_err / max_ref, 1e-6) << "heads " << c.shape.num_heads << " n " << c.n;
   }
 }
 

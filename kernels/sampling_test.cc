@@ -26,7 +26,7 @@ TEST(SamplingTest, GreedyTakesArgmaxLowestIdOnTies) {
 }
 
 TEST(SamplingTest, SeededDrawsRepeatAndVary) {
-  std::mt19937 rng(std::random_device{}());
+  std::mt19937 rng(34);
   std::vector<float> logits = RandomLogits(1000, &rng);
   SamplingParams p{1.0f, 0, 1.0f, 42};
   std::map<int32_t, int> seen;
@@ -41,7 +41,7 @@ TEST(SamplingTest, SeededDrawsRepeatAndVary) {
 }
 
 TEST(SamplingTest, TopKAndTopPNeverReturnExcludedTokens) {
-  std::mt19937 rng(std::random_device{}());
+  std::mt19937 rng(44);
   const int64_t vocab = 300;
   for (int trial = 0; trial < 20; ++trial) {
     std::vector<float> logits = RandomLogits(vocab, &rng);
@@ -67,6 +67,44 @@ TEST(SamplingTest, TopKAndTopPNeverReturnExcludedTokens) {
       EXPECT_LT(rank_p, nucleus);
     }
   }
+}
+
+// The generator is part of the contract (the CUDA twin and the services reproduce it): pinned
+// values, computed independently from the published splitmix64 (first output for state 0 is
+// 0xe220a8397b1dcdaf).
+TEST(SamplingTest, UniformIsPinnedSplitMix64) {
+  EXPECT_DOUBLE_EQ(SamplingUniform(0, 0), 0.6524484863740322);
+  EXPECT_DOUBLE_EQ(SamplingUniform(42, 7), 0.08603176010658542);
+  EXPECT_DOUBLE_EQ(SamplingUniform(0xdeadbeef, 123456789), 0.2567994109553027);
+  for (uint64_t step = 0; step < 1000; ++step) {
+    const double u = SamplingUniform(99, step);
+    EXPECT_GE(u, 0.0);
+    EXPECT_LT(u, 1.0);
+  }
+}
+
+// A tiny top_p keeps exactly one token (the most likely, lowest id on ties), whatever the draw.
+TEST(SamplingTest, TinyTopPKeepsOnlyTheBestToken) {
+  std::vector<float> logits = {0.3f, 4.0f, -2.0f, 4.0f, 1.0f};
+  SamplingParams p{2.0f, 0, 1e-6f, 5};
+  for (uint64_t step = 0; step < 100; ++step) {
+    EXPECT_EQ(SampleTokenCpu(logits.data(), 5, p, step), 1);
+  }
+}
+
+// Top-k then top-p: top-p renormalizes over the k survivors. Logits (3, 2, 1, 0, ...) at T=1:
+// among the top 3 the masses are 0.665, 0.245, 0.090, so top_p 0.8 keeps the first two.
+TEST(SamplingTest, TopPAppliesAfterTopK) {
+  std::vector<float> logits(50, -1.0f);
+  logits[7] = 3.0f, logits[3] = 2.0f, logits[20] = 1.0f, logits[0] = 0.0f;
+  SamplingParams p{1.0f, 3, 0.8f, 17};
+  std::map<int32_t, int> counts;
+  const int draws = 4000;
+  for (int s = 0; s < draws; ++s) ++counts[SampleTokenCpu(logits.data(), 50, p, s)];
+  ASSERT_EQ(counts.size(), 2u);
+  const double z = std::exp(3.0) + std::exp(2.0);
+  EXPECT_NEAR(counts[7] / double(draws), std::exp(3.0) / z, 0.03);
+  EXPECT_NEAR(counts[3] / double(draws), std::exp(2.0) / z, 0.03);
 }
 
 TEST(SamplingTest, FrequenciesFollowSoftmax) {

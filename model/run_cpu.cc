@@ -1,6 +1,7 @@
 // Runs the CPU reference engine on a prompt of token ids: prefill (logits at every position),
 // then greedy decode steps. Prints the generated ids as JSON on stdout and can dump all logits
-// (fp32, row-major [prompt + decode rows][vocab]) for comparison with other implementations.
+// (fp32, row-major [prompt + decode - 1 rows][vocab]: every prompt position, then the step that
+// produced each generated token after the first) for comparison with other implementations.
 //   run_cpu --model DIR (--prompt_ids 1,2,3 | --random_prompt N --seed S) --decode 8
 //           [--dump_logits out.bin]
 
@@ -34,11 +35,18 @@ int Fail(const std::string& event, const absl::Status& status) {
 }
 
 int Run() {
+  const bool random_prompt = absl::GetFlag(FLAGS_random_prompt) > 0;
+  if (random_prompt == !absl::GetFlag(FLAGS_prompt_ids).empty() ||
+      absl::GetFlag(FLAGS_decode) < 0) {
+    return Fail("run_cpu.usage",
+                absl::InvalidArgumentError(
+                    "give exactly one of --prompt_ids and --random_prompt, and --decode >= 0"));
+  }
   absl::StatusOr<std::unique_ptr<LlamaCpu>> model = LlamaCpu::Load(absl::GetFlag(FLAGS_model));
   if (!model.ok()) return Fail("run_cpu.load_failed", model.status());
   const ModelConfig& config = (*model)->config();
   std::vector<int32_t> prompt;
-  if (absl::GetFlag(FLAGS_random_prompt) > 0) {
+  if (random_prompt) {
     for (int64_t i = 0; i < absl::GetFlag(FLAGS_random_prompt); ++i) {
       double u = SamplingUniform(absl::GetFlag(FLAGS_seed), i);
       prompt.push_back(static_cast<int32_t>(u * config.vocab_size));

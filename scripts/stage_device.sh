@@ -12,7 +12,8 @@ for bin in "$@"; do
   ldd "$bin" | awk '/=> \//{print $1" "$3}' | while read -r name path; do
     case "$name" in
       libc.so*|libm.so*|libstdc++*|libgcc_s*|libpthread*|libdl.so*|librt.so*|ld-linux*|libcuda*|libcublas*|libcudart*) ;;
-      *) [ -e "$dest/$name" ] || cp -L "$path" "$dest/$name" ;;
+      # Always replaced: a library built from this tree may have changed since the last staging.
+      *) cp -fL "$path" "$dest/$name" ;;
     esac
   done
 done

@@ -83,7 +83,12 @@ def main():
         ours_json = json.loads(ours.stdout)
         vocab = json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
         ours_logits = np.fromfile(dump, dtype=np.float32).reshape(-1, vocab)
-        entry = {"model": name, "flags": flags, "ours_tokens": ours_json["generated"]}
+        # How decisive the greedy picks are: the gap between the two best logits of each row that
+        # chose a token, relative to the row's largest |logit|; it must stay well above the error.
+        top2 = np.sort(ours_logits[args.prompt_len - 1:], axis=1)[:, -2:]
+        margin = (top2[:, 1] - top2[:, 0]) / np.abs(ours_logits[args.prompt_len - 1:]).max(axis=1)
+        entry = {"model": name, "flags": flags, "ours_tokens": ours_json["generated"],
+                 "min_greedy_margin_rel": float(margin.min())}
         for attn in ("eager", "sdpa"):
             hf_logits, hf_tokens = run_hf(model_dir, ours_json["prompt"], args.steps, attn,
                                           device)

@@ -1,10 +1,12 @@
-// A command-line Generate client: sends a prompt of token ids, prints tokens as they stream in,
-// then the timings of the final message.
+// A command-line Generate client: sends a text prompt or token ids, prints the text (or, for an
+// id prompt, the token ids) as it streams in, then the timings of the final message.
+//   generate_client --server 127.0.0.1:50052 --prompt "Hello" --max_tokens 32
 //   generate_client --server 127.0.0.1:50052 --prompt_ids 1,2,3 --max_tokens 32
 
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -14,7 +16,9 @@
 #include "proto/sparseaccel.grpc.pb.h"
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50052", "Decode service address.");
-ABSL_FLAG(std::string, prompt_ids, "", "Comma-separated prompt token ids.");
+ABSL_FLAG(std::string, prompt, "", "Text prompt (the served model needs tokenizer.json).");
+ABSL_FLAG(std::string, prompt_ids, "", "Comma-separated prompt token ids (instead of --prompt).");
+ABSL_FLAG(std::vector<std::string>, stop, {}, "Comma-separated stop strings.");
 ABSL_FLAG(int32_t, max_tokens, 32, "Tokens to generate.");
 ABSL_FLAG(float, temperature, 0, "0: greedy.");
 ABSL_FLAG(int32_t, top_k, 0, "Top-k cut (0: none).");
@@ -34,6 +38,9 @@ int main(int argc, char** argv) {
     }
     request.mutable_token_ids()->add_ids(id);
   }
+  const bool text_prompt = !absl::GetFlag(FLAGS_prompt).empty();
+  if (text_prompt) request.set_text(absl::GetFlag(FLAGS_prompt));
+  for (const std::string& stop : absl::GetFlag(FLAGS_stop)) request.add_stop(stop);
   request.set_max_tokens(absl::GetFlag(FLAGS_max_tokens));
   request.mutable_sampling()->set_temperature(absl::GetFlag(FLAGS_temperature));
   request.mutable_sampling()->set_top_k(absl::GetFlag(FLAGS_top_k));
@@ -46,10 +53,14 @@ int main(int argc, char** argv) {
                        std::chrono::seconds(absl::GetFlag(FLAGS_timeout_seconds)));
   auto reader = stub->Generate(&context, request);
   sparseaccel::v1::GenerateResponse response;
-  std::printf("tokens:");
+  std::printf(text_prompt ? "text: " : "tokens:");
   while (reader->Read(&response)) {
     if (response.has_token()) {
-      std::printf(" %d", response.token().token_id());
+      if (text_prompt) {
+        std::printf("%s", response.token().text().c_str());
+      } else {
+        std::printf(" %d", response.token().token_id());
+      }
       std::fflush(stdout);
     } else if (response.has_result()) {
       const auto& r = response.result();

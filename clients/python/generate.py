@@ -32,15 +32,21 @@ def load_stubs():
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--server", default="127.0.0.1:50052")
-    parser.add_argument("--prompt_ids", required=True)
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text prompt (the model needs tokenizer.json)")
+    prompt.add_argument("--prompt_ids", help="comma-separated prompt token ids")
     parser.add_argument("--max_tokens", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     pb, pb_grpc = load_stubs()
     stub = pb_grpc.DecodeServiceStub(grpc.insecure_channel(args.server))
+    if args.prompt is not None:
+        prompt_field = {"text": args.prompt}
+    else:
+        prompt_field = {"token_ids": pb.TokenIds(ids=[int(x) for x in args.prompt_ids.split(",")])}
     request = pb.GenerateRequest(
-        token_ids=pb.TokenIds(ids=[int(x) for x in args.prompt_ids.split(",")]),
+        **prompt_field,
         max_tokens=args.max_tokens,
         sampling=pb.SamplingParams(temperature=args.temperature, seed=args.seed))
     start = time.monotonic()
@@ -49,7 +55,11 @@ def main():
         for response in stub.Generate(request, timeout=60):
             if response.HasField("token"):
                 tokens.append(response.token.token_id)
-                print(response.token.token_id, end=" ", flush=True)
+                # Text when the service has a tokenizer, token ids otherwise.
+                if args.prompt is not None:
+                    print(response.token.text, end="", flush=True)
+                else:
+                    print(response.token.token_id, end=" ", flush=True)
             else:
                 r = response.result
                 print("\npython client: finish=%s completion_tokens=%d ttft_ms=%.2f "

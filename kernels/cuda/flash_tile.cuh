@@ -2,9 +2,9 @@
 #define SPARSEACCEL_KERNELS_CUDA_FLASH_TILE_CUH_
 
 // The inner step of FlashAttention-2 on tensor cores (mma.sync m16n8k16 bf16, fp32
-// accumulators), shared by the dense prefill kernel and the sparse kernels: one warp owns 16
-// query rows, holds their Q fragments in registers, and folds one tile of kFlashKeys keys
-// (K and V in shared memory) into its running output with an online softmax.
+// accumulators), shared by the dense prefill kernel and the sparse kernels: one warp owns
+// 16 x kMTiles query rows (Q in shared memory) and folds one tile of kFlashKeys keys (K and V
+// in shared memory) into its running output with an online softmax.
 //
 // Shared-memory tiles are rows of kHeadDim bf16, 16-byte chunks XOR-swizzled by (row % 8) so
 // that the 8 rows an ldmatrix reads hit 8 different bank groups: see SwizzledOffset().
@@ -15,8 +15,6 @@
 
 namespace sparseaccel {
 namespace cuda {
-
-constexpr int kFlashKeys = 64;  // Keys per tile.
 
 // Element offset of (row, col) in a swizzled tile of rows of `kHeadDim` bf16.
 template <int kHeadDim>
@@ -66,99 +64,120 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// Per-warp state of 16 query rows. Lane l owns rows l/4 and l/4 + 8 of the warp's 16, and in
-// the output the columns 8j + 2(l%4) + {0,1} of each 8-wide column tile j.
-template <int kHeadDim>
+// Per-warp state of kMTiles x 16 query rows against tiles of kFlashKeys keys (m-tile m: rows 16m ..
+// 16m + 15 of the warp's). Lane l owns rows 16m + l/4 and 16m + l/4 + 8 of each m-tile, and in the
+// output the columns 8j + 2(l%4) + {0,1} of each 8-wide column tile j. Q fragments are re-read from
+// shared memory for each key tile (registers go to the accumulators); each K/V fragment loaded
+// feeds all kMTiles m-tiles, which halves shared-memory traffic per mma at kMTiles = 2.
+template <int kHeadDim, int kMTiles, int kFlashKeys>
 struct FlashWarpState {
-  uint32_t q[kHeadDim / 16][4];  // A fragments of Q, one per 16-wide slice of head_dim.
-  float o[kHeadDim / 8][4];      // Unnormalised output accumulators.
-  float row_max[2];              // Running max of the scaled scores (log2 domain).
-  float row_sum[2];              // Running sum of exp2(score - row_max), this lane's columns.
+  const __nv_bfloat16* q_rows;        // Swizzled Q tile, offset to the warp's first row.
+  int q_row0;                         // That row's index in the tile (for the swizzle).
+  float o[kMTiles][kHeadDim / 8][4];  // Unnormalised output accumulators.
+  float row_max[kMTiles][2];          // Running max of the scaled scores (log2 domain).
+  float row_sum[kMTiles][2];          // Running sum of exp2(score - row_max), this lane's columns.
 
-  // Loads Q fragments of rows [row0, row0 + 16) of a swizzled shared tile; resets the state.
+  // Rows [row0, row0 + 16 kMTiles) of a swizzled Q tile in shared memory; resets the state.
   __device__ __forceinline__ void Init(const __nv_bfloat16* q_tile, int row0) {
-    const int lane = threadIdx.x % 32;
+    q_rows = q_tile;
+    q_row0 = row0;
 #pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      LdMatrixX4(q[kk],
-                 q_tile + SwizzledOffset<kHeadDim>(row0 + lane % 16, kk * 16 + (lane / 16) * 8));
+    for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; ++j) o[m][j][0] = o[m][j][1] = o[m][j][2] = o[m][j][3] = 0;
+      row_max[m][0] = row_max[m][1] = -INFINITY;
+      row_sum[m][0] = row_sum[m][1] = 0;
     }
-#pragma unroll
-    for (int j = 0; j < kHeadDim / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0;
-    row_max[0] = row_max[1] = -INFINITY;
-    row_sum[0] = row_sum[1] = 0;
   }
 
   // Folds one tile of kFlashKeys keys (swizzled K and V tiles in shared memory) in.
   // scale_log2 = log2(e) / sqrt(head_dim). If `mask`, key i of the tile (at position
-  // key_pos0 + i) is dropped for a query row at position q_pos (rows: q_pos0 + lane/4 and
-  // q_pos0 + lane/4 + 8) when key_pos0 + i > q_pos.
+  // key_pos0 + i) is dropped for the query row at position q_pos0 + (row within the warp)
+  // when key_pos0 + i > that position.
   __device__ __forceinline__ void AttendTile(const __nv_bfloat16* k_tile,
                                              const __nv_bfloat16* v_tile, float scale_log2,
                                              bool mask, int64_t key_pos0, int64_t q_pos0) {
     const int lane = threadIdx.x % 32;
-    float s[kFlashKeys / 8][4];
+    // Only read when masking, where the tile straddles the diagonal: |q_pos0 - key_pos0| is
+    // within a tile's span.
+    const int diagonal = static_cast<int>(q_pos0 - key_pos0);
+    float s[kMTiles][kFlashKeys / 8][4];
 #pragma unroll
-    for (int n = 0; n < kFlashKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0;
-      // S = Q K^T: K rows are the columns of B, so plain ldmatrix gives B fragments; one x4
-      // covers two 8-key tiles x 16 of head_dim.
+    for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+      for (int n = 0; n < kFlashKeys / 8; ++n)
+        s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0;
+    }
+    // S = Q K^T: K rows are the columns of B, so plain ldmatrix gives B fragments; one x4
+    // covers two 8-key tiles x 16 of head_dim.
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      uint32_t q[kMTiles][4];
+#pragma unroll
+      for (int m = 0; m < kMTiles; ++m) {
+        LdMatrixX4(q[m], q_rows + SwizzledOffset<kHeadDim>(q_row0 + m * 16 + lane % 16,
+                                                           kk * 16 + (lane / 16) * 8));
+      }
 #pragma unroll
       for (int n2 = 0; n2 < kFlashKeys / 16; ++n2) {
         uint32_t b[4];
         LdMatrixX4(b, k_tile + SwizzledOffset<kHeadDim>(n2 * 16 + (lane / 16) * 8 + lane % 8,
                                                         kk * 16 + ((lane / 8) % 2) * 8));
-        MmaBf16(s[2 * n2], q[kk], b[0], b[1]);
-        MmaBf16(s[2 * n2 + 1], q[kk], b[2], b[3]);
-      }
-    }
-    // Online softmax in the log2 domain.
-    float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int n = 0; n < kFlashKeys / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[n][e] * scale_log2;
-        if (mask) {
-          const int64_t key = key_pos0 + n * 8 + 2 * (lane % 4) + e % 2;
-          const int64_t query = q_pos0 + lane / 4 + (e / 2) * 8;
-          if (key > query) x = -INFINITY;
+        for (int m = 0; m < kMTiles; ++m) {
+          MmaBf16(s[m][2 * n2], q[m], b[0], b[1]);
+          MmaBf16(s[m][2 * n2 + 1], q[m], b[2], b[3]);
         }
-        s[n][e] = x;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
       }
     }
-    float correction[2];
+    uint32_t p[kMTiles][kFlashKeys / 16][4];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(~0u, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(~0u, tile_max[r], 2));
-      const float new_max = fmaxf(row_max[r], tile_max[r]);
-      // A row with every key so far masked keeps max -inf: use 0 so exp2 gives 0, not NaN.
-      const float base = new_max == -INFINITY ? 0.f : new_max;
-      correction[r] = exp2f(row_max[r] - base);
-      row_max[r] = new_max;
-      tile_max[r] = base;
-      row_sum[r] *= correction[r];
-    }
+    for (int m = 0; m < kMTiles; ++m) {
+      // Online softmax in the log2 domain.
+      float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int j = 0; j < kHeadDim / 8; ++j) {
-      o[j][0] *= correction[0];
-      o[j][1] *= correction[0];
-      o[j][2] *= correction[1];
-      o[j][3] *= correction[1];
-    }
-    // P = exp2(S - max) becomes the A operand of P V, 16 keys per mma k-step.
-    uint32_t p[kFlashKeys / 16][4];
+      for (int n = 0; n < kFlashKeys / 8; ++n) {
 #pragma unroll
-    for (int n = 0; n < kFlashKeys / 8; ++n) {
-      const float p0 = exp2f(s[n][0] - tile_max[0]), p1 = exp2f(s[n][1] - tile_max[0]);
-      const float p2 = exp2f(s[n][2] - tile_max[1]), p3 = exp2f(s[n][3] - tile_max[1]);
-      row_sum[0] += p0 + p1;
-      row_sum[1] += p2 + p3;
-      p[n / 2][(n % 2) * 2] = PackBf16(p0, p1);
-      p[n / 2][(n % 2) * 2 + 1] = PackBf16(p2, p3);
+        for (int e = 0; e < 4; ++e) {
+          float x = s[m][n][e] * scale_log2;
+          // Key and query as offsets from key_pos0 (int32: one tile's span).
+          if (mask && n * 8 + 2 * (lane % 4) + e % 2 > diagonal + m * 16 + lane / 4 + (e / 2) * 8) {
+            x = -INFINITY;
+          }
+          s[m][n][e] = x;
+          tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
+        }
+      }
+      float correction[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(~0u, tile_max[r], 1));
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(~0u, tile_max[r], 2));
+        const float new_max = fmaxf(row_max[m][r], tile_max[r]);
+        // A row with every key so far masked keeps max -inf: use 0 so exp2 gives 0, not NaN.
+        const float base = new_max == -INFINITY ? 0.f : new_max;
+        correction[r] = exp2f(row_max[m][r] - base);
+        row_max[m][r] = new_max;
+        tile_max[r] = base;
+        row_sum[m][r] *= correction[r];
+      }
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; ++j) {
+        o[m][j][0] *= correction[0];
+        o[m][j][1] *= correction[0];
+        o[m][j][2] *= correction[1];
+        o[m][j][3] *= correction[1];
+      }
+      // P = exp2(S - max) becomes the A operand of P V, 16 keys per mma k-step.
+#pragma unroll
+      for (int n = 0; n < kFlashKeys / 8; ++n) {
+        const float p0 = exp2f(s[m][n][0] - tile_max[0]), p1 = exp2f(s[m][n][1] - tile_max[0]);
+        const float p2 = exp2f(s[m][n][2] - tile_max[1]), p3 = exp2f(s[m][n][3] - tile_max[1]);
+        row_sum[m][0] += p0 + p1;
+        row_sum[m][1] += p2 + p3;
+        p[m][n / 2][(n % 2) * 2] = PackBf16(p0, p1);
+        p[m][n / 2][(n % 2) * 2 + 1] = PackBf16(p2, p3);
+      }
     }
     // O += P V: V rows are keys (the k dimension), so ldmatrix.trans gives B fragments; one
     // x4 covers 16 keys x two 8-wide column tiles.
@@ -169,8 +188,11 @@ struct FlashWarpState {
         uint32_t b[4];
         LdMatrixX4Trans(
             b, v_tile + SwizzledOffset<kHeadDim>(kk * 16 + lane % 16, j2 * 16 + (lane / 16) * 8));
-        MmaBf16(o[2 * j2], p[kk], b[0], b[1]);
-        MmaBf16(o[2 * j2 + 1], p[kk], b[2], b[3]);
+#pragma unroll
+        for (int m = 0; m < kMTiles; ++m) {
+          MmaBf16(o[m][2 * j2], p[m][kk], b[0], b[1]);
+          MmaBf16(o[m][2 * j2 + 1], p[m][kk], b[2], b[3]);
+        }
       }
     }
   }
@@ -178,9 +200,12 @@ struct FlashWarpState {
   // The row sums across the 4 lanes of a row, ready for normalising: call once at the end.
   __device__ __forceinline__ void FinishRowSums() {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      row_sum[r] += __shfl_xor_sync(~0u, row_sum[r], 1);
-      row_sum[r] += __shfl_xor_sync(~0u, row_sum[r], 2);
+    for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        row_sum[m][r] += __shfl_xor_sync(~0u, row_sum[m][r], 1);
+        row_sum[m][r] += __shfl_xor_sync(~0u, row_sum[m][r], 2);
+      }
     }
   }
 };

@@ -1,7 +1,7 @@
-// Dense causal prefill attention, FlashAttention-2 style: a block of 8 warps takes 128 query
-// rows of one head, streams the key tiles 0..(its last position) through shared memory with
-// cp.async double buffering, and runs FlashWarpState::AttendTile on each; only tiles that
-// cross the diagonal are masked.
+// Dense causal prefill attention, FlashAttention-2 style: a block of 4 warps takes 128 query
+// rows of one head (32 per warp), streams the key tiles 0..(its last position) through shared
+// memory with cp.async double buffering, and runs FlashWarpState::AttendTile on each; only
+// tiles that cross the diagonal are masked.
 
 #include <cmath>
 
@@ -13,35 +13,45 @@ namespace sparseaccel {
 namespace cuda {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kQueryRows = 16 * kWarps;  // Queries per block.
+constexpr int kWarps = 4;
+constexpr int kMTiles = 2;  // 32 query rows per warp.
+constexpr int kWarpRows = 16 * kMTiles;
+constexpr int kQueryRows = kWarpRows * kWarps;  // Queries per block.
+
+// Keys per tile: 32 at head_dim 128 keeps the accumulators within the register file.
+template <int kHeadDim>
+constexpr int kTileKeys = kHeadDim == 128 ? 32 : 64;
 
 template <int kHeadDim>
 constexpr int PrefillSharedBytes() {
   // Q tile + two stages of (K tile, V tile).
-  return (kQueryRows + 4 * kFlashKeys) * kHeadDim * 2;
+  return (kQueryRows + 4 * kTileKeys<kHeadDim>)*kHeadDim * 2;
 }
 
 // Copies `rows` rows of kHeadDim bf16 (row r at src + r * stride) into a swizzled tile;
-// rows >= valid_rows are zero-filled.
+// rows >= valid_rows are zero-filled. Thread t copies the 16-byte chunk t % kChunksPerRow of
+// rows t / kChunksPerRow + i * kRowsPerPass: the same swizzled column in every pass.
 template <int kHeadDim, int kRows>
 __device__ __forceinline__ void LoadTile(__nv_bfloat16* tile, const uint16_t* src, int64_t stride,
                                          int64_t valid_rows) {
   constexpr int kChunksPerRow = kHeadDim / 8;
-  constexpr int kChunks = kRows * kChunksPerRow;
-  static_assert(kChunks % (kWarps * 32) == 0, "tile must split evenly over the threads");
+  constexpr int kRowsPerPass = kWarps * 32 / kChunksPerRow;
+  static_assert(kRows % kRowsPerPass == 0 && kRowsPerPass % 8 == 0, "tile split");
+  const int row0 = threadIdx.x / kChunksPerRow, col = (threadIdx.x % kChunksPerRow) * 8;
+  __nv_bfloat16* dst = tile + SwizzledOffset<kHeadDim>(row0, col);
+  const uint16_t* from = src + row0 * stride + col;
+  const int64_t pass_stride = kRowsPerPass * stride;
 #pragma unroll
-  for (int c = threadIdx.x; c < kChunks; c += kWarps * 32) {
-    const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-    const bool valid = row < valid_rows;
-    CpAsync16(tile + SwizzledOffset<kHeadDim>(row, col), src + (valid ? row * stride + col : 0),
-              valid);
+  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
+    const bool valid = row0 + i * kRowsPerPass < valid_rows;
+    CpAsync16(dst + i * kRowsPerPass * kHeadDim, valid ? from + i * pass_stride : src, valid);
   }
 }
 
 template <int kHeadDim>
 __global__ void __launch_bounds__(kWarps * 32)
     PrefillAttentionKernel(PrefillAttentionArgs args, float scale_log2) {
+  constexpr int kKeys = kTileKeys<kHeadDim>;
   extern __shared__ __align__(128) unsigned char shared[];
   __nv_bfloat16* q_tile = reinterpret_cast<__nv_bfloat16*>(shared);
   __nv_bfloat16* kv_tiles = q_tile + kQueryRows * kHeadDim;  // [stage][K, V][keys][dim]
@@ -52,18 +62,18 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t q0 = q_block * kQueryRows;
   const int64_t offset = args.n_kv - args.n;  // Position of query row 0.
   const int64_t last_pos = min(offset + q0 + kQueryRows - 1, args.n_kv - 1);
-  const int num_tiles = static_cast<int>(last_pos / kFlashKeys + 1);
+  const int num_tiles = static_cast<int>(last_pos / kKeys + 1);
   const int64_t first_pos = offset + q0;
 
   const uint16_t* k_src = args.k + kv_head * kHeadDim;
   const uint16_t* v_src = args.v + kv_head * kHeadDim;
   auto load_kv = [&](int tile, int stage) {
-    const int64_t key0 = int64_t{tile} * kFlashKeys;
-    __nv_bfloat16* k_dst = kv_tiles + stage * 2 * kFlashKeys * kHeadDim;
-    LoadTile<kHeadDim, kFlashKeys>(k_dst, k_src + key0 * args.kv_stride, args.kv_stride,
-                                   args.n_kv - key0);
-    LoadTile<kHeadDim, kFlashKeys>(k_dst + kFlashKeys * kHeadDim, v_src + key0 * args.kv_stride,
-                                   args.kv_stride, args.n_kv - key0);
+    const int64_t key0 = int64_t{tile} * kKeys;
+    __nv_bfloat16* k_dst = kv_tiles + stage * 2 * kKeys * kHeadDim;
+    LoadTile<kHeadDim, kKeys>(k_dst, k_src + key0 * args.kv_stride, args.kv_stride,
+                              args.n_kv - key0);
+    LoadTile<kHeadDim, kKeys>(k_dst + kKeys * kHeadDim, v_src + key0 * args.kv_stride,
+                              args.kv_stride, args.n_kv - key0);
   };
   LoadTile<kHeadDim, kQueryRows>(q_tile, args.q + q0 * args.q_stride + head * kHeadDim,
                                  args.q_stride, args.n - q0);
@@ -71,36 +81,39 @@ __global__ void __launch_bounds__(kWarps * 32)
   CpAsyncCommit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t warp_pos0 = first_pos + warp * 16;
-  FlashWarpState<kHeadDim> state;
+  const int64_t warp_pos0 = first_pos + warp * kWarpRows;
+  FlashWarpState<kHeadDim, kMTiles, kKeys> state;
   for (int tile = 0; tile < num_tiles; ++tile) {
     if (tile + 1 < num_tiles) load_kv(tile + 1, (tile + 1) % 2);
     CpAsyncCommit();
     CpAsyncWait<1>();
     __syncthreads();
-    if (tile == 0) state.Init(q_tile, warp * 16);
-    const int64_t key0 = int64_t{tile} * kFlashKeys;
+    if (tile == 0) state.Init(q_tile, warp * kWarpRows);
+    const int64_t key0 = int64_t{tile} * kKeys;
     // Tiles entirely after this warp's last row contribute nothing.
-    if (key0 <= warp_pos0 + 15) {
-      const __nv_bfloat16* k_tile = kv_tiles + (tile % 2) * 2 * kFlashKeys * kHeadDim;
-      state.AttendTile(k_tile, k_tile + kFlashKeys * kHeadDim, scale_log2,
-                       key0 + kFlashKeys - 1 > warp_pos0, key0, warp_pos0);
+    if (key0 <= warp_pos0 + kWarpRows - 1) {
+      const __nv_bfloat16* k_tile = kv_tiles + (tile % 2) * 2 * kKeys * kHeadDim;
+      state.AttendTile(k_tile, k_tile + kKeys * kHeadDim, scale_log2, key0 + kKeys - 1 > warp_pos0,
+                       key0, warp_pos0);
     }
     __syncthreads();  // The stage is overwritten by the next iteration's loads.
   }
   state.FinishRowSums();
 
-  // Normalise and store: lane owns rows lane/4 (+8), columns 8j + 2(lane%4) + {0,1}.
+  // Normalise and store: lane owns rows 16m + lane/4 (+8), columns 8j + 2(lane%4) + {0,1}.
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = q0 + warp * 16 + lane / 4 + r * 8;
-    if (row >= args.n) continue;
-    const float inv_sum = 1.f / state.row_sum[r];
-    uint16_t* dst = args.out + row * args.out_stride + head * kHeadDim + 2 * (lane % 4);
+  for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
-    for (int j = 0; j < kHeadDim / 8; ++j) {
-      *reinterpret_cast<uint32_t*>(dst + j * 8) =
-          PackBf16(state.o[j][2 * r] * inv_sum, state.o[j][2 * r + 1] * inv_sum);
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = q0 + warp * kWarpRows + m * 16 + lane / 4 + r * 8;
+      if (row >= args.n) continue;
+      const float inv_sum = 1.f / state.row_sum[m][r];
+      uint16_t* dst = args.out + row * args.out_stride + head * kHeadDim + 2 * (lane % 4);
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; ++j) {
+        *reinterpret_cast<uint32_t*>(dst + j * 8) =
+            PackBf16(state.o[m][j][2 * r] * inv_sum, state.o[m][j][2 * r + 1] * inv_sum);
+      }
     }
   }
 }

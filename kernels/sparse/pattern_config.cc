@@ -1,5 +1,6 @@
 #include "kernels/sparse/pattern_config.h"
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 
@@ -28,6 +29,18 @@ absl::Status ReadCount(const Json& json, const std::string& key, const std::stri
   return absl::OkStatus();
 }
 
+// Rejects keys outside `allowed`: a misspelt budget must not silently fall back to a default.
+absl::Status OnlyKeys(const Json& json, std::initializer_list<const char*> allowed,
+                      const std::string& where) {
+  for (auto it = json.begin(); it != json.end(); ++it) {
+    if (std::find_if(allowed.begin(), allowed.end(),
+                     [&](const char* key) { return it.key() == key; }) == allowed.end()) {
+      return Bad(where, absl::StrCat("unknown key '", it.key(), "'"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<HeadPattern> ParseHead(const Json& json, const std::string& where) {
   if (!json.is_object()) return Bad(where, "must be an object");
   auto name = json.find("pattern");
@@ -36,17 +49,21 @@ absl::StatusOr<HeadPattern> ParseHead(const Json& json, const std::string& where
   const std::string kind = name->get<std::string>();
   if (kind == "dense") {
     head.kind = HeadPattern::Kind::kDense;
+    RETURN_IF_ERROR(OnlyKeys(json, {"pattern"}, where));
   } else if (kind == "a_shape") {
     head.kind = HeadPattern::Kind::kAShape;
+    RETURN_IF_ERROR(OnlyKeys(json, {"pattern", "sink", "window"}, where));
     RETURN_IF_ERROR(ReadCount(json, "sink", where, true, &head.sink));
     RETURN_IF_ERROR(ReadCount(json, "window", where, false, &head.window));
   } else if (kind == "vertical_slash") {
     head.kind = HeadPattern::Kind::kVerticalSlash;
+    RETURN_IF_ERROR(OnlyKeys(json, {"pattern", "vertical", "slash", "last_q"}, where));
     RETURN_IF_ERROR(ReadCount(json, "vertical", where, false, &head.vertical_slash.vertical));
     RETURN_IF_ERROR(ReadCount(json, "slash", where, false, &head.vertical_slash.slash));
     RETURN_IF_ERROR(ReadCount(json, "last_q", where, false, &head.vertical_slash.last_q));
   } else if (kind == "block_sparse") {
     head.kind = HeadPattern::Kind::kBlockSparse;
+    RETURN_IF_ERROR(OnlyKeys(json, {"pattern", "top_k"}, where));
     RETURN_IF_ERROR(ReadCount(json, "top_k", where, false, &head.top_k));
   } else {
     return Bad(where, absl::StrCat("unknown pattern '", kind,
@@ -79,8 +96,12 @@ absl::StatusOr<SparseConfig> ParseSparseConfig(absl::string_view text) {
   if (config.version != 1) {
     return Bad("top level", absl::StrCat("version ", config.version, " is not supported (1)"));
   }
+  RETURN_IF_ERROR(OnlyKeys(
+      json, {"version", "model", "dense_below_tokens", "target_density", "calibration", "layers"},
+      "top level"));
   auto model = json.find("model");
   if (model == json.end() || !model->is_object()) return Bad("top level", "missing 'model'");
+  RETURN_IF_ERROR(OnlyKeys(*model, {"num_layers", "num_heads"}, "model"));
   RETURN_IF_ERROR(ReadCount(*model, "num_layers", "model", false, &config.num_layers));
   RETURN_IF_ERROR(ReadCount(*model, "num_heads", "model", false, &config.num_heads));
   RETURN_IF_ERROR(
@@ -94,13 +115,16 @@ absl::StatusOr<SparseConfig> ParseSparseConfig(absl::string_view text) {
   auto calibration = json.find("calibration");
   if (calibration != json.end()) {
     if (!calibration->is_object()) return Bad("calibration", "must be an object");
+    RETURN_IF_ERROR(OnlyKeys(*calibration, {"prompts", "tokens", "seed"}, "calibration"));
     RETURN_IF_ERROR(
         ReadCount(*calibration, "prompts", "calibration", true, &config.calibration_prompts));
     RETURN_IF_ERROR(
         ReadCount(*calibration, "tokens", "calibration", true, &config.calibration_tokens));
-    int64_t seed = 0;
-    RETURN_IF_ERROR(ReadCount(*calibration, "seed", "calibration", true, &seed));
-    config.calibration_seed = static_cast<uint64_t>(seed);
+    auto seed = calibration->find("seed");
+    if (seed == calibration->end() || !seed->is_number_unsigned()) {
+      return Bad("calibration", "'seed' must be an integer >= 0");
+    }
+    config.calibration_seed = seed->get<uint64_t>();
   }
   auto layers = json.find("layers");
   if (layers == json.end() || !layers->is_array()) return Bad("top level", "missing 'layers'");

@@ -72,7 +72,7 @@ SparseConfig ExampleConfig() {
   config.target_density = 0.15;
   config.calibration_prompts = 2;
   config.calibration_tokens = 512;
-  config.calibration_seed = 9;
+  config.calibration_seed = 18446744073709551557u;  // Above int64's range.
   HeadPattern dense, a_shape{HeadPattern::Kind::kAShape, 64, 256}, vs, bs;
   vs.kind = HeadPattern::Kind::kVerticalSlash;
   vs.vertical_slash = {100, 300, 64};
@@ -91,6 +91,7 @@ TEST(PatternConfigTest, RoundTrips) {
   EXPECT_EQ(parsed->heads[0][2].vertical_slash.slash, 300);
   EXPECT_EQ(parsed->heads[1][0].top_k, 5);
   EXPECT_EQ(parsed->heads[0][1].window, 256);
+  EXPECT_EQ(parsed->calibration_seed, config.calibration_seed);
 }
 
 TEST(PatternConfigTest, BadConfigsFailCleanly) {
@@ -110,6 +111,9 @@ TEST(PatternConfigTest, BadConfigsFailCleanly) {
       {replaced("\"slash\": 300", "\"slash\": -3"), "slash"},
       {replaced("\"window\": 256", "\"window\": \"big\""), "window"},
       {replaced("\"target_density\": 0.15", "\"target_density\": 2"), "target_density"},
+      {replaced("\"top_k\": 5", "\"topk\": 5"), "unknown key 'topk'"},
+      {replaced("\"seed\": 18446744073709551557", "\"seed\": -1"), "seed"},
+      {replaced("\"dense_below_tokens\"", "\"dense_below\""), "unknown key 'dense_below'"},
       {"{", "JSON"},
       {"[]", "JSON"},
   };

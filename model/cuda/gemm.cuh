@@ -1,0 +1,52 @@
+#ifndef SPARSEACCEL_MODEL_CUDA_GEMM_CUH_
+#define SPARSEACCEL_MODEL_CUDA_GEMM_CUH_
+
+// The engine's linear layers through cuBLASLt: bf16 operands, fp32 accumulation and scaling,
+// bf16 or fp32 output. The algorithm for a shape is picked by cuBLASLt's heuristic the first
+// time that shape is seen and cached, so steady-state calls do no planning.
+
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <tuple>
+
+#include "absl/status/statusor.h"
+#include "model/cuda/cuda_util.cuh"
+
+namespace sparseaccel {
+
+class LtGemm {
+ public:
+  static absl::StatusOr<std::unique_ptr<LtGemm>> Create(size_t workspace_bytes = 32 << 20);
+  ~LtGemm();
+  LtGemm(const LtGemm&) = delete;
+  LtGemm& operator=(const LtGemm&) = delete;
+
+  // out[m][n] = x[m][k] * w[n][k]^T (+ out[m][n] when `accumulate`): a PyTorch Linear with the
+  // weight in its [out_features][in_features] layout. Row strides are the row lengths. `out` is
+  // bf16 or fp32 (out_type CUDA_R_16BF / CUDA_R_32F) and may not overlap x or w.
+  absl::Status Linear(const __nv_bfloat16* x, const __nv_bfloat16* w, void* out,
+                      cudaDataType_t out_type, int64_t m, int64_t n, int64_t k, bool accumulate,
+                      cudaStream_t stream);
+
+  // Shapes planned so far (tests check the cache is used).
+  size_t num_plans() const { return plans_.size(); }
+
+ private:
+  struct Plan;
+  using Key = std::tuple<int64_t, int64_t, int64_t, int>;
+  LtGemm() = default;
+  absl::StatusOr<const Plan*> PlanFor(int64_t m, int64_t n, int64_t k, cudaDataType_t out_type);
+
+  cublasLtHandle_t handle_ = nullptr;
+  DeviceBuffer workspace_;
+  std::map<Key, std::unique_ptr<Plan>> plans_;
+};
+
+}  // namespace sparseaccel
+
+#endif  // SPARSEACCEL_MODEL_CUDA_GEMM_CUH_

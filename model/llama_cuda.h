@@ -1,0 +1,107 @@
+#ifndef SPARSEACCEL_MODEL_LLAMA_CUDA_H_
+#define SPARSEACCEL_MODEL_LLAMA_CUDA_H_
+
+// The Llama forward pass on one CUDA GPU: bf16 weights and activations, fp32 accumulation,
+// linear layers through cuBLASLt (model/cuda/gemm.cuh), the same semantics as LlamaCpu.
+//
+// Memory stays bounded for long prompts: per layer, the projections, attention and MLP run over
+// chunks of `prefill_chunk_tokens` queries (attention of a chunk reads all keys up to its end),
+// so a prefill needs the weights, the residual stream [tokens][hidden], one layer's K/V and
+// chunk-sized scratch. Logits are computed only for the rows asked for.
+//
+// Three ways in:
+//  - LanguageModel::Forward over host KvStores (what the services call): each chunk's past K/V
+//    is uploaded per layer and its new K/V written back, so it is correct everywhere but moves
+//    the whole context per step; meant for prefill and for modest contexts.
+//  - Prefill(): one prompt, K/V handed to a callback layer by layer while it is on the device.
+//  - Device sequences (StartSequence / DecodeStep): K/V in a paged block pool on the device,
+//    decode steps batched over many sequences.
+// All methods are thread-safe (serialised).
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "model/config.h"
+#include "model/kv_cache.h"
+#include "model/language_model.h"
+
+namespace sparseaccel {
+
+struct LlamaCudaOptions {
+  int64_t prefill_chunk_tokens = 4096;
+  // Device K/V pool for StartSequence/DecodeStep, in tokens (0: no pool).
+  int64_t kv_pool_tokens = 0;
+  int64_t kv_block_tokens = 64;
+  // Most sequences in one DecodeStep.
+  int64_t max_decode_batch = 64;
+};
+
+// Device memory, bytes. `allocated` counts this engine's cudaMallocs (comparable to torch's
+// memory_allocated); `device_used` is total minus free from cudaMemGetInfo (every process and
+// the CUDA context included). Peaks are high-water marks since the last ResetPeakMemory().
+struct CudaMemoryStats {
+  int64_t weights = 0;
+  int64_t allocated = 0;
+  int64_t peak_allocated = 0;
+  int64_t device_used = 0;
+  int64_t peak_device_used = 0;
+};
+
+class LlamaCuda : public LanguageModel {
+ public:
+  static absl::StatusOr<std::unique_ptr<LlamaCuda>> Load(const std::string& model_dir,
+                                                         const LlamaCudaOptions& options = {});
+  ~LlamaCuda() override;
+
+  const ModelConfig& config() const override;
+  KvShape kv_shape() const override;
+  absl::Status Forward(absl::Span<const SequenceChunk> batch, std::vector<float>* logits) override;
+
+  // One layer's K and V of the whole prompt on the device: bf16 rows [tokens][kv_heads *
+  // head_dim], valid only during the call. An error stops the prefill.
+  struct DeviceLayerKv {
+    int64_t layer = 0;
+    int64_t num_tokens = 0;
+    const void* k = nullptr;
+    const void* v = nullptr;
+  };
+  using LayerKvSink = std::function<absl::Status(const DeviceLayerKv&)>;
+
+  // Prefills `tokens` from position 0; `sink` (may be empty) sees each layer's K/V; the last
+  // token's logits (fp32, vocab_size) go to `last_logits` when it is not null.
+  absl::Status Prefill(absl::Span<const int32_t> tokens, const LayerKvSink& sink,
+                       std::vector<float>* last_logits);
+
+  // Device-resident sequences (needs options.kv_pool_tokens > 0). StartSequence prefills the
+  // prompt into the pool and returns the sequence id.
+  absl::StatusOr<int64_t> StartSequence(absl::Span<const int32_t> prompt,
+                                        std::vector<float>* last_logits);
+  // A new sequence with a copy of `id`'s K/V (same length).
+  absl::StatusOr<int64_t> ForkSequence(int64_t id);
+  // Appends tokens[i] to sequence ids[i] (one token each, all in one batch) and writes their
+  // logits to `logits` ([ids.size()][vocab_size]).
+  absl::Status DecodeStep(absl::Span<const int64_t> ids, absl::Span<const int32_t> tokens,
+                          std::vector<float>* logits);
+  absl::Status EndSequence(int64_t id);
+  int64_t SequenceLength(int64_t id) const;
+
+  CudaMemoryStats MemoryStats() const;
+  void ResetPeakMemory();
+  // Waits for queued device work (for timing).
+  absl::Status Synchronize();
+
+ private:
+  struct State;
+  explicit LlamaCuda(std::unique_ptr<State> state);
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace sparseaccel
+
+#endif  // SPARSEACCEL_MODEL_LLAMA_CUDA_H_

@@ -44,7 +44,7 @@ absl::StatusOr<bool> SparsePrefillAttention::Attend(int64_t layer, const float* 
     for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
       const HeadPattern& pattern = config_.heads[layer][h];
       SparseIndex index = BuildIndex(pattern, q + h * d, q_stride, k_head.data(), d, n, d);
-      SparseAttentionCpu(q + h * d, q_stride, k_head.data(), d, v_head.data(), d, d, index,
+      SparseAttentionCpu(q + h * d, q_stride, k_head.data(), v_head.data(), d, d, index,
                          out + h * d, q_stride);
       const double density = IndexDensity(index);
       absl::MutexLock lock(&mu_);

@@ -47,14 +47,14 @@ HeadChoice SearchHead(const std::vector<HeadSample>& samples, int64_t d, double 
   std::vector<DenseReference> dense;
   for (const HeadSample& s : samples) {
     dense.push_back(
-        ComputeDenseReference(s.q.data(), d, s.k.data(), d, s.v.data(), d, s.num_tokens, d));
+        ComputeDenseReference(s.q.data(), d, s.k.data(), s.v.data(), d, s.num_tokens, d));
   }
   for (const HeadPattern& candidate : candidates) {
     Fidelity mean;
     for (size_t i = 0; i < samples.size(); ++i) {
       const HeadSample& s = samples[i];
       SparseIndex index = BuildIndex(candidate, s.q.data(), d, s.k.data(), d, s.num_tokens, d);
-      Fidelity f = MeasureFidelity(s.q.data(), d, s.k.data(), d, s.v.data(), d, d, dense[i], index);
+      Fidelity f = MeasureFidelity(s.q.data(), d, s.k.data(), s.v.data(), d, d, dense[i], index);
       mean.density += f.density / samples.size();
       mean.tile_cost += f.tile_cost / samples.size();
       mean.recall += f.recall / samples.size();

@@ -4,6 +4,9 @@
 #include <cmath>
 #include <numeric>
 
+#include "kernels/attention.h"
+#include "kernels/kv_view.h"
+
 namespace sparseaccel {
 namespace {
 
@@ -192,34 +195,25 @@ SparseIndex BlockSparseIndex(const float* q, int64_t q_stride, const float* k, i
   return Pack(n, ranges, columns);
 }
 
-void SparseAttentionCpu(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
-                        const float* v, int64_t v_stride, int64_t d, const SparseIndex& index,
-                        float* out, int64_t out_stride) {
-  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+void SparseAttentionCpu(const float* q, int64_t q_stride, const float* k, const float* v,
+                        int64_t kv_stride, int64_t d, const SparseIndex& index, float* out,
+                        int64_t out_stride) {
+  // This head's K/V as a one-block layer view, so each row runs the engine's attention row.
+  // The view is only read.
+  KvLayerView kv;
+  kv.block_tokens = std::max<int64_t>(1, index.num_tokens);
+  kv.row_size = kv_stride;
+  kv.k_blocks = {const_cast<float*>(k)};
+  kv.v_blocks = {const_cast<float*>(v)};
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t b = 0; b < index.num_query_blocks; ++b) {
     const std::vector<int64_t> keys = index.KeysOfBlock(b);
-    std::vector<double> scores(keys.size()), acc(d);
+    std::vector<double> scores(keys.size());
     const int64_t q1 = std::min(index.num_tokens, (b + 1) * kBlockSize);
     for (int64_t i = b * kBlockSize; i < q1; ++i) {
       const int64_t visible = std::upper_bound(keys.begin(), keys.end(), i) - keys.begin();
-      double mx = -INFINITY;
-      for (int64_t j = 0; j < visible; ++j) {
-        double dot = 0;
-        for (int64_t t = 0; t < d; ++t) {
-          dot += static_cast<double>(q[i * q_stride + t]) * k[keys[j] * k_stride + t];
-        }
-        scores[j] = dot * scale;
-        mx = std::max(mx, scores[j]);
-      }
-      double sum = 0;
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t j = 0; j < visible; ++j) {
-        const double p = std::exp(scores[j] - mx);
-        sum += p;
-        for (int64_t t = 0; t < d; ++t) acc[t] += p * v[keys[j] * v_stride + t];
-      }
-      for (int64_t t = 0; t < d; ++t) out[i * out_stride + t] = static_cast<float>(acc[t] / sum);
+      AttendOneQuery(q + i * q_stride, kv, /*kv_head=*/0, d, keys.data(), visible, scores.data(),
+                     out + i * out_stride);
     }
   }
 }
@@ -247,30 +241,28 @@ double IndexTileCost(const SparseIndex& index) {
 }
 
 DenseReference ComputeDenseReference(const float* q, int64_t q_stride, const float* k,
-                                     int64_t k_stride, const float* v, int64_t v_stride, int64_t n,
-                                     int64_t d) {
+                                     const float* v, int64_t kv_stride, int64_t n, int64_t d) {
   DenseReference dense;
   dense.num_tokens = n;
   dense.head_dim = d;
   dense.output.resize(n * d);
-  SparseAttentionCpu(q, q_stride, k, k_stride, v, v_stride, d, DenseIndex(n), dense.output.data(),
-                     d);
+  SparseAttentionCpu(q, q_stride, k, v, kv_stride, d, DenseIndex(n), dense.output.data(), d);
   dense.probs.resize(n * (n + 1) / 2);
 #pragma omp parallel for schedule(dynamic, 16)
   for (int64_t i = 0; i < n; ++i) {
     std::vector<double> row;
-    SoftmaxRow(q + i * q_stride, k, k_stride, i, d, &row);
+    SoftmaxRow(q + i * q_stride, k, kv_stride, i, d, &row);
     std::copy(row.begin(), row.end(), dense.probs.begin() + i * (i + 1) / 2);
   }
   return dense;
 }
 
-Fidelity MeasureFidelity(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
-                         const float* v, int64_t v_stride, int64_t d, const DenseReference& dense,
+Fidelity MeasureFidelity(const float* q, int64_t q_stride, const float* k, const float* v,
+                         int64_t kv_stride, int64_t d, const DenseReference& dense,
                          const SparseIndex& index) {
   const int64_t n = index.num_tokens;
   std::vector<float> sparse(n * d);
-  SparseAttentionCpu(q, q_stride, k, k_stride, v, v_stride, d, index, sparse.data(), d);
+  SparseAttentionCpu(q, q_stride, k, v, kv_stride, d, index, sparse.data(), d);
   double err = 0, norm = 0;
   for (int64_t i = 0; i < n * d; ++i) {
     const double diff = static_cast<double>(sparse[i]) - dense.output[i];
@@ -292,11 +284,11 @@ Fidelity MeasureFidelity(const float* q, int64_t q_stride, const float* k, int64
   return Fidelity{IndexDensity(index), IndexTileCost(index), recall / n, std::sqrt(err / norm)};
 }
 
-Fidelity MeasureFidelity(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
-                         const float* v, int64_t v_stride, int64_t d, const SparseIndex& index) {
+Fidelity MeasureFidelity(const float* q, int64_t q_stride, const float* k, const float* v,
+                         int64_t kv_stride, int64_t d, const SparseIndex& index) {
   const DenseReference dense =
-      ComputeDenseReference(q, q_stride, k, k_stride, v, v_stride, index.num_tokens, d);
-  return MeasureFidelity(q, q_stride, k, k_stride, v, v_stride, d, dense, index);
+      ComputeDenseReference(q, q_stride, k, v, kv_stride, index.num_tokens, d);
+  return MeasureFidelity(q, q_stride, k, v, kv_stride, d, dense, index);
 }
 
 }  // namespace sparseaccel

@@ -80,10 +80,12 @@ SparseIndex BlockSparseIndex(const float* q, int64_t q_stride, const float* k, i
 SparseIndex DenseIndex(int64_t num_tokens);
 
 // Attention of one head over the selected pairs. q, k, v, out: rows of head_dim floats with the
-// given strides; scale 1/sqrt(head_dim), softmax accumulated in double.
-void SparseAttentionCpu(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
-                        const float* v, int64_t v_stride, int64_t head_dim,
-                        const SparseIndex& index, float* out, int64_t out_stride);
+// given strides (k and v share kv_stride). Each query row is the CPU engine's attention row
+// (AttendOneQuery: scale 1/sqrt(head_dim), dot products and softmax in double) over its selected
+// keys, so a full index gives the engine's dense attention exactly.
+void SparseAttentionCpu(const float* q, int64_t q_stride, const float* k, const float* v,
+                        int64_t kv_stride, int64_t head_dim, const SparseIndex& index, float* out,
+                        int64_t out_stride);
 
 // Dense attention of one head, computed once and shared by every index measured against it.
 struct DenseReference {
@@ -95,8 +97,8 @@ struct DenseReference {
 };
 
 DenseReference ComputeDenseReference(const float* q, int64_t q_stride, const float* k,
-                                     int64_t k_stride, const float* v, int64_t v_stride,
-                                     int64_t num_tokens, int64_t head_dim);
+                                     const float* v, int64_t kv_stride, int64_t num_tokens,
+                                     int64_t head_dim);
 
 // How good an index is for one head, against dense attention.
 struct Fidelity {
@@ -106,14 +108,13 @@ struct Fidelity {
   double relative_error = 0;  // ||sparse - dense||_F / ||dense||_F of the outputs.
 };
 
-Fidelity MeasureFidelity(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
-                         const float* v, int64_t v_stride, int64_t head_dim,
-                         const DenseReference& dense, const SparseIndex& index);
+Fidelity MeasureFidelity(const float* q, int64_t q_stride, const float* k, const float* v,
+                         int64_t kv_stride, int64_t head_dim, const DenseReference& dense,
+                         const SparseIndex& index);
 
 // The same, computing the dense reference first (for a single index).
-Fidelity MeasureFidelity(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
-                         const float* v, int64_t v_stride, int64_t head_dim,
-                         const SparseIndex& index);
+Fidelity MeasureFidelity(const float* q, int64_t q_stride, const float* k, const float* v,
+                         int64_t kv_stride, int64_t head_dim, const SparseIndex& index);
 
 // Fraction of causal pairs an index selects (no Q/K needed).
 double IndexDensity(const SparseIndex& index);

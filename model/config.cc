@@ -49,16 +49,18 @@ absl::Status ReadBool(const Json& json, const std::string& field, bool* out) {
   return absl::OkStatus();
 }
 
+// Either field may be absent, not both; a present one must name Llama (a config that says
+// "llama" in one field and another architecture in the other is refused, not guessed at).
 absl::Status CheckArchitecture(const Json& json) {
   auto model_type = json.find("model_type");
-  if (model_type != json.end()) {
-    if (!model_type->is_string() || model_type->get<std::string>() != "llama") {
-      return FieldError("model_type", "must be \"llama\" (only the Llama family is supported)");
-    }
-    return absl::OkStatus();
+  const bool has_model_type = model_type != json.end() && !model_type->is_null();
+  if (has_model_type && (!model_type->is_string() || model_type->get<std::string>() != "llama")) {
+    return FieldError("model_type", "must be \"llama\" (only the Llama family is supported)");
   }
   auto archs = json.find("architectures");
-  if (archs != json.end() && archs->is_array()) {
+  if (archs == json.end() || archs->is_null()) {
+    if (has_model_type) return absl::OkStatus();
+  } else if (archs->is_array()) {
     for (const Json& arch : *archs) {
       if (arch.is_string() && arch.get<std::string>() == "LlamaForCausalLM") {
         return absl::OkStatus();

@@ -3,6 +3,7 @@
 #include <string>
 
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 
 namespace sparseaccel {
 namespace {
@@ -87,9 +88,9 @@ TEST(ConfigTest, RoundTripsThroughJson) {
   }
 }
 
-// Replaces `"field": <old>` in kLlama31 with `"field": replacement`.
-std::string WithField(const std::string& field, const std::string& replacement) {
-  std::string text = kLlama31;
+// Replaces `"field": <old>` in `text` (kLlama31 by default) with `"field": replacement`.
+std::string WithField(const std::string& field, const std::string& replacement,
+                      std::string text = kLlama31) {
   size_t key = text.find("\"" + field + "\"");
   EXPECT_NE(key, std::string::npos) << field;
   size_t value_begin = text.find(':', key) + 1;
@@ -130,6 +131,31 @@ TEST(ConfigTest, RejectsUnsupportedWithFieldName) {
       {"eos_token_id", "\"x\"", "eos_token_id"},
       {"torch_dtype", "\"int8\"", "torch_dtype"},
       {"vocab_size", "null", "vocab_size"},
+      {"vocab_size", "4096.5", "vocab_size"},
+      {"hidden_size", "4294967296", "hidden_size"},
+      {"num_hidden_layers", "0", "num_hidden_layers"},
+      {"intermediate_size", "-14336", "intermediate_size"},
+      {"max_position_embeddings", "0", "max_position_embeddings"},
+      {"rms_norm_eps", "0", "rms_norm_eps"},
+      {"rms_norm_eps", "\"1e-5\"", "rms_norm_eps"},
+      {"tie_word_embeddings", "1", "tie_word_embeddings"},
+      {"bos_token_id", "1.5", "bos_token_id"},
+      {"eos_token_id", "[128001, \"x\"]", "eos_token_id"},
+      {"architectures", "[\"MistralForCausalLM\"]", "architectures"},
+      {"rope_scaling", "[8.0]", "rope_scaling"},
+      {"rope_scaling", R"({"factor": 8.0})", "rope_scaling.rope_type"},
+      {"rope_scaling",
+       R"({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+           "original_max_position_embeddings": 8192})",
+       "high_freq_factor"},
+      {"rope_scaling",
+       R"({"rope_type": "llama3", "factor": -8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 8192})",
+       "rope_scaling.factor"},
+      {"rope_scaling",
+       R"({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 8192.5})",
+       "original_max_position_embeddings"},
   };
   for (const BadCase& c : cases) {
     absl::StatusOr<ModelConfig> parsed = ParseModelConfig(WithField(c.field, c.value));
@@ -138,6 +164,83 @@ TEST(ConfigTest, RejectsUnsupportedWithFieldName) {
     EXPECT_NE(std::string(parsed.status().message()).find(c.message_part), std::string::npos)
         << parsed.status();
   }
+}
+
+TEST(ConfigTest, ArchitectureFromEitherField) {
+  // Without model_type, architectures decides; without both, the config is refused.
+  std::string text = WithField("model_type", "null");
+  EXPECT_TRUE(ParseModelConfig(text).ok());
+  size_t at = text.find("\"model_type\"");
+  text.erase(at, text.find(',', at) + 1 - at);
+  EXPECT_TRUE(ParseModelConfig(text).ok()) << text;
+  absl::StatusOr<ModelConfig> c = ParseModelConfig(
+      WithField("architectures", "[\"MistralForCausalLM\", \"LlamaForCausalLM\"]"));
+  EXPECT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(ParseModelConfig(WithField("architectures", "null")).ok());
+  at = text.find("\"architectures\"");
+  text.erase(at, text.find(']', at) + 2 - at);
+  c = ParseModelConfig(text);
+  ASSERT_FALSE(c.ok()) << text;
+  EXPECT_NE(std::string(c.status().message()).find("architectures"), std::string::npos);
+}
+
+TEST(ConfigTest, AcceptsRopeScalingSpellings) {
+  // Older configs name the type "type"; "default" and null mean no scaling.
+  absl::StatusOr<ModelConfig> c = ParseModelConfig(
+      WithField("rope_scaling", R"({"type": "llama3", "factor": 4.0, "low_freq_factor": 2.0,
+                          "high_freq_factor": 8.0, "original_max_position_embeddings": 4096})"));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->rope_scaling.type, RopeScaling::Type::kLlama3);
+  EXPECT_DOUBLE_EQ(c->rope_scaling.factor, 4.0);
+  EXPECT_DOUBLE_EQ(c->rope_scaling.low_freq_factor, 2.0);
+  EXPECT_DOUBLE_EQ(c->rope_scaling.high_freq_factor, 8.0);
+  EXPECT_EQ(c->rope_scaling.original_max_position_embeddings, 4096);
+  for (const char* none : {"null", R"({"rope_type": "default"})"}) {
+    c = ParseModelConfig(WithField("rope_scaling", none));
+    ASSERT_TRUE(c.ok()) << c.status();
+    EXPECT_EQ(c->rope_scaling.type, RopeScaling::Type::kNone);
+  }
+}
+
+TEST(ConfigTest, ReadsTransformers5RopeParameters) {
+  // transformers 5.x writes rope_theta inside rope_parameters, next to the scaling.
+  std::string text = WithField("rope_theta", "null", WithField("rope_scaling", "null"));
+  const std::string rope = R"("rope_parameters": {"rope_type": "llama3", "rope_theta": 250000.0,
+      "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192}, )";
+  text.insert(1, rope);
+  absl::StatusOr<ModelConfig> c = ParseModelConfig(text);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_DOUBLE_EQ(c->rope_theta, 250000.0);
+  EXPECT_DOUBLE_EQ(c->rope_scaling.factor, 16.0);
+  EXPECT_EQ(c->rope_scaling.type, RopeScaling::Type::kLlama3);
+  text = WithField("rope_scaling", "null");
+  text.insert(1, R"("rope_parameters": {"rope_type": "yarn", "factor": 4.0}, )");
+  c = ParseModelConfig(text);
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(std::string(c.status().message()).find("rope_parameters.rope_type"), std::string::npos);
+}
+
+TEST(ConfigTest, WritesHuggingFaceFields) {
+  ModelConfig c = ParseModelConfig(kLlama32).value();
+  nlohmann::json json = nlohmann::json::parse(ModelConfigToJson(c));
+  EXPECT_EQ(json["architectures"], nlohmann::json::array({"LlamaForCausalLM"}));
+  EXPECT_EQ(json["model_type"], "llama");
+  EXPECT_EQ(json["hidden_act"], "silu");
+  EXPECT_EQ(json["attention_bias"], false);
+  EXPECT_EQ(json["mlp_bias"], false);
+  EXPECT_DOUBLE_EQ(json["initializer_range"].get<double>(), 0.02);
+  EXPECT_EQ(json["torch_dtype"], "bfloat16");
+  EXPECT_EQ(json["dtype"], "bfloat16");
+  EXPECT_EQ(json["tie_word_embeddings"], true);
+  EXPECT_EQ(json["head_dim"], 64);
+  EXPECT_EQ(json["rope_scaling"]["rope_type"], "llama3");
+  EXPECT_DOUBLE_EQ(json["rope_scaling"]["factor"].get<double>(), 32.0);
+  EXPECT_EQ(json["rope_scaling"]["original_max_position_embeddings"], 8192);
+  EXPECT_EQ(json["eos_token_id"], 128001);
+  json = nlohmann::json::parse(ModelConfigToJson(ParseModelConfig(kLlama2).value()));
+  EXPECT_TRUE(json["rope_scaling"].is_null());
+  EXPECT_EQ(json["num_key_value_heads"], 32);
 }
 
 TEST(ConfigTest, RejectsNonJson) {

@@ -59,6 +59,13 @@ __device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// 2^x on the special-function unit (-inf gives 0).
+__device__ __forceinline__ float FastExp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
@@ -97,16 +104,27 @@ struct FlashWarpState {
   __device__ __forceinline__ void AttendTile(const __nv_bfloat16* k_tile,
                                              const __nv_bfloat16* v_tile, float scale_log2,
                                              bool mask, int64_t key_pos0, int64_t q_pos0) {
+    if (mask) {
+      AttendTileImpl<true>(k_tile, v_tile, scale_log2, static_cast<int>(q_pos0 - key_pos0));
+    } else {
+      AttendTileImpl<false>(k_tile, v_tile, scale_log2, 0);
+    }
+  }
+
+  // kMask: the tile straddles the diagonal; `diagonal` = q_pos0 - key_pos0 is then within a
+  // tile's span, so keys and queries compare as int32 offsets from key_pos0.
+  template <bool kMask>
+  __device__ __forceinline__ void AttendTileImpl(const __nv_bfloat16* k_tile,
+                                                 const __nv_bfloat16* v_tile, float scale_log2,
+                                                 int diagonal) {
     const int lane = threadIdx.x % 32;
-    // Only read when masking, where the tile straddles the diagonal: |q_pos0 - key_pos0| is
-    // within a tile's span.
-    const int diagonal = static_cast<int>(q_pos0 - key_pos0);
     float s[kMTiles][kFlashKeys / 8][4];
 #pragma unroll
     for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
-      for (int n = 0; n < kFlashKeys / 8; ++n)
+      for (int n = 0; n < kFlashKeys / 8; ++n) {
         s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0;
+      }
     }
     // S = Q K^T: K rows are the columns of B, so plain ldmatrix gives B fragments; one x4
     // covers two 8-key tiles x 16 of head_dim.
@@ -131,24 +149,24 @@ struct FlashWarpState {
       }
     }
     uint32_t p[kMTiles][kFlashKeys / 16][4];
+    float correction[kMTiles][2];
+    bool rescale = false;
 #pragma unroll
     for (int m = 0; m < kMTiles; ++m) {
-      // Online softmax in the log2 domain.
+      // Online softmax: maxima of the raw scores, exp2((s - max) * scale_log2) as one FFMA.
       float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int n = 0; n < kFlashKeys / 8; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          float x = s[m][n][e] * scale_log2;
-          // Key and query as offsets from key_pos0 (int32: one tile's span).
-          if (mask && n * 8 + 2 * (lane % 4) + e % 2 > diagonal + m * 16 + lane / 4 + (e / 2) * 8) {
-            x = -INFINITY;
+          if (kMask &&
+              n * 8 + 2 * (lane % 4) + e % 2 > diagonal + m * 16 + lane / 4 + (e / 2) * 8) {
+            s[m][n][e] = -INFINITY;
           }
-          s[m][n][e] = x;
-          tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
+          tile_max[e / 2] = fmaxf(tile_max[e / 2], s[m][n][e]);
         }
       }
-      float correction[2];
+      float neg_base[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(~0u, tile_max[r], 1));
@@ -156,27 +174,35 @@ struct FlashWarpState {
         const float new_max = fmaxf(row_max[m][r], tile_max[r]);
         // A row with every key so far masked keeps max -inf: use 0 so exp2 gives 0, not NaN.
         const float base = new_max == -INFINITY ? 0.f : new_max;
-        correction[r] = exp2f(row_max[m][r] - base);
+        correction[m][r] = FastExp2((row_max[m][r] - base) * scale_log2);
+        rescale |= row_max[m][r] != new_max;
         row_max[m][r] = new_max;
-        tile_max[r] = base;
-        row_sum[m][r] *= correction[r];
-      }
-#pragma unroll
-      for (int j = 0; j < kHeadDim / 8; ++j) {
-        o[m][j][0] *= correction[0];
-        o[m][j][1] *= correction[0];
-        o[m][j][2] *= correction[1];
-        o[m][j][3] *= correction[1];
+        neg_base[r] = -base * scale_log2;
+        row_sum[m][r] *= correction[m][r];
       }
       // P = exp2(S - max) becomes the A operand of P V, 16 keys per mma k-step.
 #pragma unroll
       for (int n = 0; n < kFlashKeys / 8; ++n) {
-        const float p0 = exp2f(s[m][n][0] - tile_max[0]), p1 = exp2f(s[m][n][1] - tile_max[0]);
-        const float p2 = exp2f(s[m][n][2] - tile_max[1]), p3 = exp2f(s[m][n][3] - tile_max[1]);
-        row_sum[m][0] += p0 + p1;
-        row_sum[m][1] += p2 + p3;
-        p[m][n / 2][(n % 2) * 2] = PackBf16(p0, p1);
-        p[m][n / 2][(n % 2) * 2 + 1] = PackBf16(p2, p3);
+        float e[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) e[i] = FastExp2(fmaf(s[m][n][i], scale_log2, neg_base[i / 2]));
+        row_sum[m][0] += e[0] + e[1];
+        row_sum[m][1] += e[2] + e[3];
+        p[m][n / 2][(n % 2) * 2] = PackBf16(e[0], e[1]);
+        p[m][n / 2][(n % 2) * 2 + 1] = PackBf16(e[2], e[3]);
+      }
+    }
+    // Once the running maxima settle (most tiles), no row of the warp needs its output scaled.
+    if (__any_sync(~0u, rescale)) {
+#pragma unroll
+      for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+        for (int j = 0; j < kHeadDim / 8; ++j) {
+          o[m][j][0] *= correction[m][0];
+          o[m][j][1] *= correction[m][0];
+          o[m][j][2] *= correction[m][1];
+          o[m][j][3] *= correction[m][1];
+        }
       }
     }
     // O += P V: V rows are keys (the k dimension), so ldmatrix.trans gives B fragments; one

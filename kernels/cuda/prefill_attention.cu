@@ -1,7 +1,7 @@
 // Dense causal prefill attention, FlashAttention-2 style: a block of 4 warps takes 128 query
 // rows of one head (32 per warp), streams the key tiles 0..(its last position) through shared
-// memory with cp.async double buffering, and runs FlashWarpState::AttendTile on each; only
-// tiles that cross the diagonal are masked.
+// memory with a 3-stage cp.async pipeline (one barrier per tile), and runs
+// FlashWarpState::AttendTile on each; only tiles that cross the diagonal are masked.
 
 #include <cmath>
 
@@ -22,10 +22,12 @@ constexpr int kQueryRows = kWarpRows * kWarps;  // Queries per block.
 template <int kHeadDim>
 constexpr int kTileKeys = kHeadDim == 128 ? 32 : 64;
 
+constexpr int kStages = 3;  // K/V tiles in flight: one being read, two loading.
+
 template <int kHeadDim>
 constexpr int PrefillSharedBytes() {
-  // Q tile + two stages of (K tile, V tile).
-  return (kQueryRows + 4 * kTileKeys<kHeadDim>)*kHeadDim * 2;
+  // Q tile + kStages x (K tile, V tile).
+  return (kQueryRows + kStages * 2 * kTileKeys<kHeadDim>)*kHeadDim * 2;
 }
 
 // Copies `rows` rows of kHeadDim bf16 (row r at src + r * stride) into a swizzled tile;
@@ -77,26 +79,31 @@ __global__ void __launch_bounds__(kWarps * 32)
   };
   LoadTile<kHeadDim, kQueryRows>(q_tile, args.q + q0 * args.q_stride + head * kHeadDim,
                                  args.q_stride, args.n - q0);
-  load_kv(0, 0);
-  CpAsyncCommit();
+  // One cp.async group per key tile (the first also holds Q), kStages - 1 tiles ahead.
+#pragma unroll
+  for (int tile = 0; tile < kStages - 1; ++tile) {
+    if (tile < num_tiles) load_kv(tile, tile);
+    CpAsyncCommit();
+  }
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t warp_pos0 = first_pos + warp * kWarpRows;
   FlashWarpState<kHeadDim, kMTiles, kKeys> state;
+  state.Init(q_tile, warp * kWarpRows);
   for (int tile = 0; tile < num_tiles; ++tile) {
-    if (tile + 1 < num_tiles) load_kv(tile + 1, (tile + 1) % 2);
+    CpAsyncWait<kStages - 2>();  // This tile's group has landed (for this thread)...
+    __syncthreads();             // ...for every thread; and all are done with the tile before it.
+    // So the stage of tile - 1 can take tile + kStages - 1.
+    const int next = tile + kStages - 1;
+    if (next < num_tiles) load_kv(next, next % kStages);
     CpAsyncCommit();
-    CpAsyncWait<1>();
-    __syncthreads();
-    if (tile == 0) state.Init(q_tile, warp * kWarpRows);
     const int64_t key0 = int64_t{tile} * kKeys;
     // Tiles entirely after this warp's last row contribute nothing.
     if (key0 <= warp_pos0 + kWarpRows - 1) {
-      const __nv_bfloat16* k_tile = kv_tiles + (tile % 2) * 2 * kKeys * kHeadDim;
+      const __nv_bfloat16* k_tile = kv_tiles + (tile % kStages) * 2 * kKeys * kHeadDim;
       state.AttendTile(k_tile, k_tile + kKeys * kHeadDim, scale_log2, key0 + kKeys - 1 > warp_pos0,
                        key0, warp_pos0);
     }
-    __syncthreads();  // The stage is overwritten by the next iteration's loads.
   }
   state.FinishRowSums();
 

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -238,6 +239,37 @@ TEST(LlamaCpuTest, PrefillWithoutLogitsStillFillsTheCache) {
   ASSERT_TRUE(model->Forward({SequenceChunk{all.subspan(19, 1), 19, &a}}, &with_logits).ok());
   ASSERT_TRUE(model->Forward({SequenceChunk{all.subspan(19, 1), 19, &b}}, &without_logits).ok());
   EXPECT_LT(MaxRelativeError(without_logits, with_logits), 1e-6);
+}
+
+// Forward is thread-safe: requests from several threads at once get what each gets alone.
+TEST(LlamaCpuTest, ConcurrentForwardCallsAgreeWithSerial) {
+  auto model = TinyModel("concurrent", 1007);
+  std::mt19937 rng(7);
+  const int64_t vocab = model->config().vocab_size;
+  const int kThreads = 4;
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::vector<float>> serial(kThreads), parallel(kThreads);
+  for (int t = 0; t < kThreads; ++t) {
+    prompts.push_back(RandomTokens(10 + 7 * t, vocab, &rng));
+    ContiguousKvStore kv(model->kv_shape(), 64);
+    ASSERT_TRUE(model->Forward({SequenceChunk{prompts[t], 0, &kv}}, &serial[t]).ok());
+  }
+  std::vector<absl::Status> statuses(kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      ContiguousKvStore kv(model->kv_shape(), 64);
+      for (int repeat = 0; repeat < 5 && statuses[t].ok(); ++repeat) {
+        parallel[t].clear();
+        statuses[t] = model->Forward({SequenceChunk{prompts[t], 0, &kv}}, &parallel[t]);
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  for (int t = 0; t < kThreads; ++t) {
+    ASSERT_TRUE(statuses[t].ok()) << statuses[t];
+    EXPECT_LT(MaxRelativeError(parallel[t], serial[t]), 1e-6) << "thread " << t;
+  }
 }
 
 }  // namespace

@@ -5,6 +5,8 @@
 //   run_cpu --model DIR (--prompt_ids 1,2,3 | --random_prompt N --seed S) --decode 8
 //           [--dump_logits out.bin]
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <string>
@@ -64,8 +66,15 @@ int Run() {
   ContiguousKvStore kv((*model)->kv_shape(), static_cast<int64_t>(prompt.size()) + steps + 1);
   std::vector<float> logits;
   SequenceChunk prefill{prompt, 0, &kv, LogitsFor::kAll};
+  using Clock = std::chrono::steady_clock;
+  auto ms_since = [](Clock::time_point start) {
+    return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+  };
+  const Clock::time_point prefill_start = Clock::now();
   absl::Status status = (*model)->Forward({prefill}, &logits);
   if (!status.ok()) return Fail("run_cpu.prefill_failed", status);
+  const double prefill_ms = ms_since(prefill_start);
+  const Clock::time_point decode_start = Clock::now();
   std::vector<int32_t> generated;
   int64_t pos = static_cast<int64_t>(prompt.size());
   for (int64_t step = 0; step < steps; ++step) {
@@ -77,6 +86,12 @@ int Run() {
     status = (*model)->Forward({SequenceChunk{one, pos++, &kv, LogitsFor::kLast}}, &logits);
     if (!status.ok()) return Fail("run_cpu.decode_failed", status);
   }
+  const int64_t decode_forwards = std::max<int64_t>(steps - 1, 0);
+  LogInfo("run_cpu.timing", {{"prompt_tokens", prompt.size()},
+                             {"prefill_ms", prefill_ms},
+                             {"decode_forwards", decode_forwards},
+                             {"decode_ms_per_token",
+                              decode_forwards ? ms_since(decode_start) / decode_forwards : 0}});
   const std::string dump = absl::GetFlag(FLAGS_dump_logits);
   if (!dump.empty()) {
     std::ofstream out(dump, std::ios::binary);

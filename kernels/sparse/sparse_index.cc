@@ -80,6 +80,38 @@ std::vector<int64_t> SparseIndex::KeysOfBlock(int64_t block) const {
   return keys;
 }
 
+LayerSparseIndex PackLayerIndex(const std::vector<SparseIndex>& heads) {
+  LayerSparseIndex layer;
+  layer.num_heads = static_cast<int64_t>(heads.size());
+  if (heads.empty()) return layer;
+  layer.num_tokens = heads[0].num_tokens;
+  layer.num_query_blocks = heads[0].num_query_blocks;
+  for (const SparseIndex& head : heads) {
+    layer.max_ranges = std::max(layer.max_ranges, head.max_ranges);
+    layer.max_columns = std::max(layer.max_columns, head.max_columns);
+  }
+  const int64_t rows = layer.num_heads * layer.num_query_blocks;
+  layer.range_count.reserve(rows);
+  layer.column_count.reserve(rows);
+  layer.range_start.assign(rows * layer.max_ranges, -1);
+  layer.column_index.assign(rows * layer.max_columns, -1);
+  for (int64_t h = 0; h < layer.num_heads; ++h) {
+    const SparseIndex& head = heads[h];
+    layer.range_count.insert(layer.range_count.end(), head.range_count.begin(),
+                             head.range_count.end());
+    layer.column_count.insert(layer.column_count.end(), head.column_count.begin(),
+                              head.column_count.end());
+    for (int64_t b = 0; b < layer.num_query_blocks; ++b) {
+      const int64_t row = h * layer.num_query_blocks + b;
+      std::copy_n(&head.range_start[b * head.max_ranges], head.range_count[b],
+                  &layer.range_start[row * layer.max_ranges]);
+      std::copy_n(&head.column_index[b * head.max_columns], head.column_count[b],
+                  &layer.column_index[row * layer.max_columns]);
+    }
+  }
+  return layer;
+}
+
 SparseIndex DenseIndex(int64_t n) {
   std::vector<std::vector<int32_t>> ranges(NumBlocks(n)), columns(NumBlocks(n));
   for (int64_t b = 0; b < NumBlocks(n); ++b) {

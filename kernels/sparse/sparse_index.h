@@ -41,6 +41,26 @@ struct SparseIndex {
   std::vector<int64_t> KeysOfBlock(int64_t block) const;
 };
 
+// All heads of one layer in one set of arrays, for a kernel launched over (head, query block):
+// the per-head arrays of SparseIndex with a head dimension in front and common strides
+// (max_ranges / max_columns over all heads), padded with -1. Head h, query block b:
+//   range_count[h * num_query_blocks + b],
+//   range_start[(h * num_query_blocks + b) * max_ranges + i], likewise for columns.
+struct LayerSparseIndex {
+  int64_t num_heads = 0;
+  int64_t num_tokens = 0;
+  int64_t num_query_blocks = 0;
+  int64_t max_ranges = 0;
+  int64_t max_columns = 0;
+  std::vector<int32_t> range_count;   // [num_heads][num_query_blocks]
+  std::vector<int32_t> range_start;   // [num_heads][num_query_blocks][max_ranges]
+  std::vector<int32_t> column_count;  // [num_heads][num_query_blocks]
+  std::vector<int32_t> column_index;  // [num_heads][num_query_blocks][max_columns]
+};
+
+// The heads' indices must share num_tokens.
+LayerSparseIndex PackLayerIndex(const std::vector<SparseIndex>& heads);
+
 // A-shape: the first `sink` keys plus the `window` keys up to each query, at block granularity
 // (sink and window rounded up to whole 64-key blocks).
 SparseIndex AShapeIndex(int64_t num_tokens, int64_t sink, int64_t window);

@@ -51,7 +51,7 @@ TEST(SparseIndexTest, FullBudgetsEqualDense) {
       Fidelity f = MeasureFidelity(s.q.data(), kDim, s.k.data(), s.v.data(), kDim, kDim, index);
       EXPECT_NEAR(f.density, 1.0, 1e-12) << PatternName(p.kind) << " n=" << n;
       EXPECT_NEAR(f.recall, 1.0, 1e-6);  // Probabilities stored as float.
-      EXPECT_EQ(f.relative_error, 0);  // The same keys in the same order as dense.
+      EXPECT_EQ(f.relative_error, 0);    // The same keys in the same order as dense.
     }
   }
 }
@@ -71,6 +71,37 @@ TEST(SparseIndexTest, VerticalSlashConversionMatchesTheDocumentedExample) {
   EXPECT_EQ(index.column_index,
             (std::vector<int32_t>{-1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 2, 3, 0, 1, 2, 3}));
   ExpectWellFormed(index);
+}
+
+TEST(SparseIndexTest, LayerPackingKeepsEveryHeadsIndex) {
+  std::mt19937 rng(25);
+  const int64_t n = 333;
+  HeadSample s = PlantedHead(Planted::kVertical, n, kDim, &rng);
+  const std::vector<SparseIndex> heads = {
+      AShapeIndex(n, 64, 64),
+      VerticalSlashIndex(s.q.data(), kDim, s.k.data(), kDim, n, kDim, {12, 70, 64}),
+      BlockSparseIndex(s.q.data(), kDim, s.k.data(), kDim, n, kDim, 3), DenseIndex(n)};
+  const LayerSparseIndex layer = PackLayerIndex(heads);
+  ASSERT_EQ(layer.num_heads, 4);
+  ASSERT_EQ(layer.num_query_blocks, 6);
+  EXPECT_EQ(layer.max_ranges, 6);  // The dense head's last block.
+  EXPECT_GT(layer.max_columns, 0);  // The planted columns outside the ranges.
+  for (int64_t h = 0; h < layer.num_heads; ++h) {
+    for (int64_t b = 0; b < layer.num_query_blocks; ++b) {
+      const int64_t row = h * layer.num_query_blocks + b;
+      const SparseIndex& head = heads[h];
+      ASSERT_EQ(layer.range_count[row], head.range_count[b]);
+      ASSERT_EQ(layer.column_count[row], head.column_count[b]);
+      for (int64_t i = 0; i < layer.max_ranges; ++i) {
+        EXPECT_EQ(layer.range_start[row * layer.max_ranges + i],
+                  i < head.range_count[b] ? head.range_start[b * head.max_ranges + i] : -1);
+      }
+      for (int64_t i = 0; i < layer.max_columns; ++i) {
+        EXPECT_EQ(layer.column_index[row * layer.max_columns + i],
+                  i < head.column_count[b] ? head.column_index[b * head.max_columns + i] : -1);
+      }
+    }
+  }
 }
 
 TEST(SparseIndexTest, DensityAndTileCostCountWhatIsSelected) {

@@ -40,6 +40,49 @@ const char kLlama32[] = R"({
   "rope_theta": 500000.0, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
   "vocab_size": 128256})";
 
+// make_checkpoint's tiny preset (bfloat16, then tied without rope scaling) as transformers 5.17
+// saves it back with save_pretrained: rope settings in rope_parameters, "dtype", no torch_dtype.
+const char kTinySavedByTransformers5[] = R"({
+  "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+  "bos_token_id": 510, "dtype": "bfloat16", "eos_token_id": 511, "head_dim": 16,
+  "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 192,
+  "max_position_embeddings": 8192, "mlp_bias": false, "model_type": "llama",
+  "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
+  "pad_token_id": null, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+  "rope_parameters": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                      "original_max_position_embeddings": 256, "rope_theta": 500000.0,
+                      "rope_type": "llama3"},
+  "tie_word_embeddings": false, "transformers_version": "5.17.0", "use_cache": true,
+  "vocab_size": 512})";
+const char kTiedSavedByTransformers5[] = R"({
+  "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+  "bos_token_id": 510, "dtype": "float32", "eos_token_id": 511, "head_dim": 16,
+  "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 192,
+  "max_position_embeddings": 8192, "mlp_bias": false, "model_type": "llama",
+  "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
+  "pad_token_id": null, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+  "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
+  "tie_word_embeddings": true, "transformers_version": "5.17.0", "use_cache": true,
+  "vocab_size": 512})";
+
+TEST(ConfigTest, ParsesConfigsSavedByTransformers5) {
+  absl::StatusOr<ModelConfig> c = ParseModelConfig(kTinySavedByTransformers5);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->torch_dtype, "bfloat16");
+  EXPECT_EQ(c->rope_scaling.type, RopeScaling::Type::kLlama3);
+  EXPECT_DOUBLE_EQ(c->rope_theta, 500000.0);
+  EXPECT_DOUBLE_EQ(c->rope_scaling.factor, 8.0);
+  EXPECT_EQ(c->rope_scaling.original_max_position_embeddings, 256);
+  EXPECT_EQ(c->head_dim, 16);
+  EXPECT_EQ(c->eos_token_ids, std::vector<int64_t>{511});
+  c = ParseModelConfig(kTiedSavedByTransformers5);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->tie_word_embeddings);
+  EXPECT_EQ(c->torch_dtype, "float32");
+  EXPECT_EQ(c->rope_scaling.type, RopeScaling::Type::kNone);
+  EXPECT_DOUBLE_EQ(c->rope_theta, 500000.0);
+}
+
 TEST(ConfigTest, ParsesLlama31) {
   absl::StatusOr<ModelConfig> c = ParseModelConfig(kLlama31);
   ASSERT_TRUE(c.ok()) << c.status();

@@ -23,7 +23,13 @@ ABSL_FLAG(int64_t, vocab, 0,
           "Override vocab_size (default: the preset's, or 128256 with --tokenizer_json).");
 ABSL_FLAG(int64_t, max_position, 0, "Override max_position_embeddings.");
 ABSL_FLAG(double, rope_theta, 0, "Override rope_theta.");
+ABSL_FLAG(double, rms_norm_eps, 0, "Override rms_norm_eps.");
 ABSL_FLAG(bool, rope_scaling, true, "Use llama3 rope scaling (as the preset sets it).");
+ABSL_FLAG(double, rope_factor, 0, "Override rope_scaling.factor.");
+ABSL_FLAG(double, rope_low_freq_factor, 0, "Override rope_scaling.low_freq_factor.");
+ABSL_FLAG(double, rope_high_freq_factor, 0, "Override rope_scaling.high_freq_factor.");
+ABSL_FLAG(int64_t, rope_original_max_position, 0,
+          "Override rope_scaling.original_max_position_embeddings.");
 ABSL_FLAG(bool, tie_embeddings, false, "Tie lm_head to the embedding (Llama 3.2 style).");
 ABSL_FLAG(std::string, dtype, "float32", "float32, bfloat16 or float16.");
 ABSL_FLAG(uint64_t, seed, 1, "Weights are a pure function of the seed and the shape.");
@@ -71,7 +77,16 @@ int Run() {
   options.tokenizer_json = absl::GetFlag(FLAGS_tokenizer_json);
   if (!options.tokenizer_json.empty()) c.vocab_size = 128256;
   override_int(absl::GetFlag(FLAGS_vocab), &c.vocab_size);
-  if (absl::GetFlag(FLAGS_rope_theta) > 0) c.rope_theta = absl::GetFlag(FLAGS_rope_theta);
+  auto override_double = [](double flag, double* field) {
+    if (flag != 0) *field = flag;
+  };
+  override_double(absl::GetFlag(FLAGS_rope_theta), &c.rope_theta);
+  override_double(absl::GetFlag(FLAGS_rms_norm_eps), &c.rms_norm_eps);
+  override_double(absl::GetFlag(FLAGS_rope_factor), &c.rope_scaling.factor);
+  override_double(absl::GetFlag(FLAGS_rope_low_freq_factor), &c.rope_scaling.low_freq_factor);
+  override_double(absl::GetFlag(FLAGS_rope_high_freq_factor), &c.rope_scaling.high_freq_factor);
+  override_int(absl::GetFlag(FLAGS_rope_original_max_position),
+               &c.rope_scaling.original_max_position_embeddings);
   if (!absl::GetFlag(FLAGS_rope_scaling)) c.rope_scaling = RopeScaling();
   c.tie_word_embeddings = absl::GetFlag(FLAGS_tie_embeddings);
   // Llama 3's special ids where the vocabulary has them; the last ids otherwise.

@@ -263,7 +263,8 @@ TEST(MakeCheckpointBinaryTest, OverridesEveryShapeField) {
   ASSERT_EQ(RunMaker("--out=" + dir +
                      " --preset=small --layers=3 --hidden=96 --heads=6 --kv_heads=3"
                      " --intermediate=160 --vocab=300 --max_position=4096 --rope_theta=10000"
-                     " --norope_scaling --tie_embeddings --dtype=float16 --init_std=0.05"),
+                     " --norope_scaling --tie_embeddings --dtype=float16 --init_std=0.05"
+                     " --rms_norm_eps=1e-6"),
             0);
   ModelConfig c = LoadModelConfig(dir).value();
   EXPECT_EQ(c.num_hidden_layers, 3);
@@ -275,12 +276,27 @@ TEST(MakeCheckpointBinaryTest, OverridesEveryShapeField) {
   EXPECT_EQ(c.vocab_size, 300);
   EXPECT_EQ(c.max_position_embeddings, 4096);
   EXPECT_DOUBLE_EQ(c.rope_theta, 10000.0);
+  EXPECT_DOUBLE_EQ(c.rms_norm_eps, 1e-6);
   EXPECT_EQ(c.rope_scaling.type, RopeScaling::Type::kNone);
   EXPECT_TRUE(c.tie_word_embeddings);
   EXPECT_EQ(c.torch_dtype, "float16");
   ExpectLlamaCheckpoint(dir, DType::kF16, 0.05);
   auto store = TensorStore::OpenDirectory(dir).value();
   EXPECT_EQ(store->Find("lm_head.weight").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(MakeCheckpointBinaryTest, OverridesRopeScaling) {
+  const std::string dir = TempDir("bin_rope");
+  ASSERT_EQ(RunMaker("--out=" + dir +
+                     " --preset=tiny --layers=1 --rope_factor=32 --rope_low_freq_factor=2"
+                     " --rope_high_freq_factor=6 --rope_original_max_position=512"),
+            0);
+  ModelConfig c = LoadModelConfig(dir).value();
+  EXPECT_EQ(c.rope_scaling.type, RopeScaling::Type::kLlama3);
+  EXPECT_DOUBLE_EQ(c.rope_scaling.factor, 32.0);
+  EXPECT_DOUBLE_EQ(c.rope_scaling.low_freq_factor, 2.0);
+  EXPECT_DOUBLE_EQ(c.rope_scaling.high_freq_factor, 6.0);
+  EXPECT_EQ(c.rope_scaling.original_max_position_embeddings, 512);
 }
 
 TEST(MakeCheckpointBinaryTest, ShardsWithIndex) {
@@ -324,7 +340,8 @@ TEST(MakeCheckpointBinaryTest, RejectsBadFlags) {
   EXPECT_NE(RunMaker("--preset=tiny"), 0);  // No --out.
   for (const std::string flags :
        {"--preset=huge", "--dtype=int8", "--heads=5", "--layers=-1", "--kv_heads=3", "--init_std=0",
-        "--vocab=-4", "--tokenizer_json=/nonexistent/tokenizer.json"}) {
+        "--vocab=-4", "--rms_norm_eps=-1", "--rope_low_freq_factor=5",
+        "--tokenizer_json=/nonexistent/tokenizer.json"}) {
     EXPECT_NE(RunMaker("--out=" + dir + " --preset=tiny " + flags), 0) << flags;
   }
 }

@@ -4,8 +4,12 @@
 // Reading and writing the safetensors format
 // (8-byte little-endian header length, JSON header, raw little-endian tensor bytes), one file or
 // a sharded checkpoint with `model.safetensors.index.json`. Files are mmapped read-only; every
-// header field is validated (dtype, shape, offsets inside the file, no overlaps, sizes matching
-// shape x dtype), so a truncated or malformed file gives an error status, never a crash.
+// header field is validated, so a truncated or malformed file gives an error status, never a
+// crash: header length (within the file, at most 100 MiB), JSON object without repeated keys,
+// dtype (F32/F16/BF16; the format's other dtypes are Unimplemented, unknown names
+// InvalidArgument), shape (non-negative, element count without overflow), data_offsets (inside
+// the data area, end - begin == elements x dtype size), and tensors tiling the data area exactly
+// (no overlaps, holes or trailing bytes, as the format specifies).
 
 #include <cstddef>
 #include <cstdint>
@@ -57,7 +61,8 @@ class SafetensorsFile {
 };
 
 // All tensors of a checkpoint directory: `model.safetensors`, or the shards listed by
-// `model.safetensors.index.json` (every listed tensor must be found in its shard, no duplicates).
+// `model.safetensors.index.json` (every listed tensor must be found in its shard, shard names
+// are plain file names in the directory, and no tensor name may occur in two shards).
 class TensorStore {
  public:
   static absl::StatusOr<std::unique_ptr<TensorStore>> OpenDirectory(const std::string& model_dir);

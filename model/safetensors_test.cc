@@ -172,6 +172,70 @@ TEST(SafetensorsTest, HalfConversionsRoundToNearestEven) {
   }
 }
 
+// The value of a non-negative, non-NaN half code, with the Inf code read as the next power of
+// two after the largest finite value (2^16 for fp16, 2^128 for bf16), as IEEE rounding treats it.
+double F16Value(uint16_t code) { return code == 0x7c00 ? 65536.0 : F16ToFloat(code); }
+double Bf16Value(uint16_t code) {
+  return code == 0x7f80 ? std::ldexp(1.0, 128) : Bf16ToFloat(code);
+}
+
+// Reference rounding: of the two codes around |value| (`below` and below + 1), the nearer, or the
+// even one on a tie; computed in double, where these values and their midpoints are exact.
+uint16_t NearestCode(double magnitude, uint16_t below, double (*value_of)(uint16_t)) {
+  const double low = value_of(below), high = value_of(below + 1);
+  if (magnitude - low < high - magnitude) return below;
+  if (magnitude - low > high - magnitude) return below + 1;
+  return (below & 1) ? below + 1 : below;
+}
+
+TEST(SafetensorsTest, HalfConversionsMatchNearestEvenReference) {
+  // Every half value converts to float and back unchanged; NaNs stay NaN.
+  for (uint32_t code = 0; code <= 0xffff; ++code) {
+    const uint16_t h = static_cast<uint16_t>(code);
+    const float f16 = F16ToFloat(h), bf16 = Bf16ToFloat(h);
+    if (std::isnan(f16)) {
+      EXPECT_TRUE(std::isnan(F16ToFloat(FloatToF16(f16)))) << code;
+    } else {
+      EXPECT_EQ(FloatToF16(f16), h) << code;
+    }
+    if (std::isnan(bf16)) {
+      EXPECT_TRUE(std::isnan(Bf16ToFloat(FloatToBf16(bf16)))) << code;
+    } else {
+      EXPECT_EQ(FloatToBf16(bf16), h) << code;
+    }
+  }
+  // Random float bit patterns (every exponent alike) and exact midpoints against the reference.
+  std::mt19937 rng(std::random_device{}());
+  std::vector<float> inputs;
+  for (int i = 0; i < 200000; ++i) {
+    uint32_t bits = static_cast<uint32_t>(rng());
+    float v;
+    std::memcpy(&v, &bits, 4);
+    if (!std::isnan(v)) inputs.push_back(v);
+  }
+  for (uint32_t code = 0; code < 0x7c00; code += 1 + rng() % 7) {
+    inputs.push_back(static_cast<float>((F16Value(code) + F16Value(code + 1)) / 2));
+  }
+  for (float v : inputs) {
+    const double magnitude = std::fabs(static_cast<double>(v));
+    const uint16_t sign = std::signbit(v) ? 0x8000 : 0;
+    // fp16: the largest code at or below |v| by binary search over the ordered finite codes.
+    uint16_t lo = 0, hi = 0x7c00;
+    while (hi - lo > 1) {
+      const uint16_t mid = static_cast<uint16_t>((lo + hi) / 2);
+      (F16Value(mid) <= magnitude ? lo : hi) = mid;
+    }
+    const uint16_t f16 = magnitude >= 65536.0 ? 0x7c00 : NearestCode(magnitude, lo, F16Value);
+    EXPECT_EQ(FloatToF16(v), sign | f16) << v;
+    // bf16: truncating the float's bits gives the code at or below |v|.
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    const uint16_t truncated = static_cast<uint16_t>((bits & 0x7fffffff) >> 16);
+    const uint16_t bf16 = std::isinf(v) ? 0x7f80 : NearestCode(magnitude, truncated, Bf16Value);
+    EXPECT_EQ(FloatToBf16(v), sign | bf16) << v;
+  }
+}
+
 TEST(SafetensorsTest, ReadsMetadataAndRejectsBadWrites) {
   std::mt19937 rng(41);
   const std::string dir = TempDir("writes");

@@ -1,8 +1,11 @@
 #include "model/checkpoint_maker.h"
 
+#include <dirent.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -99,6 +102,31 @@ std::vector<TensorSpec> LlamaTensorSpecs(const ModelConfig& c, DType dtype) {
 
 bool IsNormWeight(const std::string& name) { return name.find("norm.weight") != std::string::npos; }
 
+// Removes the weight files of an earlier checkpoint in `dir`: a stale index would otherwise
+// win over a new single file, and stale shards would mix with new ones.
+absl::Status RemoveStaleWeights(const std::string& dir) {
+  DIR* listing = opendir(dir.c_str());
+  if (listing == nullptr) return absl::NotFoundError(absl::StrCat("cannot list ", dir));
+  std::vector<std::string> stale;
+  while (const dirent* entry = readdir(listing)) {
+    const std::string name = entry->d_name;
+    int shard = 0, shards = 0, consumed = 0;
+    const bool is_shard = std::sscanf(name.c_str(), "model-%5d-of-%5d.safetensors%n", &shard,
+                                      &shards, &consumed) == 2 &&
+                          consumed == static_cast<int>(name.size());
+    if (is_shard || name == "model.safetensors" || name == "model.safetensors.index.json") {
+      stale.push_back(dir + "/" + name);
+    }
+  }
+  closedir(listing);
+  for (const std::string& path : stale) {
+    if (unlink(path.c_str()) != 0) {
+      return absl::PermissionDeniedError(absl::StrCat("cannot remove ", path));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<ModelConfig> PresetConfig(const std::string& preset) {
@@ -149,6 +177,7 @@ absl::Status WriteRandomCheckpoint(const std::string& out_dir, const CheckpointO
     }
     if (slash == std::string::npos) break;
   }
+  RETURN_IF_ERROR(RemoveStaleWeights(out_dir));
   RETURN_IF_ERROR(WriteText(out_dir + "/config.json", ModelConfigToJson(config)));
   nlohmann::json generation = {{"_from_model_config", true}, {"do_sample", false}};
   if (config.bos_token_id >= 0) generation["bos_token_id"] = config.bos_token_id;

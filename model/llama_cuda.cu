@@ -1,4 +1,3 @@
-#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -9,10 +8,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/status_macros.h"
+#include "kernels/cuda/cuda_kernels.h"
 #include "kernels/rope.h"
 #include "model/cuda/cuda_util.cuh"
-#include "model/cuda/engine_kernels.cuh"
 #include "model/cuda/gemm.cuh"
+#include "model/cuda/kv_copy.cuh"
 #include "model/llama_cuda.h"
 #include "model/safetensors.h"
 
@@ -30,9 +30,9 @@ uint16_t F32ToBf16Bits(float value) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-// Copies tensor `name` (checked against `shape`) to `dst` as bf16.
+// Copies tensor `name` (checked against `shape`) to `dst` as uint16_t.
 absl::Status UploadTensor(const TensorStore& store, const std::string& name,
-                          std::vector<int64_t> shape, bf16* dst) {
+                          std::vector<int64_t> shape, uint16_t* dst) {
   ASSIGN_OR_RETURN(const TensorView* view, store.FindWithShape(name, shape));
   if (view->dtype == DType::kBF16) {
     CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, view->data, view->num_bytes, cudaMemcpyHostToDevice));
@@ -80,18 +80,21 @@ struct LlamaCuda::State {
 
   // Scratch, grown on demand and kept.
   DeviceBuffer ids;               // int32 [rows]
-  DeviceBuffer residual;          // bf16 [rows][hidden]
-  DeviceBuffer normed;            // bf16 [chunk][hidden]
-  DeviceBuffer qkv;               // bf16 [chunk][qkv_width]
-  DeviceBuffer attn;              // bf16 [chunk][q_width]
-  DeviceBuffer gate_up;           // bf16 [chunk][2 * intermediate]
-  DeviceBuffer act;               // bf16 [chunk][intermediate]
-  DeviceBuffer k_layer, v_layer;  // bf16 [tokens][kv_width]: one layer's K/V.
+  DeviceBuffer positions;         // int32 [rows]
+  DeviceBuffer residual;          // uint16_t [rows][hidden]
+  DeviceBuffer normed;            // uint16_t [chunk][hidden]
+  DeviceBuffer qkv;               // uint16_t [chunk][qkv_width]
+  DeviceBuffer attn;              // uint16_t [chunk][q_width]
+  DeviceBuffer gate_up;           // uint16_t [chunk][2 * intermediate]
+  DeviceBuffer act;               // uint16_t [chunk][intermediate]
+  DeviceBuffer k_layer, v_layer;  // uint16_t [tokens][kv_width]: one layer's K/V.
   DeviceBuffer kv_f32;            // fp32 staging for host KvStores.
   DeviceBuffer logits;            // fp32 [rows][vocab]
   DeviceBuffer slots;             // int32 pool rows of a prefill.
   DeviceBuffer decode_meta;  // int32 per DecodeStep: tokens, positions, slots, lengths, tables.
-  DeviceBuffer partials;
+  DeviceBuffer decode_workspace;
+  DeviceBuffer sample_workspace;
+  DeviceBuffer sampled;  // int32 [batch]
 
   // Paged pool: [layer][block * block_tokens + i][kv_width] for K and for V.
   DeviceBuffer k_pool, v_pool;
@@ -104,12 +107,12 @@ struct LlamaCuda::State {
     if (stream) cudaStreamDestroy(stream);
   }
 
-  size_t Bf16Bytes(int64_t n) const { return static_cast<size_t>(n) * sizeof(bf16); }
-  bf16* PoolK(int64_t layer) const {
-    return k_pool.as<bf16>() + layer * pool_blocks * options.kv_block_tokens * kv_width;
+  size_t Bf16Bytes(int64_t n) const { return static_cast<size_t>(n) * sizeof(uint16_t); }
+  uint16_t* PoolK(int64_t layer) const {
+    return k_pool.as<uint16_t>() + layer * pool_blocks * options.kv_block_tokens * kv_width;
   }
-  bf16* PoolV(int64_t layer) const {
-    return v_pool.as<bf16>() + layer * pool_blocks * options.kv_block_tokens * kv_width;
+  uint16_t* PoolV(int64_t layer) const {
+    return v_pool.as<uint16_t>() + layer * pool_blocks * options.kv_block_tokens * kv_width;
   }
 
   void SampleDeviceMemory() {
@@ -120,9 +123,14 @@ struct LlamaCuda::State {
     }
   }
 
-  absl::Status Linear(const bf16* x, const DeviceBuffer& w, void* out, int64_t m, int64_t n,
+  absl::Status Norm(uint16_t* x, int64_t rows, const DeviceBuffer& weight, uint16_t* out) {
+    return cuda::AddRmsNorm(x, nullptr, weight.as<uint16_t>(), rows, config.hidden_size,
+                            static_cast<float>(config.rms_norm_eps), out, stream);
+  }
+
+  absl::Status Linear(const uint16_t* x, const DeviceBuffer& w, void* out, int64_t m, int64_t n,
                       int64_t k, bool accumulate) {
-    return gemm->Linear(x, w.as<bf16>(), out, CUDA_R_16BF, m, n, k, accumulate, stream);
+    return gemm->Linear(x, w.as<uint16_t>(), out, CUDA_R_16BF, m, n, k, accumulate, stream);
   }
 
   // Chunk-sized scratch for `rows` rows.
@@ -135,29 +143,60 @@ struct LlamaCuda::State {
     return act.Reserve(Bf16Bytes(rows * c.intermediate_size));
   }
 
-  // Final norm and LM head for `rows` consecutive rows of the residual stream from `first_row`;
-  // appends fp32 logits to `out`.
-  absl::Status Logits(int64_t first_row, int64_t rows, std::vector<float>* out) {
+  // Final norm and LM head for rows [first_row, first_row + rows) of the residual stream
+  // (rows <= kLogitsRowsPerGemm) into the device `logits` buffer, fp32.
+  absl::Status DeviceLogits(int64_t first_row, int64_t rows) {
     const ModelConfig& c = config;
-    const int64_t per_gemm = std::min(rows, kLogitsRowsPerGemm);
-    RETURN_IF_ERROR(logits.Reserve(static_cast<size_t>(per_gemm * c.vocab_size) * 4));
-    RETURN_IF_ERROR(normed.Reserve(Bf16Bytes(per_gemm * c.hidden_size)));
-    for (int64_t r0 = 0; r0 < rows; r0 += per_gemm) {
-      const int64_t m = std::min(per_gemm, rows - r0);
-      RETURN_IF_ERROR(RmsNorm(residual.as<bf16>() + (first_row + r0) * c.hidden_size, m,
-                              c.hidden_size, final_norm.as<bf16>(),
-                              static_cast<float>(c.rms_norm_eps), normed.as<bf16>(), stream));
-      const DeviceBuffer& head = c.tie_word_embeddings ? embed : lm_head;
-      RETURN_IF_ERROR(gemm->Linear(normed.as<bf16>(), head.as<bf16>(), logits.as<float>(),
-                                   CUDA_R_32F, m, c.vocab_size, c.hidden_size, false, stream));
+    RETURN_IF_ERROR(logits.Reserve(static_cast<size_t>(rows * c.vocab_size) * sizeof(float)));
+    RETURN_IF_ERROR(normed.Reserve(Bf16Bytes(rows * c.hidden_size)));
+    RETURN_IF_ERROR(Norm(residual.as<uint16_t>() + first_row * c.hidden_size, rows, final_norm,
+                         normed.as<uint16_t>()));
+    const DeviceBuffer& head = c.tie_word_embeddings ? embed : lm_head;
+    return gemm->Linear(normed.as<uint16_t>(), head.as<uint16_t>(), logits.as<float>(), CUDA_R_32F,
+                        rows, c.vocab_size, c.hidden_size, false, stream);
+  }
+
+  // Logits of `rows` rows from `first_row`, appended to `out`.
+  absl::Status Logits(int64_t first_row, int64_t rows, std::vector<float>* out) {
+    const int64_t vocab = config.vocab_size;
+    for (int64_t r0 = 0; r0 < rows; r0 += kLogitsRowsPerGemm) {
+      const int64_t m = std::min(kLogitsRowsPerGemm, rows - r0);
+      RETURN_IF_ERROR(DeviceLogits(first_row + r0, m));
       const size_t old_size = out->size();
-      out->resize(old_size + m * c.vocab_size);
+      out->resize(old_size + m * vocab);
+      // Pageable destination: returns once the copy is done.
       CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->data() + old_size, logits.as<float>(),
-                                           m * c.vocab_size * sizeof(float), cudaMemcpyDeviceToHost,
+                                           m * vocab * sizeof(float), cudaMemcpyDeviceToHost,
                                            stream));
     }
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
     return absl::OkStatus();
+  }
+
+  // One decoder layer on `m` rows of the residual stream `x` (updated in place), the rows at
+  // device `row_positions`. After the fused QKV projection and RoPE (into `qkv`), `store_kv`
+  // keeps the rows' K and V and `attend` writes the attention output into `attn`.
+  absl::Status DecoderLayer(const LayerWeights& w, uint16_t* x, int64_t m,
+                            const int32_t* row_positions,
+                            const std::function<absl::Status()>& store_kv,
+                            const std::function<absl::Status()>& attend) {
+    const ModelConfig& c = config;
+    RETURN_IF_ERROR(Norm(x, m, w.input_norm, normed.as<uint16_t>()));
+    RETURN_IF_ERROR(Linear(normed.as<uint16_t>(), w.qkv, qkv.as<uint16_t>(), m, qkv_width,
+                           c.hidden_size, false));
+    RETURN_IF_ERROR(cuda::ApplyRope(qkv.as<uint16_t>(), qkv_width, c.num_attention_heads,
+                                    qkv.as<uint16_t>() + q_width, qkv_width, c.num_key_value_heads,
+                                    m, c.head_dim, row_positions, inv_freq.as<float>(), stream));
+    RETURN_IF_ERROR(store_kv());
+    RETURN_IF_ERROR(attend());
+    RETURN_IF_ERROR(Linear(attn.as<uint16_t>(), w.o, x, m, c.hidden_size, q_width, true));
+    RETURN_IF_ERROR(Norm(x, m, w.post_norm, normed.as<uint16_t>()));
+    RETURN_IF_ERROR(Linear(normed.as<uint16_t>(), w.gate_up, gate_up.as<uint16_t>(), m,
+                           2 * c.intermediate_size, c.hidden_size, false));
+    RETURN_IF_ERROR(
+        cuda::SwiGlu(gate_up.as<uint16_t>(), gate_up.as<uint16_t>() + c.intermediate_size, m,
+                     c.intermediate_size, 2 * c.intermediate_size, act.as<uint16_t>(), stream));
+    return Linear(act.as<uint16_t>(), w.down, x, m, c.hidden_size, c.intermediate_size, true);
   }
 
   // All layers for tokens at positions [start, start + n) of one sequence. Each layer's K/V
@@ -170,59 +209,52 @@ struct LlamaCuda::State {
     const int64_t n = static_cast<int64_t>(tokens.size());
     const int64_t total = start + n;
     const int64_t chunk = std::min(n, options.prefill_chunk_tokens);
-    const float eps = static_cast<float>(c.rms_norm_eps);
     RETURN_IF_ERROR(ids.Reserve(n * sizeof(int32_t)));
+    RETURN_IF_ERROR(positions.Reserve(n * sizeof(int32_t)));
     RETURN_IF_ERROR(residual.Reserve(Bf16Bytes(n * c.hidden_size)));
     RETURN_IF_ERROR(k_layer.Reserve(Bf16Bytes(total * kv_width)));
     RETURN_IF_ERROR(v_layer.Reserve(Bf16Bytes(total * kv_width)));
     RETURN_IF_ERROR(ReserveChunk(chunk));
+    std::vector<int32_t> host_positions(n);
+    for (int64_t i = 0; i < n; ++i) host_positions[i] = static_cast<int32_t>(start + i);
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids.as<int32_t>(), tokens.data(), n * sizeof(int32_t),
                                          cudaMemcpyHostToDevice, stream));
-    RETURN_IF_ERROR(EmbeddingGather(ids.as<int32_t>(), n, embed.as<bf16>(), c.hidden_size,
-                                    residual.as<bf16>(), stream));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(positions.as<int32_t>(), host_positions.data(),
+                                         n * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
+    RETURN_IF_ERROR(cuda::EmbeddingGather(ids.as<int32_t>(), n, embed.as<uint16_t>(), c.vocab_size,
+                                          c.hidden_size, residual.as<uint16_t>(), stream));
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-      const LayerWeights& w = layers[l];
       RETURN_IF_ERROR(before_layer(l));
       for (int64_t c0 = 0; c0 < n; c0 += chunk) {
         const int64_t m = std::min(chunk, n - c0);
-        bf16* x = residual.as<bf16>() + c0 * c.hidden_size;
-        RETURN_IF_ERROR(
-            RmsNorm(x, m, c.hidden_size, w.input_norm.as<bf16>(), eps, normed.as<bf16>(), stream));
-        RETURN_IF_ERROR(
-            Linear(normed.as<bf16>(), w.qkv, qkv.as<bf16>(), m, qkv_width, c.hidden_size, false));
-        RopeStoreArgs rope;
-        rope.qkv = qkv.as<bf16>();
-        rope.n = m;
-        rope.qkv_stride = qkv_width;
-        rope.num_heads = c.num_attention_heads;
-        rope.num_kv_heads = c.num_key_value_heads;
-        rope.head_dim = c.head_dim;
-        rope.inv_freq = inv_freq.as<float>();
-        rope.first_pos = start + c0;
-        rope.first_slot = start + c0;
-        rope.k_dst = k_layer.as<bf16>();
-        rope.v_dst = v_layer.as<bf16>();
-        RETURN_IF_ERROR(RopeAndStoreKv(rope, stream));
-        PrefillAttentionArgs attention;
-        attention.q = qkv.as<bf16>();
-        attention.q_stride = qkv_width;
-        attention.nq = m;
-        attention.q_start = start + c0;
-        attention.k = k_layer.as<bf16>();
-        attention.v = v_layer.as<bf16>();
-        attention.num_heads = c.num_attention_heads;
-        attention.num_kv_heads = c.num_key_value_heads;
-        attention.head_dim = c.head_dim;
-        attention.out = attn.as<bf16>();
-        RETURN_IF_ERROR(PrefillAttention(attention, stream));
-        RETURN_IF_ERROR(Linear(attn.as<bf16>(), w.o, x, m, c.hidden_size, q_width, true));
-        RETURN_IF_ERROR(
-            RmsNorm(x, m, c.hidden_size, w.post_norm.as<bf16>(), eps, normed.as<bf16>(), stream));
-        RETURN_IF_ERROR(Linear(normed.as<bf16>(), w.gate_up, gate_up.as<bf16>(), m,
-                               2 * c.intermediate_size, c.hidden_size, false));
-        RETURN_IF_ERROR(SwiGlu(gate_up.as<bf16>(), m, c.intermediate_size, act.as<bf16>(), stream));
-        RETURN_IF_ERROR(
-            Linear(act.as<bf16>(), w.down, x, m, c.hidden_size, c.intermediate_size, true));
+        // The chunk's K/V go to rows [start + c0, start + c0 + m) of the layer buffer; its
+        // queries attend to every row up to their own.
+        auto store_kv = [&]() -> absl::Status {
+          RETURN_IF_ERROR(CopyRows(qkv.as<uint16_t>() + q_width, qkv_width, nullptr,
+                                   k_layer.as<uint16_t>() + (start + c0) * kv_width, kv_width,
+                                   nullptr, m, kv_width, stream));
+          return CopyRows(qkv.as<uint16_t>() + q_width + kv_width, qkv_width, nullptr,
+                          v_layer.as<uint16_t>() + (start + c0) * kv_width, kv_width, nullptr, m,
+                          kv_width, stream);
+        };
+        auto attend = [&]() {
+          cuda::PrefillAttentionArgs a;
+          a.q = qkv.as<uint16_t>();
+          a.q_stride = qkv_width;
+          a.k = k_layer.as<uint16_t>();
+          a.v = v_layer.as<uint16_t>();
+          a.kv_stride = kv_width;
+          a.out = attn.as<uint16_t>();
+          a.out_stride = q_width;
+          a.n = m;
+          a.n_kv = start + c0 + m;
+          a.num_heads = c.num_attention_heads;
+          a.num_kv_heads = c.num_key_value_heads;
+          a.head_dim = c.head_dim;
+          return cuda::PrefillAttention(a, stream);
+        };
+        RETURN_IF_ERROR(DecoderLayer(layers[l], residual.as<uint16_t>() + c0 * c.hidden_size, m,
+                                     positions.as<int32_t>() + c0, store_kv, attend));
       }
       RETURN_IF_ERROR(after_layer(l));
       SampleDeviceMemory();
@@ -246,9 +278,9 @@ struct LlamaCuda::State {
   }
 
   // Copies K or V rows [first, first + count) between a host KvLayerView and the device
-  // buffer `layer_buffer` (bf16, contiguous), through fp32 staging.
+  // buffer `layer_buffer` (uint16_t, contiguous), through fp32 staging.
   absl::Status HostRowsToDevice(const std::vector<float*>& blocks, int64_t block_tokens,
-                                int64_t first, int64_t count, bf16* layer_buffer) {
+                                int64_t first, int64_t count, uint16_t* layer_buffer) {
     if (count == 0) return absl::OkStatus();
     RETURN_IF_ERROR(kv_f32.Reserve(static_cast<size_t>(count * kv_width) * sizeof(float)));
     for (int64_t p = first; p < first + count;) {
@@ -259,15 +291,16 @@ struct LlamaCuda::State {
                                            cudaMemcpyHostToDevice, stream));
       p += in_block;
     }
-    return F32ToBf16(kv_f32.as<float>(), count * kv_width, layer_buffer + first * kv_width, stream);
+    return cuda::F32ToBf16(kv_f32.as<float>(), count * kv_width, layer_buffer + first * kv_width,
+                           stream);
   }
 
-  absl::Status DeviceRowsToHost(const bf16* layer_buffer, int64_t first, int64_t count,
+  absl::Status DeviceRowsToHost(const uint16_t* layer_buffer, int64_t first, int64_t count,
                                 const std::vector<float*>& blocks, int64_t block_tokens) {
     if (count == 0) return absl::OkStatus();
     RETURN_IF_ERROR(kv_f32.Reserve(static_cast<size_t>(count * kv_width) * sizeof(float)));
-    RETURN_IF_ERROR(
-        Bf16ToF32(layer_buffer + first * kv_width, count * kv_width, kv_f32.as<float>(), stream));
+    RETURN_IF_ERROR(cuda::Bf16ToF32(layer_buffer + first * kv_width, count * kv_width,
+                                    kv_f32.as<float>(), stream));
     for (int64_t p = first; p < first + count;) {
       const int64_t in_block = std::min(block_tokens - p % block_tokens, first + count - p);
       float* dst = blocks[p / block_tokens] + (p % block_tokens) * kv_width;
@@ -279,6 +312,8 @@ struct LlamaCuda::State {
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
     return absl::OkStatus();
   }
+
+  absl::Status RunDecode(absl::Span<const int64_t> ids, absl::Span<const int32_t> tokens);
 
   absl::StatusOr<int64_t> NewSequence(int64_t length) {
     const int64_t needed = (length + options.kv_block_tokens - 1) / options.kv_block_tokens;
@@ -316,8 +351,10 @@ LlamaCuda::~LlamaCuda() = default;
 absl::StatusOr<std::unique_ptr<LlamaCuda>> LlamaCuda::Load(const std::string& model_dir,
                                                            const LlamaCudaOptions& options) {
   if (options.prefill_chunk_tokens <= 0 || options.kv_block_tokens <= 0 ||
-      options.kv_pool_tokens < 0 || options.max_decode_batch <= 0) {
-    return absl::InvalidArgumentError("LlamaCudaOptions: sizes must be positive");
+      options.kv_pool_tokens < 0 || options.max_decode_batch <= 0 ||
+      options.max_decode_batch > kLogitsRowsPerGemm) {
+    return absl::InvalidArgumentError(
+        "LlamaCudaOptions: sizes must be positive, max_decode_batch at most 256");
   }
   ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(model_dir));
   ASSIGN_OR_RETURN(std::unique_ptr<TensorStore> store, TensorStore::OpenDirectory(model_dir));
@@ -339,7 +376,7 @@ absl::StatusOr<std::unique_ptr<LlamaCuda>> LlamaCuda::Load(const std::string& mo
     for (int64_t d : shape) elements *= d;
     RETURN_IF_ERROR(buffer->Reserve(s.Bf16Bytes(elements)));
     s.weight_bytes += s.Bf16Bytes(elements);
-    return UploadTensor(*store, name, shape, buffer->as<bf16>());
+    return UploadTensor(*store, name, shape, buffer->as<uint16_t>());
   };
   RETURN_IF_ERROR(alloc_upload(&s.embed, "model.embed_tokens.weight", {c.vocab_size, h}));
   RETURN_IF_ERROR(alloc_upload(&s.final_norm, "model.norm.weight", {h}));
@@ -355,7 +392,7 @@ absl::StatusOr<std::unique_ptr<LlamaCuda>> LlamaCuda::Load(const std::string& mo
     RETURN_IF_ERROR(w.qkv.Reserve(s.Bf16Bytes(s.qkv_width * h)));
     RETURN_IF_ERROR(w.gate_up.Reserve(s.Bf16Bytes(2 * inter * h)));
     s.weight_bytes += s.Bf16Bytes(s.qkv_width * h + 2 * inter * h);
-    bf16* qkv = w.qkv.as<bf16>();
+    uint16_t* qkv = w.qkv.as<uint16_t>();
     RETURN_IF_ERROR(UploadTensor(*store, p + "self_attn.q_proj.weight", {s.q_width, h}, qkv));
     RETURN_IF_ERROR(
         UploadTensor(*store, p + "self_attn.k_proj.weight", {s.kv_width, h}, qkv + s.q_width * h));
@@ -363,9 +400,9 @@ absl::StatusOr<std::unique_ptr<LlamaCuda>> LlamaCuda::Load(const std::string& mo
                                  qkv + (s.q_width + s.kv_width) * h));
     RETURN_IF_ERROR(alloc_upload(&w.o, p + "self_attn.o_proj.weight", {h, s.q_width}));
     RETURN_IF_ERROR(
-        UploadTensor(*store, p + "mlp.gate_proj.weight", {inter, h}, w.gate_up.as<bf16>()));
+        UploadTensor(*store, p + "mlp.gate_proj.weight", {inter, h}, w.gate_up.as<uint16_t>()));
     RETURN_IF_ERROR(UploadTensor(*store, p + "mlp.up_proj.weight", {inter, h},
-                                 w.gate_up.as<bf16>() + inter * h));
+                                 w.gate_up.as<uint16_t>() + inter * h));
     RETURN_IF_ERROR(alloc_upload(&w.down, p + "mlp.down_proj.weight", {h, inter}));
   }
   Llama3RopeScaling scaling;
@@ -423,14 +460,15 @@ absl::Status LlamaCuda::Forward(absl::Span<const SequenceChunk> batch, std::vect
             absl::StrCat("KV store row size ", view.row_size, ", model needs ", s.kv_width));
       }
       RETURN_IF_ERROR(
-          s.HostRowsToDevice(view.k_blocks, view.block_tokens, 0, start, s.k_layer.as<bf16>()));
-      return s.HostRowsToDevice(view.v_blocks, view.block_tokens, 0, start, s.v_layer.as<bf16>());
+          s.HostRowsToDevice(view.k_blocks, view.block_tokens, 0, start, s.k_layer.as<uint16_t>()));
+      return s.HostRowsToDevice(view.v_blocks, view.block_tokens, 0, start,
+                                s.v_layer.as<uint16_t>());
     };
     auto after = [&](int64_t layer) -> absl::Status {
       RETURN_IF_ERROR(
-          s.DeviceRowsToHost(s.k_layer.as<bf16>(), start, n, view.k_blocks, view.block_tokens));
+          s.DeviceRowsToHost(s.k_layer.as<uint16_t>(), start, n, view.k_blocks, view.block_tokens));
       RETURN_IF_ERROR(
-          s.DeviceRowsToHost(s.v_layer.as<bf16>(), start, n, view.v_blocks, view.block_tokens));
+          s.DeviceRowsToHost(s.v_layer.as<uint16_t>(), start, n, view.v_blocks, view.block_tokens));
       return chunk.kv->LayerDone(layer, start, n);
     };
     RETURN_IF_ERROR(s.RunSequence(chunk.tokens, start, before, after));
@@ -451,7 +489,7 @@ absl::Status LlamaCuda::Prefill(absl::Span<const int32_t> tokens, const LayerKvS
   auto after = [&](int64_t layer) -> absl::Status {
     if (!sink) return absl::OkStatus();
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s.stream));
-    return sink(DeviceLayerKv{layer, n, s.k_layer.as<bf16>(), s.v_layer.as<bf16>()});
+    return sink(DeviceLayerKv{layer, n, s.k_layer.as<uint16_t>(), s.v_layer.as<uint16_t>()});
   };
   RETURN_IF_ERROR(s.RunSequence(tokens, 0, before, after));
   if (last_logits != nullptr) {
@@ -476,10 +514,11 @@ absl::StatusOr<int64_t> LlamaCuda::StartSequence(absl::Span<const int32_t> promp
     RETURN_IF_ERROR(s.UploadSlots(seq, n, &s.slots));
     auto before = [](int64_t) { return absl::OkStatus(); };
     auto after = [&](int64_t layer) -> absl::Status {
-      RETURN_IF_ERROR(CopyRows(s.k_layer.as<bf16>(), nullptr, s.PoolK(layer), s.slots.as<int32_t>(),
-                               n, s.kv_width, s.stream));
-      return CopyRows(s.v_layer.as<bf16>(), nullptr, s.PoolV(layer), s.slots.as<int32_t>(), n,
-                      s.kv_width, s.stream);
+      const int64_t w = s.kv_width;
+      RETURN_IF_ERROR(CopyRows(s.k_layer.as<uint16_t>(), w, nullptr, s.PoolK(layer), w,
+                               s.slots.as<int32_t>(), n, w, s.stream));
+      return CopyRows(s.v_layer.as<uint16_t>(), w, nullptr, s.PoolV(layer), w,
+                      s.slots.as<int32_t>(), n, w, s.stream);
     };
     RETURN_IF_ERROR(s.RunSequence(prompt, 0, before, after));
     if (last_logits != nullptr) {
@@ -508,19 +547,21 @@ absl::StatusOr<int64_t> LlamaCuda::ForkSequence(int64_t id) {
   RETURN_IF_ERROR(s.UploadSlots(s.sequences[id], length, &from));
   RETURN_IF_ERROR(s.UploadSlots(s.sequences[fork], length, &s.slots));
   for (int64_t l = 0; l < s.config.num_hidden_layers; ++l) {
-    RETURN_IF_ERROR(CopyRows(s.PoolK(l), from.as<int32_t>(), s.PoolK(l), s.slots.as<int32_t>(),
-                             length, s.kv_width, s.stream));
-    RETURN_IF_ERROR(CopyRows(s.PoolV(l), from.as<int32_t>(), s.PoolV(l), s.slots.as<int32_t>(),
-                             length, s.kv_width, s.stream));
+    const int64_t w = s.kv_width;
+    RETURN_IF_ERROR(CopyRows(s.PoolK(l), w, from.as<int32_t>(), s.PoolK(l), w,
+                             s.slots.as<int32_t>(), length, w, s.stream));
+    RETURN_IF_ERROR(CopyRows(s.PoolV(l), w, from.as<int32_t>(), s.PoolV(l), w,
+                             s.slots.as<int32_t>(), length, w, s.stream));
   }
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s.stream));
   return fork;
 }
 
-absl::Status LlamaCuda::DecodeStep(absl::Span<const int64_t> ids, absl::Span<const int32_t> tokens,
-                                   std::vector<float>* logits) {
-  State& s = *state_;
-  absl::MutexLock lock(&s.mu);
+// One token for each sequence `ids[i]`, all in one batch; leaves the logits in the device
+// `logits` buffer ([ids.size()][vocab_size]).
+absl::Status LlamaCuda::State::RunDecode(absl::Span<const int64_t> ids,
+                                         absl::Span<const int32_t> tokens) {
+  State& s = *this;
   const ModelConfig& c = s.config;
   const int64_t batch = static_cast<int64_t>(ids.size());
   if (batch == 0 || static_cast<int64_t>(tokens.size()) != batch) {
@@ -574,60 +615,81 @@ absl::Status LlamaCuda::DecodeStep(absl::Span<const int64_t> ids, absl::Span<con
   const int32_t* d_tables = d_tokens + 4 * batch;
   RETURN_IF_ERROR(s.residual.Reserve(s.Bf16Bytes(batch * c.hidden_size)));
   RETURN_IF_ERROR(s.ReserveChunk(batch));
-  RETURN_IF_ERROR(s.partials.Reserve(
-      DecodeAttentionPartialsBytes(batch, c.num_attention_heads, c.head_dim, max_length)));
-  const float eps = static_cast<float>(c.rms_norm_eps);
-  bf16* x = s.residual.as<bf16>();
-  RETURN_IF_ERROR(EmbeddingGather(d_tokens, batch, s.embed.as<bf16>(), c.hidden_size, x, s.stream));
+  RETURN_IF_ERROR(s.decode_workspace.Reserve(
+      cuda::PagedDecodeWorkspaceBytes(batch, c.num_attention_heads, c.head_dim, max_length)));
+  uint16_t* x = s.residual.as<uint16_t>();
+  RETURN_IF_ERROR(cuda::EmbeddingGather(d_tokens, batch, s.embed.as<uint16_t>(), c.vocab_size,
+                                        c.hidden_size, x, s.stream));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const LayerWeights& w = s.layers[l];
-    RETURN_IF_ERROR(RmsNorm(x, batch, c.hidden_size, w.input_norm.as<bf16>(), eps,
-                            s.normed.as<bf16>(), s.stream));
-    RETURN_IF_ERROR(s.Linear(s.normed.as<bf16>(), w.qkv, s.qkv.as<bf16>(), batch, s.qkv_width,
-                             c.hidden_size, false));
-    RopeStoreArgs rope;
-    rope.qkv = s.qkv.as<bf16>();
-    rope.n = batch;
-    rope.qkv_stride = s.qkv_width;
-    rope.num_heads = c.num_attention_heads;
-    rope.num_kv_heads = c.num_key_value_heads;
-    rope.head_dim = c.head_dim;
-    rope.inv_freq = s.inv_freq.as<float>();
-    rope.positions = d_positions;
-    rope.slots = d_slots;
-    rope.k_dst = s.PoolK(l);
-    rope.v_dst = s.PoolV(l);
-    RETURN_IF_ERROR(RopeAndStoreKv(rope, s.stream));
-    DecodeAttentionArgs attention;
-    attention.q = s.qkv.as<bf16>();
-    attention.q_stride = s.qkv_width;
-    attention.num_seqs = batch;
-    attention.k_pool = s.PoolK(l);
-    attention.v_pool = s.PoolV(l);
-    attention.block_tables = d_tables;
-    attention.table_stride = table_stride;
-    attention.lengths = d_lengths;
-    attention.max_length = max_length;
-    attention.block_tokens = bt;
-    attention.num_heads = c.num_attention_heads;
-    attention.num_kv_heads = c.num_key_value_heads;
-    attention.head_dim = c.head_dim;
-    attention.partials = s.partials.as<float>();
-    attention.out = s.attn.as<bf16>();
-    RETURN_IF_ERROR(DecodeAttention(attention, s.stream));
-    RETURN_IF_ERROR(s.Linear(s.attn.as<bf16>(), w.o, x, batch, c.hidden_size, s.q_width, true));
-    RETURN_IF_ERROR(RmsNorm(x, batch, c.hidden_size, w.post_norm.as<bf16>(), eps,
-                            s.normed.as<bf16>(), s.stream));
-    RETURN_IF_ERROR(s.Linear(s.normed.as<bf16>(), w.gate_up, s.gate_up.as<bf16>(), batch,
-                             2 * c.intermediate_size, c.hidden_size, false));
-    RETURN_IF_ERROR(
-        SwiGlu(s.gate_up.as<bf16>(), batch, c.intermediate_size, s.act.as<bf16>(), s.stream));
-    RETURN_IF_ERROR(
-        s.Linear(s.act.as<bf16>(), w.down, x, batch, c.hidden_size, c.intermediate_size, true));
+    auto store_kv = [&]() -> absl::Status {
+      RETURN_IF_ERROR(CopyRows(s.qkv.as<uint16_t>() + s.q_width, s.qkv_width, nullptr, s.PoolK(l),
+                               s.kv_width, d_slots, batch, s.kv_width, s.stream));
+      return CopyRows(s.qkv.as<uint16_t>() + s.q_width + s.kv_width, s.qkv_width, nullptr,
+                      s.PoolV(l), s.kv_width, d_slots, batch, s.kv_width, s.stream);
+    };
+    auto attend = [&]() {
+      cuda::PagedDecodeArgs a;
+      a.q = s.qkv.as<uint16_t>();
+      a.q_stride = s.qkv_width;
+      a.k_pool = s.PoolK(l);
+      a.v_pool = s.PoolV(l);
+      a.block_tables = d_tables;
+      a.max_blocks_per_seq = table_stride;
+      a.seq_lens = d_lengths;
+      a.num_seqs = batch;
+      a.max_seq_len = max_length;
+      a.block_tokens = bt;
+      a.num_heads = c.num_attention_heads;
+      a.num_kv_heads = c.num_key_value_heads;
+      a.head_dim = c.head_dim;
+      a.workspace = s.decode_workspace.as<void>();
+      a.out = s.attn.as<uint16_t>();
+      a.out_stride = s.q_width;
+      return cuda::PagedDecodeAttention(a, s.stream);
+    };
+    RETURN_IF_ERROR(s.DecoderLayer(s.layers[l], x, batch, d_positions, store_kv, attend));
   }
   for (int64_t id : ids) ++s.sequences[id].length;
-  logits->clear();
-  return s.Logits(0, batch, logits);
+  return s.DeviceLogits(0, batch);
+}
+
+absl::Status LlamaCuda::DecodeStep(absl::Span<const int64_t> ids, absl::Span<const int32_t> tokens,
+                                   std::vector<float>* logits) {
+  State& s = *state_;
+  absl::MutexLock lock(&s.mu);
+  RETURN_IF_ERROR(s.RunDecode(ids, tokens));
+  const int64_t vocab = s.config.vocab_size;
+  logits->resize(ids.size() * vocab);
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(logits->data(), s.logits.as<float>(),
+                                       logits->size() * sizeof(float), cudaMemcpyDeviceToHost,
+                                       s.stream));
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s.stream));
+  return absl::OkStatus();
+}
+
+absl::Status LlamaCuda::DecodeAndSample(absl::Span<const int64_t> ids,
+                                        absl::Span<const int32_t> tokens,
+                                        absl::Span<const SamplingParams> params,
+                                        absl::Span<const uint64_t> steps,
+                                        std::vector<int32_t>* next) {
+  State& s = *state_;
+  absl::MutexLock lock(&s.mu);
+  const int64_t batch = static_cast<int64_t>(ids.size());
+  if (static_cast<int64_t>(params.size()) != batch || static_cast<int64_t>(steps.size()) != batch) {
+    return absl::InvalidArgumentError("DecodeAndSample needs params and steps per sequence");
+  }
+  RETURN_IF_ERROR(s.RunDecode(ids, tokens));
+  const int64_t vocab = s.config.vocab_size;
+  RETURN_IF_ERROR(s.sample_workspace.Reserve(cuda::SampleTokensWorkspaceBytes(batch, vocab)));
+  RETURN_IF_ERROR(s.sampled.Reserve(batch * sizeof(int32_t)));
+  RETURN_IF_ERROR(cuda::SampleTokens(s.logits.as<float>(), batch, vocab, params.data(),
+                                     steps.data(), s.sample_workspace.as<void>(),
+                                     s.sampled.as<int32_t>(), s.stream));
+  next->resize(batch);
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(next->data(), s.sampled.as<int32_t>(),
+                                       batch * sizeof(int32_t), cudaMemcpyDeviceToHost, s.stream));
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s.stream));
+  return absl::OkStatus();
 }
 
 absl::Status LlamaCuda::EndSequence(int64_t id) {

@@ -2,7 +2,8 @@
 #define SPARSEACCEL_MODEL_LLAMA_CUDA_H_
 
 // The Llama forward pass on one CUDA GPU: bf16 weights and activations, fp32 accumulation,
-// linear layers through cuBLASLt (model/cuda/gemm.cuh), the same semantics as LlamaCpu.
+// linear layers through cuBLASLt (model/cuda/gemm.cuh), the other steps through the kernels of
+// kernels/cuda/cuda_kernels.h (head_dim 64 or 128), the same semantics as LlamaCpu.
 //
 // Memory stays bounded for long prompts: per layer, the projections, attention and MLP run over
 // chunks of `prefill_chunk_tokens` queries (attention of a chunk reads all keys up to its end),
@@ -27,6 +28,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "kernels/sampling.h"
 #include "model/config.h"
 #include "model/kv_cache.h"
 #include "model/language_model.h"
@@ -38,7 +40,7 @@ struct LlamaCudaOptions {
   // Device K/V pool for StartSequence/DecodeStep, in tokens (0: no pool).
   int64_t kv_pool_tokens = 0;
   int64_t kv_block_tokens = 64;
-  // Most sequences in one DecodeStep.
+  // Most sequences in one DecodeStep (at most 256).
   int64_t max_decode_batch = 64;
 };
 
@@ -88,6 +90,11 @@ class LlamaCuda : public LanguageModel {
   // logits to `logits` ([ids.size()][vocab_size]).
   absl::Status DecodeStep(absl::Span<const int64_t> ids, absl::Span<const int32_t> tokens,
                           std::vector<float>* logits);
+  // Like DecodeStep, then samples each sequence's next token on the GPU
+  // (cuda::SampleTokens: same picks as SampleTokenCpu for params[i] at draw steps[i]).
+  absl::Status DecodeAndSample(absl::Span<const int64_t> ids, absl::Span<const int32_t> tokens,
+                               absl::Span<const SamplingParams> params,
+                               absl::Span<const uint64_t> steps, std::vector<int32_t>* next);
   absl::Status EndSequence(int64_t id);
   int64_t SequenceLength(int64_t id) const;
 

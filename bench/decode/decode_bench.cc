@@ -1,7 +1,8 @@
 // Inter-token latency of batched decoding on the CUDA engine: a prompt of `context` tokens is
 // prefilled once into the device pool, forked into `batch` sequences, and each timed step
-// decodes one token for all of them (logits copied to the host, greedy pick on the CPU). Prints
-// one JSON object per (context, batch): median and p90 step time.
+// decodes one token for all of them. Prints
+// one JSON object per (context, batch): median and p90 step time. Steps sample greedily on the
+// GPU (DecodeAndSample), so only the token ids come back to the host.
 //   decode_bench --model DIR --contexts 4096,32768 --batches 1,8,32 [--steps 32] [--pool_gib 40]
 
 #include <algorithm>
@@ -90,15 +91,13 @@ int Run() {
         ids.push_back(*fork);
       }
       std::vector<int32_t> tokens(batch, first);
-      std::vector<float> logits;
+      const std::vector<SamplingParams> greedy(batch);
       std::vector<double> seconds;
       for (int64_t step = 0; step < kWarmupSteps + steps; ++step) {
+        const std::vector<uint64_t> draw(batch, static_cast<uint64_t>(step));
         const auto start = std::chrono::steady_clock::now();
-        absl::Status status = (*model)->DecodeStep(ids, tokens, &logits);
+        absl::Status status = (*model)->DecodeAndSample(ids, tokens, greedy, draw, &tokens);
         if (!status.ok()) return Fail("decode_bench.step_failed", status);
-        for (int64_t b = 0; b < batch; ++b) {
-          tokens[b] = SampleTokenCpu(logits.data() + b * vocab, vocab, SamplingParams{}, step);
-        }
         const auto end = std::chrono::steady_clock::now();
         if (step >= kWarmupSteps) {
           seconds.push_back(std::chrono::duration<double>(end - start).count());

@@ -2,8 +2,8 @@
 #define SPARSEACCEL_MODEL_CUDA_CUDA_UTIL_CUH_
 
 // Error handling and device memory for the CUDA engine (included by .cu files only).
+// bf16 values are handled as their raw bits (uint16_t), as in kernels/cuda/cuda_kernels.h.
 
-#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <atomic>

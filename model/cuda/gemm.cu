@@ -82,7 +82,7 @@ absl::StatusOr<const LtGemm::Plan*> LtGemm::PlanFor(int64_t m, int64_t n, int64_
   return planned;
 }
 
-absl::Status LtGemm::Linear(const __nv_bfloat16* x, const __nv_bfloat16* w, void* out,
+absl::Status LtGemm::Linear(const uint16_t* x, const uint16_t* w, void* out,
                             cudaDataType_t out_type, int64_t m, int64_t n, int64_t k,
                             bool accumulate, cudaStream_t stream) {
   if (m <= 0 || n <= 0 || k <= 0) {

@@ -6,7 +6,6 @@
 // time that shape is seen and cached, so steady-state calls do no planning.
 
 #include <cublasLt.h>
-#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -27,11 +26,11 @@ class LtGemm {
   LtGemm& operator=(const LtGemm&) = delete;
 
   // out[m][n] = x[m][k] * w[n][k]^T (+ out[m][n] when `accumulate`): a PyTorch Linear with the
-  // weight in its [out_features][in_features] layout. Row strides are the row lengths. `out` is
-  // bf16 or fp32 (out_type CUDA_R_16BF / CUDA_R_32F) and may not overlap x or w.
-  absl::Status Linear(const __nv_bfloat16* x, const __nv_bfloat16* w, void* out,
-                      cudaDataType_t out_type, int64_t m, int64_t n, int64_t k, bool accumulate,
-                      cudaStream_t stream);
+  // weight in its [out_features][in_features] layout. x and w are bf16 (raw bits); row strides
+  // are the row lengths. `out` is bf16 or fp32 (out_type CUDA_R_16BF / CUDA_R_32F) and may not
+  // overlap x or w.
+  absl::Status Linear(const uint16_t* x, const uint16_t* w, void* out, cudaDataType_t out_type,
+                      int64_t m, int64_t n, int64_t k, bool accumulate, cudaStream_t stream);
 
   // Shapes planned so far (tests check the cache is used).
   size_t num_plans() const { return plans_.size(); }

@@ -86,10 +86,11 @@ def main():
     torch.backends.cudnn.allow_tf32 = False
     os.makedirs(args.work, exist_ok=True)
     small = os.path.join(args.work, "small")
-    # Large init_std: peaked logits, so greedy picks are decisive beyond bf16 noise.
+    # head_dim 64 with GQA (4 query heads, 2 KV heads). Large init_std: peaked logits, so
+    # greedy picks are decisive beyond bf16 noise.
     subprocess.run([os.path.join(args.bin, "make_checkpoint"), "--out", small, "--preset",
-                    "small", "--dtype", "bfloat16", "--seed", "11", "--init_std", "0.12"],
-                   check=True)
+                    "small", "--heads", "4", "--kv_heads", "2", "--dtype", "bfloat16",
+                    "--seed", "11", "--init_std", "0.12"], check=True)
     result = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(),

@@ -1,6 +1,6 @@
 // Decode attention over a paged KV cache (flash-decoding): block (split, kv_head, sequence)
 // takes one chunk of the sequence's keys for all query heads that share the KV head, so each
-// K/V row is read once per group. Its 4 warps stride over the chunk's keys, one key per warp
+// K/V row is read once per group. Its 4 warps stride over the chunk's keys, 4 keys per warp
 // at a time (lane l holds head_dim/32 elements of the row), with a per-head online softmax in
 // fp32; a second kernel merges the chunks' (max, sum, output) partials.
 
@@ -15,6 +15,7 @@ namespace cuda {
 namespace {
 
 constexpr int kDecodeWarps = 4;
+constexpr int kKeysPerStep = 4;
 constexpr int64_t kMinChunk = 256;      // Fewer keys per split are not worth a partial.
 constexpr int64_t kTargetBlocks = 264;  // About two blocks per SM on an H100 (132 SMs).
 
@@ -79,27 +80,53 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
   }
   const int32_t* table = args.block_tables + seq * args.max_blocks_per_seq;
   const int64_t row_stride = args.num_kv_heads * kHeadDim;
-  for (int64_t pos = begin + warp; pos < end; pos += kDecodeWarps) {
-    const int64_t row =
-        int64_t{table[pos / args.block_tokens]} * args.block_tokens + pos % args.block_tokens;
-    const int64_t element = row * row_stride + kv_head * kHeadDim + lane * kPerLane;
-    float k[kPerLane], v[kPerLane];
-    LoadRow<kPerLane>(args.k_pool + element, k);
-    LoadRow<kPerLane>(args.v_pool + element, v);
+  // Each warp takes kKeysPerStep consecutive keys per step: their K and V loads are all in
+  // flight before the first use, and one softmax update covers them.
+  for (int64_t pos0 = begin + warp * kKeysPerStep; pos0 < end;
+       pos0 += kDecodeWarps * kKeysPerStep) {
+    float k[kKeysPerStep][kPerLane], v[kKeysPerStep][kPerLane];
+#pragma unroll
+    for (int u = 0; u < kKeysPerStep; ++u) {
+      const int64_t pos = min(pos0 + u, end - 1);  // Past the end: a repeat, weighted 0 below.
+      const int64_t row =
+          int64_t{table[pos / args.block_tokens]} * args.block_tokens + pos % args.block_tokens;
+      const int64_t element = row * row_stride + kv_head * kHeadDim + lane * kPerLane;
+      LoadRow<kPerLane>(args.k_pool + element, k[u]);
+      LoadRow<kPerLane>(args.v_pool + element, v[u]);
+    }
 #pragma unroll
     for (int h = 0; h < kMaxGroup; ++h) {
       if (h >= group) break;
-      float dot = 0;
+      float dot[kKeysPerStep];
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) dot += q[h][i] * k[i];
+      for (int u = 0; u < kKeysPerStep; ++u) {
+        dot[u] = 0;
 #pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(~0u, dot, offset);
-      const float new_max = fmaxf(row_max[h], dot);
-      const float correction = exp2f(row_max[h] - new_max), p = exp2f(dot - new_max);
+        for (int i = 0; i < kPerLane; ++i) dot[u] += q[h][i] * k[u][i];
+      }
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) {
+#pragma unroll
+        for (int u = 0; u < kKeysPerStep; ++u) dot[u] += __shfl_xor_sync(~0u, dot[u], offset);
+      }
+      float step_max = dot[0];  // pos0 < end: key 0 of the step is always real.
+#pragma unroll
+      for (int u = 1; u < kKeysPerStep; ++u) {
+        if (pos0 + u < end) step_max = fmaxf(step_max, dot[u]);
+      }
+      const float new_max = fmaxf(row_max[h], step_max);
+      const float correction = exp2f(row_max[h] - new_max);
       row_max[h] = new_max;
-      row_sum[h] = row_sum[h] * correction + p;
+      row_sum[h] *= correction;
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) o[h][i] = o[h][i] * correction + p * v[i];
+      for (int i = 0; i < kPerLane; ++i) o[h][i] *= correction;
+#pragma unroll
+      for (int u = 0; u < kKeysPerStep; ++u) {
+        const float p = pos0 + u < end ? exp2f(dot[u] - new_max) : 0.f;
+        row_sum[h] += p;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) o[h][i] += p * v[u][i];
+      }
     }
   }
 

@@ -38,6 +38,27 @@ __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
+// Copies kRows rows of kHeadDim bf16 (row r at src + r * stride) into a swizzled tile with
+// cp.async, using all kThreads threads of the block; rows >= valid_rows are zero-filled.
+// Thread t copies the 16-byte chunk t % kChunksPerRow of rows t / kChunksPerRow +
+// i * kRowsPerPass: the same swizzled column in every pass. The caller commits and waits.
+template <int kHeadDim, int kRows, int kThreads>
+__device__ __forceinline__ void LoadTile(__nv_bfloat16* tile, const uint16_t* src, int64_t stride,
+                                         int64_t valid_rows) {
+  constexpr int kChunksPerRow = kHeadDim / 8;
+  constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  static_assert(kRows % kRowsPerPass == 0 && kRowsPerPass % 8 == 0, "tile split");
+  const int row0 = threadIdx.x / kChunksPerRow, col = (threadIdx.x % kChunksPerRow) * 8;
+  __nv_bfloat16* dst = tile + SwizzledOffset<kHeadDim>(row0, col);
+  const uint16_t* from = src + row0 * stride + col;
+  const int64_t pass_stride = kRowsPerPass * stride;
+#pragma unroll
+  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
+    const bool valid = row0 + i * kRowsPerPass < valid_rows;
+    CpAsync16(dst + i * kRowsPerPass * kHeadDim, valid ? from + i * pass_stride : src, valid);
+  }
+}
+
 __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

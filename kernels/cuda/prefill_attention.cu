@@ -30,26 +30,6 @@ constexpr int PrefillSharedBytes() {
   return (kQueryRows + kStages * 2 * kTileKeys<kHeadDim>)*kHeadDim * 2;
 }
 
-// Copies `rows` rows of kHeadDim bf16 (row r at src + r * stride) into a swizzled tile;
-// rows >= valid_rows are zero-filled. Thread t copies the 16-byte chunk t % kChunksPerRow of
-// rows t / kChunksPerRow + i * kRowsPerPass: the same swizzled column in every pass.
-template <int kHeadDim, int kRows>
-__device__ __forceinline__ void LoadTile(__nv_bfloat16* tile, const uint16_t* src, int64_t stride,
-                                         int64_t valid_rows) {
-  constexpr int kChunksPerRow = kHeadDim / 8;
-  constexpr int kRowsPerPass = kWarps * 32 / kChunksPerRow;
-  static_assert(kRows % kRowsPerPass == 0 && kRowsPerPass % 8 == 0, "tile split");
-  const int row0 = threadIdx.x / kChunksPerRow, col = (threadIdx.x % kChunksPerRow) * 8;
-  __nv_bfloat16* dst = tile + SwizzledOffset<kHeadDim>(row0, col);
-  const uint16_t* from = src + row0 * stride + col;
-  const int64_t pass_stride = kRowsPerPass * stride;
-#pragma unroll
-  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
-    const bool valid = row0 + i * kRowsPerPass < valid_rows;
-    CpAsync16(dst + i * kRowsPerPass * kHeadDim, valid ? from + i * pass_stride : src, valid);
-  }
-}
-
 template <int kHeadDim>
 __global__ void __launch_bounds__(kWarps * 32)
     PrefillAttentionKernel(PrefillAttentionArgs args, float scale_log2) {
@@ -72,13 +52,13 @@ __global__ void __launch_bounds__(kWarps * 32)
   auto load_kv = [&](int tile, int stage) {
     const int64_t key0 = int64_t{tile} * kKeys;
     __nv_bfloat16* k_dst = kv_tiles + stage * 2 * kKeys * kHeadDim;
-    LoadTile<kHeadDim, kKeys>(k_dst, k_src + key0 * args.kv_stride, args.kv_stride,
-                              args.n_kv - key0);
-    LoadTile<kHeadDim, kKeys>(k_dst + kKeys * kHeadDim, v_src + key0 * args.kv_stride,
-                              args.kv_stride, args.n_kv - key0);
+    LoadTile<kHeadDim, kKeys, kWarps * 32>(k_dst, k_src + key0 * args.kv_stride, args.kv_stride,
+                                           args.n_kv - key0);
+    LoadTile<kHeadDim, kKeys, kWarps * 32>(k_dst + kKeys * kHeadDim, v_src + key0 * args.kv_stride,
+                                           args.kv_stride, args.n_kv - key0);
   };
-  LoadTile<kHeadDim, kQueryRows>(q_tile, args.q + q0 * args.q_stride + head * kHeadDim,
-                                 args.q_stride, args.n - q0);
+  LoadTile<kHeadDim, kQueryRows, kWarps * 32>(q_tile, args.q + q0 * args.q_stride + head * kHeadDim,
+                                              args.q_stride, args.n - q0);
   // One cp.async group per key tile (the first also holds Q), kStages - 1 tiles ahead.
 #pragma unroll
   for (int tile = 0; tile < kStages - 1; ++tile) {

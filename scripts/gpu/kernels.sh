@@ -9,10 +9,11 @@ cd "$(dirname "$0")/../.."
 if [[ "${1:-}" == "--stage" ]]; then
   base="${BAZEL_OUTPUT_BASE:-/tmp/bazel_cuk}"
   bazel --output_base="$base" build //kernels/cuda:cuda_kernels_test \
-    //bench/attention:prefill_attention_bench
+    //bench/attention:prefill_attention_bench //bench/attention:decode_attention_bench
   bin="$(bazel --output_base="$base" info bazel-bin 2>/dev/null)"
   mkdir -p out/device
-  for b in kernels/cuda/cuda_kernels_test bench/attention/prefill_attention_bench; do
+  for b in kernels/cuda/cuda_kernels_test bench/attention/prefill_attention_bench \
+    bench/attention/decode_attention_bench; do
     install -m 755 "$bin/$b" out/device/
     # Non-glibc shared libraries the binaries need (CUDA's own come from the device).
     ldd "$bin/$b" | awk '/=> \// {print $3}' |
@@ -39,6 +40,7 @@ out/device/cuda_kernels_test --gtest_output="xml:$OUT/cuda_kernels_test.xml" \
 grep -q '^\[  PASSED' "$OUT/cuda_kernels_test.log" || { status=1; tail -40 "$OUT/cuda_kernels_test.log"; }
 
 out/device/prefill_attention_bench > "$OUT/ours.json" || status=1
+out/device/decode_attention_bench > "$OUT/decode_attention.json" || status=1
 python3 bench/attention/torch_sdpa.py > "$OUT/torch.json" || status=1
 
 python3 - "$OUT" <<'PY'
@@ -57,5 +59,9 @@ for n, r in rows.items():
     c, f = by["cudnn"].get(n), by["flash"].get(n)
     print(f"| {n//1024}K | {fmt(r,'median_ms')} | {r['tflops']:.0f} | {fmt(c,'median_ms')} | "
           f"{fmt(c,'tflops')} | {fmt(f,'median_ms')} | {fmt(f,'tflops')} |")
+decode = json.load(open(f"{out}/decode_attention.json"))
+print("\n| decode batch | context | ms | K/V GB/s |\n|---|---|---|---|")
+for r in decode["results"]:
+    print(f"| {r['batch']} | {r['context']//1024}K | {r['median_ms']:.3f} | {r['kv_gb_per_s']:.0f} |")
 PY
 exit $status

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/parallel.h"
+
 namespace sparseaccel {
 
 void AttendOneQuery(const float* q_head, const KvLayerView& kv, int64_t kv_head, int64_t head_dim,
@@ -35,7 +37,9 @@ void CausalAttentionCpu(const float* q, int64_t n, int64_t start_pos, const Atte
                         const KvLayerView& kv, float* out) {
   const int64_t group = shape.num_heads / shape.num_kv_heads;
   const int64_t d = shape.head_dim;
-#pragma omp parallel
+  // Multiply-adds of q.k and p.v over all rows and heads (the causal triangle, roughly).
+  const int64_t work = n * shape.num_heads * (start_pos + n) * d;
+#pragma omp parallel if (work >= kMinParallelWork)
   {
     std::vector<double> scores(start_pos + n);
 #pragma omp for collapse(2) schedule(dynamic, 4)

@@ -2,11 +2,13 @@
 
 #include <cmath>
 
+#include "kernels/parallel.h"
+
 namespace sparseaccel {
 
 void RmsNormCpu(const float* x, const float* weight, int64_t rows, int64_t dim, float eps,
                 float* out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * dim >= kMinParallelWork)
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x + r * dim;
     double sum_sq = 0;

@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "kernels/parallel.h"
+
 namespace sparseaccel {
 
 std::vector<float> RopeInverseFrequencies(int64_t head_dim, double theta,
@@ -35,7 +37,7 @@ std::vector<float> RopeInverseFrequencies(int64_t head_dim, double theta,
 void ApplyRopeCpu(float* x, int64_t rows, int64_t num_heads, int64_t head_dim,
                   const int64_t* positions, const float* inv_freq) {
   const int64_t half = head_dim / 2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * num_heads * head_dim >= kMinParallelWork)
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t i = 0; i < half; ++i) {
       // The angle in fp32 as Hugging Face forms it (position * inv_freq), trig in double.

@@ -9,6 +9,7 @@
 #include "common/status_macros.h"
 #include "kernels/activation.h"
 #include "kernels/attention.h"
+#include "kernels/parallel.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
 #include "model/safetensors.h"
@@ -45,6 +46,12 @@ void MatMulTransposedWeight(const float* a, int64_t m, int64_t k, const float* w
                             float* c) {
   if (m == 0) return;
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, a, k, w, k, 0.0f, c, n);
+}
+
+// The residual connection: x[i] += delta[i].
+void AddInPlace(const float* delta, int64_t count, float* x) {
+#pragma omp parallel for schedule(static) if (count >= kMinParallelWork)
+  for (int64_t i = 0; i < count; ++i) x[i] += delta[i];
 }
 
 }  // namespace
@@ -183,15 +190,13 @@ absl::Status LlamaCpu::Forward(absl::Span<const SequenceChunk> batch, std::vecto
     }
     // x += attn . Wo^T
     MatMulTransposedWeight(attn.data(), rows, q_size, l.o.data(), hidden, h.data());
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < rows * hidden; ++i) x[i] += h[i];
+    AddInPlace(h.data(), rows * hidden, x.data());
     RmsNormCpu(x.data(), l.post_attention_norm.data(), rows, hidden, c.rms_norm_eps, h.data());
     MatMulTransposedWeight(h.data(), rows, hidden, l.gate.data(), c.intermediate_size, gate.data());
     MatMulTransposedWeight(h.data(), rows, hidden, l.up.data(), c.intermediate_size, up.data());
     SwiGluCpu(gate.data(), up.data(), rows * c.intermediate_size, gate.data());
     MatMulTransposedWeight(gate.data(), rows, c.intermediate_size, l.down.data(), hidden, h.data());
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < rows * hidden; ++i) x[i] += h[i];
+    AddInPlace(h.data(), rows * hidden, x.data());
   }
   // Final norm and LM head only for the rows that need logits.
   std::vector<int64_t> logit_rows;

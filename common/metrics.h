@@ -40,6 +40,9 @@ class MetricsServer {
 // The text exposition of everything in `registry`.
 std::string SerializeMetrics(const prometheus::Registry& registry);
 
+// Request outcome label: the status code's name in lower case ("ok", "invalid_argument", ...).
+std::string OutcomeLabel(const absl::Status& status);
+
 // Context-length bucket label: "<4K", "4-16K", "16-32K", "32-64K", "64-128K", ">=128K".
 std::string ContextBucket(int64_t tokens);
 

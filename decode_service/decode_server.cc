@@ -37,12 +37,6 @@ const char* FinishName(v1::FinishReason reason) {
   }
 }
 
-std::string OutcomeName(const absl::Status& status) {
-  std::string name = absl::StatusCodeToString(status.code());
-  for (char& c : name) c = c == ' ' ? '_' : static_cast<char>(std::tolower(c));
-  return name;
-}
-
 // Turns generated tokens into the text deltas sent to the client. Text that may be the start
 // of a stop string is held back until it is not (or until the stream ends).
 class TextStream {
@@ -375,7 +369,7 @@ grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
   int64_t generated = 0;
 
   auto finish_request = [&](absl::Status status) {
-    requests_.Add({{"outcome", OutcomeName(status)}, {"finish_reason", FinishName(finish)}})
+    requests_.Add({{"outcome", OutcomeLabel(status)}, {"finish_reason", FinishName(finish)}})
         .Increment();
     UpdateGauges();
     LogInfo("generate.done", {{"request_id", request_id},

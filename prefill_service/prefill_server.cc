@@ -38,27 +38,6 @@ PrefillServer::PrefillServer(PrefillEngine* engine, prometheus::Registry* regist
                        .Register(*registry)
                        .Add({{"service", "prefill"}})) {}
 
-namespace {
-const char* CodeName(absl::StatusCode code) {
-  switch (code) {
-    case absl::StatusCode::kOk:
-      return "ok";
-    case absl::StatusCode::kCancelled:
-      return "cancelled";
-    case absl::StatusCode::kInvalidArgument:
-      return "invalid_argument";
-    case absl::StatusCode::kFailedPrecondition:
-      return "failed_precondition";
-    case absl::StatusCode::kResourceExhausted:
-      return "resource_exhausted";
-    case absl::StatusCode::kDeadlineExceeded:
-      return "deadline_exceeded";
-    default:
-      return "error";
-  }
-}
-}  // namespace
-
 grpc::Status PrefillServer::Prefill(grpc::ServerContext* context, const v1::PrefillRequest* request,
                                     grpc::ServerWriter<v1::PrefillResponse>* writer) {
   const std::string bucket = ContextBucket(request->token_ids_size());
@@ -89,7 +68,7 @@ grpc::Status PrefillServer::Prefill(grpc::ServerContext* context, const v1::Pref
   sender.join();
   absl::Status status = stats.status();
   if (status.ok() && write_failed) status = absl::CancelledError("the receiver went away");
-  requests_.Add({{"outcome", CodeName(status.code())}}).Increment();
+  requests_.Add({{"outcome", OutcomeLabel(status)}}).Increment();
   host_memory_.Set(static_cast<double>(HostResidentBytes()));
   if (status.ok()) {
     prefill_seconds_.Add({{"context", bucket}}, LatencyBuckets()).Observe(stats->seconds);

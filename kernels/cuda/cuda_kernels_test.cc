@@ -15,6 +15,7 @@
 #include "gtest/gtest.h"
 #include "kernels/activation.h"
 #include "kernels/attention.h"
+#include "kernels/cuda/cuda_test_util.h"
 #include "kernels/cuda/device_memory.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
@@ -24,72 +25,7 @@ namespace sparseaccel {
 namespace cuda {
 namespace {
 
-constexpr uint8_t kNanBytes = 0xff;
-
-uint16_t ToBf16(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
-  if (std::isnan(x)) return 0x7fc0;
-  bits += 0x7fff + ((bits >> 16) & 1);  // Round to nearest even.
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-float FromBf16(uint16_t b) {
-  const uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float x;
-  std::memcpy(&x, &bits, 4);
-  return x;
-}
-
-std::vector<float> FromBf16(const std::vector<uint16_t>& v) {
-  std::vector<float> out(v.size());
-  std::transform(v.begin(), v.end(), out.begin(), [](uint16_t b) { return FromBf16(b); });
-  return out;
-}
-
-class CudaKernelsTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    seed_ = std::random_device{}();
-    rng_.seed(seed_);
-    RecordProperty("seed", std::to_string(seed_));
-  }
-
-  // bf16 values of N(0, stddev) (resampled until no element is exactly zero).
-  std::vector<uint16_t> RandomBf16(size_t count, float stddev = 1.f) {
-    std::normal_distribution<float> dist(0.f, stddev);
-    std::vector<uint16_t> v(count);
-    for (uint16_t& x : v) {
-      do {
-        x = ToBf16(dist(rng_));
-      } while (FromBf16(x) == 0.f);
-    }
-    return v;
-  }
-
-  // Every element finite, and max|a-b| / max|b| below `bound`.
-  void ExpectClose(const std::vector<float>& actual, const std::vector<float>& expected,
-                   double bound, const std::string& what) {
-    ASSERT_EQ(actual.size(), expected.size()) << what;
-    double max_diff = 0, max_ref = 0;
-    for (size_t i = 0; i < actual.size(); ++i) {
-      ASSERT_TRUE(std::isfinite(actual[i])) << what << " element " << i << " seed " << seed_;
-      max_diff = std::max(max_diff, std::abs(double(actual[i]) - expected[i]));
-      max_ref = std::max(max_ref, std::abs(double(expected[i])));
-    }
-    ASSERT_GT(max_ref, 0) << what;
-    EXPECT_LT(max_diff / max_ref, bound) << what << " seed " << seed_;
-  }
-
-  uint32_t seed_ = 0;
-  std::mt19937_64 rng_;
-};
-
-#define ASSERT_OK(expr) ASSERT_TRUE((expr).ok()) << (expr)
-#define ASSERT_OK_AND_ASSIGN(lhs, expr)            \
-  auto lhs##_or = (expr);                          \
-  ASSERT_TRUE(lhs##_or.ok()) << lhs##_or.status(); \
-  auto lhs = std::move(*lhs##_or)
+class CudaKernelsTest : public CudaTest {};
 
 TEST_F(CudaKernelsTest, ConversionsRoundTripExactly) {
   const size_t count = 100003;

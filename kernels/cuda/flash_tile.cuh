@@ -38,25 +38,33 @@ __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-// Copies kRows rows of kHeadDim bf16 (row r at src + r * stride) into a swizzled tile with
-// cp.async, using all kThreads threads of the block; rows >= valid_rows are zero-filled.
-// Thread t copies the 16-byte chunk t % kChunksPerRow of rows t / kChunksPerRow +
-// i * kRowsPerPass: the same swizzled column in every pass. The caller commits and waits.
-template <int kHeadDim, int kRows, int kThreads>
-__device__ __forceinline__ void LoadTile(__nv_bfloat16* tile, const uint16_t* src, int64_t stride,
-                                         int64_t valid_rows) {
+// Copies kRows rows of kHeadDim bf16 into a swizzled tile with cp.async, using all kThreads
+// threads of the block: tile row r comes from src + source_row(r) * stride, or is zero-filled
+// when source_row(r) < 0. Thread t copies the 16-byte chunk t % kChunksPerRow of rows
+// t / kChunksPerRow + i * kRowsPerPass: the same swizzled column in every pass. The caller
+// commits and waits.
+template <int kHeadDim, int kRows, int kThreads, typename SourceRow>
+__device__ __forceinline__ void LoadTileRows(__nv_bfloat16* tile, const uint16_t* src,
+                                             int64_t stride, const SourceRow& source_row) {
   constexpr int kChunksPerRow = kHeadDim / 8;
   constexpr int kRowsPerPass = kThreads / kChunksPerRow;
   static_assert(kRows % kRowsPerPass == 0 && kRowsPerPass % 8 == 0, "tile split");
   const int row0 = threadIdx.x / kChunksPerRow, col = (threadIdx.x % kChunksPerRow) * 8;
   __nv_bfloat16* dst = tile + SwizzledOffset<kHeadDim>(row0, col);
-  const uint16_t* from = src + row0 * stride + col;
-  const int64_t pass_stride = kRowsPerPass * stride;
 #pragma unroll
   for (int i = 0; i < kRows / kRowsPerPass; ++i) {
-    const bool valid = row0 + i * kRowsPerPass < valid_rows;
-    CpAsync16(dst + i * kRowsPerPass * kHeadDim, valid ? from + i * pass_stride : src, valid);
+    const int64_t row = source_row(row0 + i * kRowsPerPass);
+    CpAsync16(dst + i * kRowsPerPass * kHeadDim, src + (row < 0 ? 0 : row * stride + col),
+              row >= 0);
   }
+}
+
+// Rows 0 .. valid_rows - 1 of src, then zeros.
+template <int kHeadDim, int kRows, int kThreads>
+__device__ __forceinline__ void LoadTile(__nv_bfloat16* tile, const uint16_t* src, int64_t stride,
+                                         int64_t valid_rows) {
+  LoadTileRows<kHeadDim, kRows, kThreads>(
+      tile, src, stride, [valid_rows](int r) -> int64_t { return r < valid_rows ? r : -1; });
 }
 
 __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem) {
@@ -118,28 +126,11 @@ struct FlashWarpState {
     }
   }
 
-  // Folds one tile of kFlashKeys keys (swizzled K and V tiles in shared memory) in.
-  // scale_log2 = log2(e) / sqrt(head_dim). If `mask`, key i of the tile (at position
-  // key_pos0 + i) is dropped for the query row at position q_pos0 + (row within the warp)
-  // when key_pos0 + i > that position.
-  __device__ __forceinline__ void AttendTile(const __nv_bfloat16* k_tile,
-                                             const __nv_bfloat16* v_tile, float scale_log2,
-                                             bool mask, int64_t key_pos0, int64_t q_pos0) {
-    if (mask) {
-      AttendTileImpl<true>(k_tile, v_tile, scale_log2, static_cast<int>(q_pos0 - key_pos0));
-    } else {
-      AttendTileImpl<false>(k_tile, v_tile, scale_log2, 0);
-    }
-  }
-
-  // kMask: the tile straddles the diagonal; `diagonal` = q_pos0 - key_pos0 is then within a
-  // tile's span, so keys and queries compare as int32 offsets from key_pos0.
-  template <bool kMask>
-  __device__ __forceinline__ void AttendTileImpl(const __nv_bfloat16* k_tile,
-                                                 const __nv_bfloat16* v_tile, float scale_log2,
-                                                 int diagonal) {
+  // s = Q K^T (raw, unscaled) for the tile: s[m][n][e] is row 16m + lane/4 + 8(e/2) of the
+  // warp's, key 8n + 2(lane%4) + e%2 of the tile.
+  __device__ __forceinline__ void Scores(const __nv_bfloat16* k_tile,
+                                         float (&s)[kMTiles][kFlashKeys / 8][4]) const {
     const int lane = threadIdx.x % 32;
-    float s[kMTiles][kFlashKeys / 8][4];
 #pragma unroll
     for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
@@ -147,8 +138,8 @@ struct FlashWarpState {
         s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0;
       }
     }
-    // S = Q K^T: K rows are the columns of B, so plain ldmatrix gives B fragments; one x4
-    // covers two 8-key tiles x 16 of head_dim.
+    // K rows are the columns of B, so plain ldmatrix gives B fragments; one x4 covers two
+    // 8-key tiles x 16 of head_dim.
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
       uint32_t q[kMTiles][4];
@@ -169,6 +160,31 @@ struct FlashWarpState {
         }
       }
     }
+  }
+
+  // Folds one tile of kFlashKeys keys (swizzled K and V tiles in shared memory) in, every key
+  // visible to every row. scale_log2 = log2(e) / sqrt(head_dim).
+  __device__ __forceinline__ void AttendTile(const __nv_bfloat16* k_tile,
+                                             const __nv_bfloat16* v_tile, float scale_log2) {
+    AttendTileImpl<false>(k_tile, v_tile, scale_log2, [](int, int) { return false; });
+  }
+
+  // The same with some keys hidden: masked(row, key) is true when key `key` of the tile (0 ..
+  // kFlashKeys - 1) is invisible to row `row` of the warp (0 .. 16 kMTiles - 1).
+  template <typename Masked>
+  __device__ __forceinline__ void AttendTileMasked(const __nv_bfloat16* k_tile,
+                                                   const __nv_bfloat16* v_tile, float scale_log2,
+                                                   const Masked& masked) {
+    AttendTileImpl<true>(k_tile, v_tile, scale_log2, masked);
+  }
+
+  template <bool kMask, typename Masked>
+  __device__ __forceinline__ void AttendTileImpl(const __nv_bfloat16* k_tile,
+                                                 const __nv_bfloat16* v_tile, float scale_log2,
+                                                 const Masked& masked) {
+    const int lane = threadIdx.x % 32;
+    float s[kMTiles][kFlashKeys / 8][4];
+    Scores(k_tile, s);
     uint32_t p[kMTiles][kFlashKeys / 16][4];
     float correction[kMTiles][2];
     bool rescale = false;
@@ -180,8 +196,7 @@ struct FlashWarpState {
       for (int n = 0; n < kFlashKeys / 8; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          if (kMask &&
-              n * 8 + 2 * (lane % 4) + e % 2 > diagonal + m * 16 + lane / 4 + (e / 2) * 8) {
+          if (kMask && masked(m * 16 + lane / 4 + (e / 2) * 8, n * 8 + 2 * (lane % 4) + e % 2)) {
             s[m][n][e] = -INFINITY;
           }
           tile_max[e / 2] = fmaxf(tile_max[e / 2], s[m][n][e]);
@@ -252,6 +267,79 @@ struct FlashWarpState {
       for (int r = 0; r < 2; ++r) {
         row_sum[m][r] += __shfl_xor_sync(~0u, row_sum[m][r], 1);
         row_sum[m][r] += __shfl_xor_sync(~0u, row_sum[m][r], 2);
+      }
+    }
+  }
+};
+
+// One thread block of FlashAttention over a list of key tiles: kWarps warps own 16 kMTiles
+// query rows each; the key tiles stream through shared memory in a kStages-deep cp.async
+// pipeline (one barrier per tile). `Tiles` says which keys each tile holds:
+//   int count() const;                                     // tiles for this block
+//   void Load(int tile, __nv_bfloat16* k, __nv_bfloat16* v) const;  // LoadTileRows, all threads
+//   void Attend(FlashWarpState<...>& state, int tile, const __nv_bfloat16* k,
+//               const __nv_bfloat16* v, float scale_log2, int64_t warp_pos0) const;
+// Attend folds the tile into one warp's state, masking keys after each row's position (rows
+// at warp_pos0, warp_pos0 + 1, ...) or skipping the tile when no key is visible.
+template <int kHeadDim, int kWarps, int kMTiles, int kKeys, int kStages>
+struct FlashBlock {
+  static constexpr int kTileKeys = kKeys;
+  static constexpr int kWarpRows = 16 * kMTiles;
+  static constexpr int kQueryRows = kWarps * kWarpRows;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kSharedBytes = (kQueryRows + kStages * 2 * kKeys) * kHeadDim * 2;
+  using WarpState = FlashWarpState<kHeadDim, kMTiles, kKeys>;
+
+  // Query row r (r < valid_rows) is q + r * q_stride at position first_pos + r; its output row
+  // goes to out + r * out_stride. `shared` holds kSharedBytes.
+  template <typename Tiles>
+  __device__ __forceinline__ static void Run(const Tiles& tiles, unsigned char* shared,
+                                             const uint16_t* q, int64_t q_stride,
+                                             int64_t valid_rows, int64_t first_pos,
+                                             float scale_log2, uint16_t* out,
+                                             int64_t out_stride) {
+    __nv_bfloat16* q_tile = reinterpret_cast<__nv_bfloat16*>(shared);
+    __nv_bfloat16* kv_tiles = q_tile + kQueryRows * kHeadDim;  // [stage][K, V][keys][dim]
+    auto stage_k = [&](int stage) { return kv_tiles + stage * 2 * kKeys * kHeadDim; };
+    const int num_tiles = tiles.count();
+    LoadTile<kHeadDim, kQueryRows, kThreads>(q_tile, q, q_stride, valid_rows);
+    // One cp.async group per key tile (the first also holds Q), kStages - 1 tiles ahead.
+#pragma unroll
+    for (int tile = 0; tile < kStages - 1; ++tile) {
+      if (tile < num_tiles) tiles.Load(tile, stage_k(tile), stage_k(tile) + kKeys * kHeadDim);
+      CpAsyncCommit();
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int64_t warp_pos0 = first_pos + warp * kWarpRows;
+    WarpState state;
+    state.Init(q_tile, warp * kWarpRows);
+    for (int tile = 0; tile < num_tiles; ++tile) {
+      CpAsyncWait<kStages - 2>();  // This tile's group has landed (for this thread)...
+      __syncthreads();  // ...for every thread; and all are done with the tile before it.
+      // So the stage of tile - 1 can take tile + kStages - 1.
+      const int next = tile + kStages - 1;
+      if (next < num_tiles) {
+        tiles.Load(next, stage_k(next % kStages), stage_k(next % kStages) + kKeys * kHeadDim);
+      }
+      CpAsyncCommit();
+      const __nv_bfloat16* k_tile = stage_k(tile % kStages);
+      tiles.Attend(state, tile, k_tile, k_tile + kKeys * kHeadDim, scale_log2, warp_pos0);
+    }
+    state.FinishRowSums();
+    // Normalise and store: lane owns rows 16m + lane/4 (+8), columns 8j + 2(lane%4) + {0,1}.
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t row = warp * kWarpRows + m * 16 + lane / 4 + r * 8;
+        if (row >= valid_rows) continue;
+        const float inv_sum = 1.f / state.row_sum[m][r];
+        uint16_t* dst = out + row * out_stride + 2 * (lane % 4);
+#pragma unroll
+        for (int j = 0; j < kHeadDim / 8; ++j) {
+          *reinterpret_cast<uint32_t*>(dst + j * 8) =
+              PackBf16(state.o[m][j][2 * r] * inv_sum, state.o[m][j][2 * r + 1] * inv_sum);
+        }
       }
     }
   }

@@ -1,0 +1,368 @@
+// The GPU sparse prefill (kernels/cuda/sparse_attention.h) against the CPU reference
+// (kernels/sparse/sparse_index.h) on fresh random and planted inputs: the same indices where
+// the selection is clear-cut, the same outputs within bf16 rounding for any index, and dense
+// results from full budgets.
+
+#include "kernels/cuda/sparse_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/cuda_test_util.h"
+#include "kernels/cuda/device_memory.h"
+#include "kernels/sparse/pattern_config.h"
+#include "kernels/sparse/planted.h"
+#include "kernels/sparse/sparse_index.h"
+
+namespace sparseaccel {
+namespace cuda {
+namespace {
+
+// Outputs are bf16 (relative rounding 2^-9 per element) and the kernel's probabilities are
+// rounded to bf16 before P V, as in the dense kernel: the same bound as its test.
+constexpr double kAttentionBound = 2e-2;
+
+HeadPattern Dense() { return HeadPattern{}; }
+HeadPattern AShape(int64_t sink, int64_t window) {
+  HeadPattern p;
+  p.kind = HeadPattern::Kind::kAShape;
+  p.sink = sink;
+  p.window = window;
+  return p;
+}
+HeadPattern VerticalSlash(int64_t vertical, int64_t slash, int64_t last_q = 64) {
+  HeadPattern p;
+  p.kind = HeadPattern::Kind::kVerticalSlash;
+  p.vertical_slash = {vertical, slash, last_q};
+  return p;
+}
+HeadPattern BlockSparse(int64_t top_k) {
+  HeadPattern p;
+  p.kind = HeadPattern::Kind::kBlockSparse;
+  p.top_k = top_k;
+  return p;
+}
+
+// One layer's Q, K, V as bf16 rows ([n][heads][dim] and [n][kv_heads][dim]) on host and device.
+struct Layer {
+  int64_t n = 0, heads = 0, kv_heads = 0, dim = 0;
+  std::vector<uint16_t> q, k, v;
+  DeviceBuffer d_q, d_k, d_v;
+
+  // Head h's Q (or KV head h's K / V) as floats [n][dim].
+  std::vector<float> Column(const std::vector<uint16_t>& x, int64_t width, int64_t h) const {
+    std::vector<float> out(n * dim);
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t t = 0; t < dim; ++t) out[r * dim + t] = FromBf16(x[(r * width + h) * dim + t]);
+    }
+    return out;
+  }
+  absl::Status Upload() {
+    absl::StatusOr<DeviceBuffer> b = ToDevice(q);
+    if (!b.ok()) return b.status();
+    d_q = std::move(*b);
+    b = ToDevice(k);
+    if (!b.ok()) return b.status();
+    d_k = std::move(*b);
+    b = ToDevice(v);
+    if (!b.ok()) return b.status();
+    d_v = std::move(*b);
+    return absl::OkStatus();
+  }
+};
+
+class SparseAttentionTest : public CudaTest {
+ protected:
+  Layer RandomLayer(int64_t n, int64_t heads, int64_t kv_heads, int64_t dim) {
+    Layer l{n, heads, kv_heads, dim};
+    l.q = RandomBf16(n * heads * dim, 1.5f);
+    l.k = RandomBf16(n * kv_heads * dim, 1.5f);
+    l.v = RandomBf16(n * kv_heads * dim);
+    return l;
+  }
+
+  // One planted head per (query head = KV head).
+  Layer PlantedLayer(int64_t n, int64_t dim, const std::vector<Planted>& kinds) {
+    const int64_t heads = static_cast<int64_t>(kinds.size());
+    Layer l{n, heads, heads, dim};
+    l.q.resize(n * heads * dim);
+    l.k.resize(n * heads * dim);
+    l.v.resize(n * heads * dim);
+    std::mt19937 rng(static_cast<uint32_t>(rng_()));
+    for (int64_t h = 0; h < heads; ++h) {
+      const HeadSample s = PlantedHead(kinds[h], n, dim, &rng);
+      for (int64_t r = 0; r < n; ++r) {
+        for (int64_t t = 0; t < dim; ++t) {
+          const int64_t at = (r * heads + h) * dim + t;
+          l.q[at] = ToBf16(s.q[r * dim + t]);
+          l.k[at] = ToBf16(s.k[r * dim + t]);
+          l.v[at] = ToBf16(s.v[r * dim + t]);
+        }
+      }
+    }
+    return l;
+  }
+
+  // Builds the layer's index on the GPU into workspace_; returns it.
+  absl::StatusOr<DeviceSparseIndex> Build(const Layer& l, const std::vector<HeadPattern>& heads) {
+    host_patterns_.clear();
+    for (const HeadPattern& p : heads) {
+      absl::StatusOr<DeviceHeadPattern> dp = ToDevicePattern(p);
+      if (!dp.ok()) return dp.status();
+      host_patterns_.push_back(*dp);
+    }
+    absl::StatusOr<DeviceBuffer> patterns = ToDevice(host_patterns_);
+    if (!patterns.ok()) return patterns.status();
+    patterns_ = std::move(*patterns);
+    SparseIndexArgs args;
+    args.q = l.d_q.As<uint16_t>();
+    args.q_stride = l.heads * l.dim;
+    args.k = l.d_k.As<uint16_t>();
+    args.k_stride = l.kv_heads * l.dim;
+    args.num_tokens = l.n;
+    args.num_heads = l.heads;
+    args.num_kv_heads = l.kv_heads;
+    args.head_dim = l.dim;
+    args.patterns = patterns_.As<DeviceHeadPattern>();
+    args.host_patterns = &host_patterns_;
+    const size_t bytes = SparseIndexWorkspaceBytes(args);
+    absl::StatusOr<DeviceBuffer> workspace = DeviceBuffer::Allocate(bytes);
+    if (!workspace.ok()) return workspace.status();
+    workspace_ = std::move(*workspace);
+    // Poison: every index entry the kernels leave unwritten would show as garbage.
+    absl::Status fill = workspace_.Fill(0xff);
+    if (!fill.ok()) return fill;
+    DeviceSparseIndex index;
+    absl::Status status = BuildSparseIndex(args, workspace_.As<void>(), bytes, &index, nullptr);
+    if (!status.ok()) return status;
+    return index;
+  }
+
+  // Runs SparseAttention over query blocks [first, first + count) into rows of `out`.
+  absl::Status Attend(const Layer& l, const DeviceSparseIndex& index, int64_t first,
+                      int64_t count, DeviceBuffer* out) {
+    SparseAttentionArgs args;
+    args.q = l.d_q.As<uint16_t>();
+    args.q_stride = l.heads * l.dim;
+    args.k = l.d_k.As<uint16_t>();
+    args.v = l.d_v.As<uint16_t>();
+    args.kv_stride = l.kv_heads * l.dim;
+    args.out = out->As<uint16_t>() + first * kBlockSize * l.heads * l.dim;
+    args.out_stride = l.heads * l.dim;
+    args.num_heads = l.heads;
+    args.num_kv_heads = l.kv_heads;
+    args.head_dim = l.dim;
+    args.first_query_block = first;
+    args.num_query_blocks = count;
+    args.index = index;
+    return SparseAttention(args, nullptr);
+  }
+
+  // The CPU reference's attention for every head over `indices`, as [n][heads][dim].
+  std::vector<float> CpuAttention(const Layer& l, const std::vector<SparseIndex>& indices) {
+    std::vector<float> out(l.n * l.heads * l.dim);
+    for (int64_t h = 0; h < l.heads; ++h) {
+      const int64_t kv = h / (l.heads / l.kv_heads);
+      const std::vector<float> q = l.Column(l.q, l.heads, h), k = l.Column(l.k, l.kv_heads, kv),
+                               v = l.Column(l.v, l.kv_heads, kv);
+      std::vector<float> head_out(l.n * l.dim);
+      SparseAttentionCpu(q.data(), l.dim, k.data(), v.data(), l.dim, l.dim, indices[h],
+                         head_out.data(), l.dim);
+      for (int64_t r = 0; r < l.n; ++r) {
+        std::copy_n(&head_out[r * l.dim], l.dim, &out[(r * l.heads + h) * l.dim]);
+      }
+    }
+    return out;
+  }
+
+  std::vector<SparseIndex> CpuIndices(const Layer& l, const std::vector<HeadPattern>& heads) {
+    std::vector<SparseIndex> out;
+    for (int64_t h = 0; h < l.heads; ++h) {
+      const int64_t kv = h / (l.heads / l.kv_heads);
+      const std::vector<float> q = l.Column(l.q, l.heads, h), k = l.Column(l.k, l.kv_heads, kv);
+      out.push_back(BuildIndex(heads[h], q.data(), l.dim, k.data(), l.dim, l.n, l.dim));
+    }
+    return out;
+  }
+
+  std::vector<DeviceHeadPattern> host_patterns_;
+  DeviceBuffer patterns_, workspace_;
+};
+
+void ExpectSameIndex(const SparseIndex& gpu, const SparseIndex& cpu, const std::string& what) {
+  ASSERT_EQ(gpu.num_query_blocks, cpu.num_query_blocks) << what;
+  for (int64_t b = 0; b < cpu.num_query_blocks; ++b) {
+    ASSERT_EQ(gpu.range_count[b], cpu.range_count[b]) << what << " block " << b;
+    ASSERT_EQ(gpu.column_count[b], cpu.column_count[b]) << what << " block " << b;
+    for (int32_t i = 0; i < cpu.range_count[b]; ++i) {
+      ASSERT_EQ(gpu.range_start[b * gpu.max_ranges + i], cpu.range_start[b * cpu.max_ranges + i])
+          << what << " block " << b << " range " << i;
+    }
+    for (int32_t i = 0; i < cpu.column_count[b]; ++i) {
+      ASSERT_EQ(gpu.column_index[b * gpu.max_columns + i],
+                cpu.column_index[b * cpu.max_columns + i])
+          << what << " block " << b << " column " << i;
+    }
+  }
+}
+
+TEST_F(SparseAttentionTest, IndicesEqualCpuOnPlantedHeads) {
+  for (int64_t dim : {64, 128}) {
+    for (int64_t n : {1000, 1536}) {
+      const std::vector<Planted> kinds = {Planted::kNone,     Planted::kSinkLocal,
+                                          Planted::kSlash,    Planted::kVertical,
+                                          Planted::kBlock,    Planted::kSinkLocal};
+      Layer l = PlantedLayer(n, dim, kinds);
+      ASSERT_OK(l.Upload());
+      // Budgets that keep exactly the planted structure, so the choice is clear-cut: the two
+      // planted far diagonals, the planted columns beyond the forced ones, the target block.
+      int64_t planted_columns = 0;
+      for (int64_t c = 7; c < n; c += n / 7 + 13) ++planted_columns;
+      const std::vector<HeadPattern> heads = {
+          Dense(),
+          AShape(64, 200),
+          VerticalSlash(4, 64 + 2),
+          VerticalSlash(4 + planted_columns, 64, 32),
+          BlockSparse(2),
+          AShape(0, 64)};
+      ASSERT_OK_AND_ASSIGN(index, Build(l, heads));
+      ASSERT_OK_AND_ASSIGN(gpu, CopyIndexToHost(index, nullptr));
+      const std::vector<SparseIndex> cpu = CpuIndices(l, heads);
+      for (int64_t h = 0; h < l.heads; ++h) {
+        ExpectSameIndex(gpu[h], cpu[h],
+                        "dim " + std::to_string(dim) + " n " + std::to_string(n) + " head " +
+                            std::to_string(h) + " seed " + std::to_string(seed_));
+      }
+    }
+  }
+}
+
+// On random inputs many scores are nearly equal, and fp32 and double may order a few of them
+// differently: the selected keys must still agree almost everywhere.
+TEST_F(SparseAttentionTest, IndicesAgreeWithCpuOnRandomHeads) {
+  Layer l = RandomLayer(2000, 4, 2, 128);
+  ASSERT_OK(l.Upload());
+  const std::vector<HeadPattern> heads = {VerticalSlash(100, 300), VerticalSlash(30, 64, 16),
+                                          BlockSparse(5), BlockSparse(1)};
+  ASSERT_OK_AND_ASSIGN(index, Build(l, heads));
+  ASSERT_OK_AND_ASSIGN(gpu, CopyIndexToHost(index, nullptr));
+  const std::vector<SparseIndex> cpu = CpuIndices(l, heads);
+  for (int64_t h = 0; h < l.heads; ++h) {
+    int64_t common = 0, total = 0;
+    for (int64_t b = 0; b < cpu[h].num_query_blocks; ++b) {
+      const std::vector<int64_t> a = gpu[h].KeysOfBlock(b), c = cpu[h].KeysOfBlock(b);
+      std::vector<int64_t> both;
+      std::set_intersection(a.begin(), a.end(), c.begin(), c.end(), std::back_inserter(both));
+      common += static_cast<int64_t>(both.size());
+      total += static_cast<int64_t>(std::max(a.size(), c.size()));
+    }
+    EXPECT_GT(static_cast<double>(common) / total, 0.99) << "head " << h << " seed " << seed_;
+  }
+}
+
+TEST_F(SparseAttentionTest, AttentionMatchesCpuOnItsIndex) {
+  struct Case {
+    int64_t n, heads, kv_heads, dim;
+  };
+  for (const Case& c : {Case{777, 8, 2, 128}, Case{1024, 4, 4, 64}, Case{100, 4, 1, 128}}) {
+    const std::string what = "n=" + std::to_string(c.n) + " dim=" + std::to_string(c.dim);
+    Layer l = RandomLayer(c.n, c.heads, c.kv_heads, c.dim);
+    ASSERT_OK(l.Upload());
+    std::vector<HeadPattern> heads;
+    const HeadPattern cycle[] = {VerticalSlash(40, 150), BlockSparse(3), AShape(64, 128), Dense()};
+    for (int64_t h = 0; h < c.heads; ++h) heads.push_back(cycle[h % 4]);
+    ASSERT_OK_AND_ASSIGN(index, Build(l, heads));
+    ASSERT_OK_AND_ASSIGN(gpu_index, CopyIndexToHost(index, nullptr));
+    ASSERT_OK_AND_ASSIGN(out, DeviceBuffer::Allocate(c.n * c.heads * c.dim * 2));
+    ASSERT_OK(out.Fill(kNanBytes));
+    // In two calls, as the engine does per chunk of queries.
+    const int64_t blocks = index.num_query_blocks, split = blocks / 3;
+    ASSERT_OK(Attend(l, index, 0, split, &out));
+    ASSERT_OK(Attend(l, index, split, blocks - split, &out));
+    ASSERT_OK(DeviceSynchronize());
+    ASSERT_OK_AND_ASSIGN(result, ToHost<uint16_t>(out, c.n * c.heads * c.dim));
+    ExpectClose(FromBf16(result), CpuAttention(l, gpu_index), kAttentionBound, what);
+  }
+}
+
+// Dense heads, and vertical-slash budgets covering every key, compute dense attention: the
+// same as the dense kernel.
+TEST_F(SparseAttentionTest, FullBudgetsEqualDenseKernel) {
+  const int64_t n = 900, heads = 8, kv_heads = 2, dim = 128;
+  Layer l = RandomLayer(n, heads, kv_heads, dim);
+  ASSERT_OK(l.Upload());
+  std::vector<HeadPattern> patterns;
+  for (int64_t h = 0; h < heads; ++h) {
+    patterns.push_back(h % 2 == 0 ? Dense() : VerticalSlash(n, n));
+  }
+  ASSERT_OK_AND_ASSIGN(index, Build(l, patterns));
+  ASSERT_OK_AND_ASSIGN(gpu_index, CopyIndexToHost(index, nullptr));
+  for (int64_t h = 0; h < heads; ++h) EXPECT_EQ(IndexDensity(gpu_index[h]), 1.0) << "head " << h;
+  ASSERT_OK_AND_ASSIGN(sparse_out, DeviceBuffer::Allocate(n * heads * dim * 2));
+  ASSERT_OK_AND_ASSIGN(dense_out, DeviceBuffer::Allocate(n * heads * dim * 2));
+  ASSERT_OK(sparse_out.Fill(kNanBytes));
+  ASSERT_OK(dense_out.Fill(kNanBytes));
+  ASSERT_OK(Attend(l, index, 0, index.num_query_blocks, &sparse_out));
+  PrefillAttentionArgs dense;
+  dense.q = l.d_q.As<uint16_t>();
+  dense.q_stride = heads * dim;
+  dense.k = l.d_k.As<uint16_t>();
+  dense.v = l.d_v.As<uint16_t>();
+  dense.kv_stride = kv_heads * dim;
+  dense.out = dense_out.As<uint16_t>();
+  dense.out_stride = heads * dim;
+  dense.n = dense.n_kv = n;
+  dense.num_heads = heads;
+  dense.num_kv_heads = kv_heads;
+  dense.head_dim = dim;
+  ASSERT_OK(PrefillAttention(dense, nullptr));
+  ASSERT_OK(DeviceSynchronize());
+  ASSERT_OK_AND_ASSIGN(sparse_result, ToHost<uint16_t>(sparse_out, n * heads * dim));
+  ASSERT_OK_AND_ASSIGN(dense_result, ToHost<uint16_t>(dense_out, n * heads * dim));
+  ExpectClose(FromBf16(sparse_result), FromBf16(dense_result), kAttentionBound, "vs dense");
+  std::vector<SparseIndex> dense_indices(heads, DenseIndex(n));
+  ExpectClose(FromBf16(sparse_result), CpuAttention(l, dense_indices), kAttentionBound, "vs cpu");
+}
+
+TEST_F(SparseAttentionTest, BadArgumentsAreErrors) {
+  EXPECT_EQ(ToDevicePattern(VerticalSlash(10, 10, 65)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ToDevicePattern(BlockSparse(-1)).status().code(), absl::StatusCode::kInvalidArgument);
+  Layer l = RandomLayer(256, 2, 1, 128);
+  ASSERT_OK(l.Upload());
+  ASSERT_OK_AND_ASSIGN(index, Build(l, {VerticalSlash(8, 64), Dense()}));
+  ASSERT_OK_AND_ASSIGN(out, DeviceBuffer::Allocate(256 * 2 * 128 * 2));
+  // Query blocks past the index.
+  EXPECT_EQ(Attend(l, index, 2, 3, &out).code(), absl::StatusCode::kInvalidArgument);
+  // A workspace smaller than asked for.
+  SparseIndexArgs args;
+  args.q = l.d_q.As<uint16_t>();
+  args.q_stride = 256;
+  args.k = l.d_k.As<uint16_t>();
+  args.k_stride = 128;
+  args.num_tokens = 256;
+  args.num_heads = 2;
+  args.num_kv_heads = 1;
+  args.head_dim = 128;
+  args.patterns = patterns_.As<DeviceHeadPattern>();
+  args.host_patterns = &host_patterns_;
+  DeviceSparseIndex unused;
+  EXPECT_EQ(BuildSparseIndex(args, workspace_.As<void>(), SparseIndexWorkspaceBytes(args) - 1,
+                             &unused, nullptr)
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  args.head_dim = 96;
+  EXPECT_EQ(BuildSparseIndex(args, workspace_.As<void>(), workspace_.bytes(), &unused, nullptr)
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace sparseaccel

@@ -1,7 +1,7 @@
 #include "decode_service/decode_engine.h"
 
 #include <algorithm>
-#include <cstring>
+#include <iterator>
 
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
@@ -49,21 +49,29 @@ void DecodeSequence::Finish(absl::Status status) {
   status_ = std::move(status);
 }
 
-DecodeEngine::DecodeEngine(LanguageModel* model, DecodeEngineOptions options)
-    : model_(model),
-      options_(options),
-      pool_(model->kv_shape(), options.block_tokens, options.num_blocks),
-      scheduler_([this] { SchedulerLoop(); }) {}
+DecodeSequence::~DecodeSequence() { engine_->Release(id_, blocks_); }
+
+DecodeEngine::DecodeEngine(SequenceModel* model, DecodeEngineOptions options)
+    : model_(model), options_(options), scheduler_([this] { SchedulerLoop(); }) {}
 
 DecodeEngine::~DecodeEngine() {
+  std::vector<std::shared_ptr<DecodeSequence>> stopped;
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
   }
   scheduler_.join();
+  {
+    absl::MutexLock lock(&mu_);
+    stopped.swap(running_);
+  }
+  // Outside the lock: a last reference releases its sequence through Release().
+  for (auto& sequence : stopped) sequence->Finish(absl::UnavailableError("decode engine stopped"));
+}
+
+int64_t DecodeEngine::free_blocks() const {
   absl::MutexLock lock(&mu_);
-  for (auto& sequence : running_) sequence->Finish(absl::UnavailableError("decode engine stopped"));
-  running_.clear();
+  return model_->kv_pool_blocks() - reserved_blocks_;
 }
 
 int64_t DecodeEngine::running() const {
@@ -77,69 +85,71 @@ int64_t DecodeEngine::waiting() const {
 }
 
 absl::StatusOr<std::shared_ptr<DecodeSequence>> DecodeEngine::Admit(
-    int64_t total_tokens, absl::Time deadline, const std::function<bool()>& cancelled) {
-  const int64_t blocks = (total_tokens + options_.block_tokens - 1) / options_.block_tokens;
-  if (blocks > options_.num_blocks) {
+    int64_t prompt_tokens, int64_t max_new_tokens, absl::Time deadline,
+    const std::function<bool()>& cancelled) {
+  // Every admitted sequence holds at most its reservation (blocks are taken as positions are
+  // reached), so reservations that fit the pool never leave a running sequence without room.
+  const int64_t total_tokens = prompt_tokens + max_new_tokens;
+  const int64_t block_tokens = model_->kv_block_tokens();
+  const int64_t pool_blocks = model_->kv_pool_blocks();
+  const int64_t blocks = (total_tokens + block_tokens - 1) / block_tokens;
+  if (blocks > pool_blocks) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        total_tokens, " tokens need ", blocks, " KV blocks; the pool has ", options_.num_blocks));
+        total_tokens, " tokens need ", blocks, " KV blocks; the pool has ", pool_blocks));
   }
-  auto sequence = std::make_shared<DecodeSequence>(&pool_);
-  if (sequence->kv()->Reserve(total_tokens).ok()) return sequence;
   {
     absl::MutexLock lock(&mu_);
-    if (waiting_ >= options_.max_waiting) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("KV cache full and ", waiting_, " requests already waiting; retry later"));
+    auto fits = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return reserved_blocks_ + blocks <= pool_blocks;
+    };
+    if (!fits()) {
+      if (waiting_ >= options_.max_waiting) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("KV cache full and ", waiting_, " requests already waiting; retry later"));
+      }
+      ++waiting_;
+      // Woken when blocks are released; polls `cancelled` since nothing signals it.
+      while (!fits()) {
+        if (cancelled()) {
+          --waiting_;
+          return absl::CancelledError("cancelled while waiting for KV cache space");
+        }
+        const absl::Time now = absl::Now();
+        if (now >= deadline) {
+          --waiting_;
+          return absl::DeadlineExceededError("deadline passed while waiting for KV cache space");
+        }
+        mu_.AwaitWithTimeout(absl::Condition(&fits),
+                             std::min(absl::Milliseconds(5), deadline - now));
+      }
+      --waiting_;
     }
-    ++waiting_;
+    reserved_blocks_ += blocks;
   }
-  absl::Status status;
-  // Blocks come back when other sequences end; poll, since they return from many places.
-  while (true) {
-    if (sequence->kv()->Reserve(total_tokens).ok()) break;
-    if (cancelled()) {
-      status = absl::CancelledError("cancelled while waiting for KV cache space");
-      break;
-    }
-    if (absl::Now() >= deadline) {
-      status = absl::DeadlineExceededError("deadline passed while waiting for KV cache space");
-      break;
-    }
-    absl::SleepFor(absl::Milliseconds(5));
+  absl::StatusOr<int64_t> id = model_->ImportSequence(prompt_tokens);
+  if (!id.ok()) {
+    absl::MutexLock lock(&mu_);
+    reserved_blocks_ -= blocks;
+    return id.status();
   }
+  return std::shared_ptr<DecodeSequence>(new DecodeSequence(this, *id, blocks));
+}
+
+void DecodeEngine::Release(int64_t id, int64_t blocks) {
+  const absl::Status ended = model_->EndSequence(id);
+  if (!ended.ok()) LogError("decode.end_sequence_failed", {{"error", ended.ToString()}});
   absl::MutexLock lock(&mu_);
-  --waiting_;
-  if (!status.ok()) return status;
-  return sequence;
+  reserved_blocks_ -= blocks;
 }
 
 absl::Status DecodeEngine::WriteKv(DecodeSequence* sequence, int64_t layer, int64_t first,
-                                   int64_t count, const float* k, const float* v) {
-  const KvShape shape = pool_.shape();
-  if (layer < 0 || layer >= shape.num_layers || first < 0 || count < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("KV rows out of range: layer ", layer, " positions ", first, "+", count));
-  }
-  const int64_t reserved =
-      static_cast<int64_t>(sequence->kv()->blocks().size()) * pool_.block_tokens();
-  if (first + count > reserved) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "KV rows ", first, "+", count, " beyond the reserved ", reserved, " positions"));
-  }
-  absl::StatusOr<KvLayerView> view = sequence->kv()->Layer(layer, first + count);
-  if (!view.ok()) return view.status();
-  const size_t row_bytes = shape.RowSize() * sizeof(float);
-  for (int64_t i = 0; i < count; ++i) {
-    std::memcpy(view->KRow(first + i), k + i * shape.RowSize(), row_bytes);
-    std::memcpy(view->VRow(first + i), v + i * shape.RowSize(), row_bytes);
-  }
-  return absl::OkStatus();
+                                   int64_t count, KvDtype dtype, const void* k, const void* v) {
+  return model_->WriteKv(sequence->id_, layer, first, count, dtype, k, v);
 }
 
 void DecodeEngine::Start(std::shared_ptr<DecodeSequence> sequence, int32_t last_token,
-                         int64_t position, const SamplingParams& sampling, int64_t max_new_tokens) {
+                         const SamplingParams& sampling, int64_t max_new_tokens) {
   sequence->last_token_ = last_token;
-  sequence->position_ = position;
   sequence->sampling_ = sampling;
   sequence->remaining_ = max_new_tokens;
   if (max_new_tokens <= 0) {
@@ -151,11 +161,15 @@ void DecodeEngine::Start(std::shared_ptr<DecodeSequence> sequence, int32_t last_
 }
 
 void DecodeEngine::SchedulerLoop() {
-  const int64_t vocab = model_->config().vocab_size;
-  std::vector<std::shared_ptr<DecodeSequence>> batch;
-  std::vector<float> logits;
+  std::vector<std::shared_ptr<DecodeSequence>> batch, dropped;
+  std::vector<int64_t> ids;
+  std::vector<int32_t> tokens, next;
+  std::vector<SamplingParams> params;
+  std::vector<uint64_t> steps;
   while (true) {
     batch.clear();
+    // Dropped sequences may hold the last reference: release them outside the lock.
+    dropped.clear();
     {
       absl::MutexLock lock(&mu_);
       mu_.AwaitWithTimeout(absl::Condition(
@@ -166,11 +180,12 @@ void DecodeEngine::SchedulerLoop() {
                            absl::Milliseconds(100));
       if (stopping_) return;
       // Drop cancelled sequences; their handlers already gave up on them.
-      auto cancelled = std::remove_if(running_.begin(), running_.end(), [](const auto& s) {
-        if (!s->cancelled()) return false;
-        s->Finish(absl::CancelledError("cancelled"));
-        return true;
-      });
+      auto cancelled = std::stable_partition(running_.begin(), running_.end(),
+                                             [](const auto& s) { return !s->cancelled(); });
+      for (auto it = cancelled; it != running_.end(); ++it) {
+        (*it)->Finish(absl::CancelledError("cancelled"));
+        dropped.push_back(std::move(*it));
+      }
       running_.erase(cancelled, running_.end());
       const size_t n = running_.size();
       if (n == 0) continue;
@@ -179,45 +194,45 @@ void DecodeEngine::SchedulerLoop() {
       for (size_t i = 0; i < take; ++i) batch.push_back(running_[(next_ + i) % n]);
       next_ = (next_ + take) % n;
     }
-    std::vector<SequenceChunk> chunks;
-    chunks.reserve(batch.size());
+    ids.clear();
+    tokens.clear();
+    params.clear();
+    steps.clear();
     for (const auto& s : batch) {
-      chunks.push_back(SequenceChunk{absl::MakeConstSpan(&s->last_token_, 1), s->position_, s->kv(),
-                                     LogitsFor::kLast});
+      ids.push_back(s->id_);
+      tokens.push_back(s->last_token_);
+      params.push_back(s->sampling_);
+      steps.push_back(s->step_);
     }
-    logits.clear();
-    absl::Status status = model_->Forward(chunks, &logits);
+    const absl::Status status = model_->DecodeAndSample(ids, tokens, params, steps, &next);
+    if (!status.ok()) LogError("decode.step_failed", {{"error", status.ToString()}});
     std::vector<DecodeSequence*> done;
     for (size_t i = 0; i < batch.size(); ++i) {
       DecodeSequence* s = batch[i].get();
       if (!status.ok()) {
-        LogError("decode.step_failed", {{"error", status.ToString()}});
         s->Finish(status);
         done.push_back(s);
         continue;
       }
-      const int32_t token =
-          SampleTokenCpu(logits.data() + i * vocab, vocab, s->sampling_, s->step_);
       ++s->step_;
-      ++s->position_;
-      s->last_token_ = token;
-      s->Push(token);
+      s->last_token_ = next[i];
+      s->Push(next[i]);
       if (--s->remaining_ == 0) {
         s->Finish(absl::OkStatus());
         done.push_back(s);
       }
     }
-    // Drop this step's references now, so finished sequences free their blocks at once.
-    batch.clear();
     if (!done.empty()) {
       absl::MutexLock lock(&mu_);
-      running_.erase(std::remove_if(running_.begin(), running_.end(),
-                                    [&](const auto& s) {
-                                      return std::find(done.begin(), done.end(), s.get()) !=
-                                             done.end();
-                                    }),
-                     running_.end());
+      auto finished = std::stable_partition(running_.begin(), running_.end(), [&](const auto& s) {
+        return std::find(done.begin(), done.end(), s.get()) == done.end();
+      });
+      std::move(finished, running_.end(), std::back_inserter(dropped));
+      running_.erase(finished, running_.end());
     }
+    // Drop this step's references now, so finished sequences free their blocks at once.
+    batch.clear();
+    dropped.clear();
   }
 }
 

@@ -1,11 +1,12 @@
 #ifndef SPARSEACCEL_DECODE_SERVICE_DECODE_ENGINE_H_
 #define SPARSEACCEL_DECODE_SERVICE_DECODE_ENGINE_H_
 
-// Continuous batching over a paged KV cache: every admitted sequence holds blocks of one
-// preallocated pool for its prompt plus its whole token budget (so decoding never runs out
-// mid-way), and one scheduler thread steps all running sequences together, one token each per
-// model call. Sequences join and leave between steps. No network: the gRPC layer feeds the
-// prompt's KV cache in and reads tokens out.
+// Continuous batching over the model's paged KV pool (SequenceModel: host blocks on the CPU
+// engine, the device pool on the GPU engine): every admitted sequence reserves pool blocks for
+// its prompt plus its whole token budget (so decoding never runs out mid-way), and one
+// scheduler thread steps all running sequences together, one token each per model call, the
+// model sampling the next tokens. Sequences join and leave between steps. No network: the gRPC
+// layer feeds the prompt's KV cache in and reads tokens out.
 
 #include <cstdint>
 #include <deque>
@@ -18,28 +19,27 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "kernels/sampling.h"
-#include "model/kv_cache.h"
-#include "model/language_model.h"
+#include "model/sequence_model.h"
 
 namespace sparseaccel {
 
 struct DecodeEngineOptions {
-  int64_t block_tokens = 16;
-  int64_t num_blocks = 4096;
-  // Sequences stepped together per model call (more wait their turn, round robin).
+  // Sequences stepped together per model call (more wait their turn, round robin); at most what
+  // the model takes in one step (LlamaCudaOptions::max_decode_batch on the GPU engine).
   int64_t max_batch = 32;
   // Requests allowed to wait for KV blocks; beyond that, ResourceExhausted at once.
   int64_t max_waiting = 64;
 };
 
-// One sequence, shared by its request handler and the scheduler.
+class DecodeEngine;
+
+// One sequence, shared by its request handler and the scheduler. The last reference ends the
+// model's sequence and returns its reserved blocks.
 class DecodeSequence {
  public:
-  explicit DecodeSequence(KvBlockPool* pool) : kv_(pool) {}
+  ~DecodeSequence();
   DecodeSequence(const DecodeSequence&) = delete;
   DecodeSequence& operator=(const DecodeSequence&) = delete;
-
-  PagedKvStore* kv() { return &kv_; }
 
   // What WaitNext saw: a token, the end (ok or an error), or nothing before the timeout.
   struct Event {
@@ -55,14 +55,17 @@ class DecodeSequence {
 
  private:
   friend class DecodeEngine;
+  DecodeSequence(DecodeEngine* engine, int64_t id, int64_t blocks)
+      : engine_(engine), id_(id), blocks_(blocks) {}
   void Push(int32_t token);
   void Finish(absl::Status status);
   bool cancelled() const;
 
-  PagedKvStore kv_;
+  DecodeEngine* const engine_;
+  const int64_t id_;      // The model's sequence.
+  const int64_t blocks_;  // Reserved for it.
   // Scheduler-only state.
   int32_t last_token_ = 0;
-  int64_t position_ = 0;
   uint64_t step_ = 1;  // Draw 0 sampled the first token on the prefill side.
   int64_t remaining_ = 0;
   SamplingParams sampling_;
@@ -76,36 +79,46 @@ class DecodeSequence {
 
 class DecodeEngine {
  public:
-  DecodeEngine(LanguageModel* model, DecodeEngineOptions options);
+  // `model` outlives the engine and every sequence it admitted.
+  DecodeEngine(SequenceModel* model, DecodeEngineOptions options);
   ~DecodeEngine();
 
-  // A sequence with KV blocks reserved for `total_tokens` positions. Waits for free blocks
-  // (bounded queue) until `deadline` or until `cancelled()` is true. ResourceExhausted when the
-  // queue is full or the request could never fit; DeadlineExceeded / Cancelled otherwise.
-  absl::StatusOr<std::shared_ptr<DecodeSequence>> Admit(int64_t total_tokens, absl::Time deadline,
+  // A model sequence for a prompt of `prompt_tokens` positions, with pool blocks reserved for
+  // `prompt_tokens + max_new_tokens`. Waits for blocks (bounded queue) until `deadline` or
+  // until `cancelled()` is true. ResourceExhausted when the queue is full or the request could
+  // never fit; DeadlineExceeded / Cancelled otherwise.
+  absl::StatusOr<std::shared_ptr<DecodeSequence>> Admit(int64_t prompt_tokens,
+                                                        int64_t max_new_tokens,
+                                                        absl::Time deadline,
                                                         const std::function<bool()>& cancelled);
 
-  // Copies received fp32 K/V rows of positions [first, first + count) of `layer` into the
-  // sequence's cache (positions must be within what Admit reserved).
+  // Writes received K/V rows of positions [first, first + count) of `layer` of the prompt into
+  // the sequence (SequenceModel::WriteKv).
   absl::Status WriteKv(DecodeSequence* sequence, int64_t layer, int64_t first, int64_t count,
-                       const float* k, const float* v);
+                       KvDtype dtype, const void* k, const void* v);
 
-  // Begins decoding after the prompt: `last_token` (the first generated token) sits at
-  // `position`; up to `max_new_tokens` more tokens are produced.
-  void Start(std::shared_ptr<DecodeSequence> sequence, int32_t last_token, int64_t position,
+  // Begins decoding after the prompt: `last_token` (the first generated token) follows it; up
+  // to `max_new_tokens` more tokens are produced.
+  void Start(std::shared_ptr<DecodeSequence> sequence, int32_t last_token,
              const SamplingParams& sampling, int64_t max_new_tokens);
 
-  const KvBlockPool& pool() const { return pool_; }
+  const SequenceModel& model() const { return *model_; }
+  // Pool blocks in all, and not reserved by an admitted sequence.
+  int64_t num_blocks() const { return model_->kv_pool_blocks(); }
+  int64_t free_blocks() const;
   int64_t running() const;
   int64_t waiting() const;
 
  private:
+  friend class DecodeSequence;
+  // Ends the model's sequence and returns its reservation (from ~DecodeSequence).
+  void Release(int64_t id, int64_t blocks);
   void SchedulerLoop();
 
-  LanguageModel* model_;
+  SequenceModel* model_;
   const DecodeEngineOptions options_;
-  KvBlockPool pool_;
   mutable absl::Mutex mu_;
+  int64_t reserved_blocks_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<std::shared_ptr<DecodeSequence>> running_ ABSL_GUARDED_BY(mu_);
   size_t next_ ABSL_GUARDED_BY(mu_) = 0;  // Round-robin start when running_ > max_batch.
   int64_t waiting_ ABSL_GUARDED_BY(mu_) = 0;

@@ -170,10 +170,10 @@ DecodeServer::DecodeServer(DecodeEngine* engine, const ModelConfig& config,
 }
 
 void DecodeServer::UpdateGauges() {
-  const KvBlockPool& pool = engine_->pool();
-  pool_blocks_.Add({{"state", "free"}}).Set(static_cast<double>(pool.free_blocks()));
+  const int64_t free_blocks = engine_->free_blocks();
+  pool_blocks_.Add({{"state", "free"}}).Set(static_cast<double>(free_blocks));
   pool_blocks_.Add({{"state", "used"}})
-      .Set(static_cast<double>(pool.num_blocks() - pool.free_blocks()));
+      .Set(static_cast<double>(engine_->num_blocks() - free_blocks));
   queue_depth_.Set(static_cast<double>(engine_->waiting()));
   running_.Set(static_cast<double>(engine_->running()));
   host_memory_.Set(static_cast<double>(HostResidentBytes()));
@@ -259,8 +259,10 @@ absl::StatusOr<DecodeServer::Prefilled> DecodeServer::RemotePrefill(
   std::unique_ptr<grpc::ClientReader<v1::PrefillResponse>> reader =
       prefill_stubs_[index]->Prefill(&call, request);
 
-  const KvShape shape = engine_->pool().shape();
-  const int64_t row_bytes = shape.RowSize() * static_cast<int64_t>(sizeof(float));
+  const KvShape shape = engine_->model().kv_shape();
+  // Set by the header: the prefill side sends fp32 (CPU engine) or bf16 (GPU engine) rows.
+  KvDtype dtype = KvDtype::kF32;
+  int64_t row_bytes = 0;
   bool have_header = false, have_trailer = false;
   int64_t rows_received = 0;
   Clock::time_point first_byte;
@@ -281,13 +283,16 @@ absl::StatusOr<DecodeServer::Prefilled> DecodeServer::RemotePrefill(
               ", this service ", options_.model_fingerprint));
         } else if (layout.num_layers() != shape.num_layers ||
                    layout.num_kv_heads() != shape.num_kv_heads ||
-                   layout.head_dim() != shape.head_dim || layout.dtype() != v1::KV_DTYPE_F32) {
+                   layout.head_dim() != shape.head_dim ||
+                   (layout.dtype() != v1::KV_DTYPE_F32 && layout.dtype() != v1::KV_DTYPE_BF16)) {
           failure = absl::FailedPreconditionError(absl::StrCat("KV layout from ", result.address,
                                                                " (", layout.ShortDebugString(),
                                                                ") does not match this service's"));
         } else if (header.num_tokens() != static_cast<int64_t>(prompt.size())) {
           failure = absl::DataLossError("prefill header announces a different token count");
         }
+        dtype = layout.dtype() == v1::KV_DTYPE_BF16 ? KvDtype::kBf16 : KvDtype::kF32;
+        row_bytes = shape.RowSize() * static_cast<int64_t>(KvDtypeBytes(dtype));
         have_header = true;
         first_byte = Clock::now();
         break;
@@ -307,9 +312,8 @@ absl::StatusOr<DecodeServer::Prefilled> DecodeServer::RemotePrefill(
           failure = absl::DataLossError("KV chunk with inconsistent size or positions");
         } else {
           failure = engine_->WriteKv(sequence, chunk.layer(), chunk.first_position(),
-                                     chunk.num_positions(),
-                                     reinterpret_cast<const float*>(chunk.k().data()),
-                                     reinterpret_cast<const float*>(chunk.v().data()));
+                                     chunk.num_positions(), dtype, chunk.k().data(),
+                                     chunk.v().data());
           if (!failure.ok()) failure = absl::DataLossError(failure.message());
           rows_received += chunk.num_positions();
           result.kv_bytes += static_cast<int64_t>(chunk.k().size() + chunk.v().size());
@@ -386,7 +390,7 @@ grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
   const auto cancelled = [context] { return context->IsCancelled(); };
   absl::Time deadline = absl::FromChrono(context->deadline());
   absl::StatusOr<std::shared_ptr<DecodeSequence>> sequence =
-      engine_->Admit(prompt_tokens + request->max_tokens(), deadline, cancelled);
+      engine_->Admit(prompt_tokens, request->max_tokens(), deadline, cancelled);
   if (!sequence.ok()) return finish_request(sequence.status());
   UpdateGauges();
 
@@ -449,8 +453,8 @@ grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
   };
 
   if (send(prefilled->first_token)) {
-    engine_->Start(*sequence, prefilled->first_token, prompt_tokens,
-                   ToSamplingParams(request->sampling()), request->max_tokens() - 1);
+    engine_->Start(*sequence, prefilled->first_token, ToSamplingParams(request->sampling()),
+                   request->max_tokens() - 1);
     while (true) {
       if (context->IsCancelled()) {
         finish = v1::FINISH_REASON_CANCELLED;

@@ -27,7 +27,8 @@ ABSL_FLAG(std::string, prefill_addresses, "127.0.0.1:50051",
           "Comma-separated prefill service addresses, used round robin.");
 ABSL_FLAG(std::string, device, "cpu", "Compute backend: cpu, or cuda in builds with nvcc.");
 ABSL_FLAG(int64_t, kv_block_tokens, 16, "Positions per paged KV block.");
-ABSL_FLAG(int64_t, kv_blocks, 4096, "Blocks in the KV pool (its memory is allocated at start).");
+ABSL_FLAG(int64_t, kv_blocks, 4096,
+          "Blocks in the KV pool (its memory is allocated at start; on the GPU with --device=cuda).");
 ABSL_FLAG(int64_t, max_batch, 32, "Sequences decoded together per step.");
 ABSL_FLAG(int64_t, max_waiting, 64, "Requests that may wait for KV space before rejection.");
 ABSL_FLAG(int64_t, max_prompt_tokens, 131072, "Longest prompt accepted.");
@@ -39,8 +40,12 @@ namespace {
 
 int Run() {
   const std::string model_dir = absl::GetFlag(FLAGS_model_dir);
-  absl::StatusOr<std::unique_ptr<LanguageModel>> model =
-      LoadLanguageModel(absl::GetFlag(FLAGS_device), model_dir);
+  SequencePoolOptions pool;
+  pool.block_tokens = absl::GetFlag(FLAGS_kv_block_tokens);
+  pool.num_blocks = absl::GetFlag(FLAGS_kv_blocks);
+  pool.max_batch = absl::GetFlag(FLAGS_max_batch);
+  absl::StatusOr<std::unique_ptr<SequenceModel>> model =
+      LoadSequenceModel(absl::GetFlag(FLAGS_device), model_dir, pool);
   if (!model.ok()) {
     LogError("decode.start_failed", {{"error", model.status().ToString()}});
     return 1;
@@ -61,8 +66,6 @@ int Run() {
     tokenizer = *std::move(loaded);
   }
   DecodeEngineOptions engine_options;
-  engine_options.block_tokens = absl::GetFlag(FLAGS_kv_block_tokens);
-  engine_options.num_blocks = absl::GetFlag(FLAGS_kv_blocks);
   engine_options.max_batch = absl::GetFlag(FLAGS_max_batch);
   engine_options.max_waiting = absl::GetFlag(FLAGS_max_waiting);
   DecodeEngine engine(model->get(), engine_options);
@@ -91,7 +94,8 @@ int Run() {
            {"port", port},
            {"metrics_port", (*metrics)->port()},
            {"prefill", absl::GetFlag(FLAGS_prefill_addresses)},
-           {"kv_pool_mib", engine.pool().num_blocks() * engine.pool().BytesPerBlock() / (1 << 20)},
+           {"device", absl::GetFlag(FLAGS_device)},
+           {"kv_pool_mib", (*model)->kv_pool_blocks() * (*model)->kv_block_bytes() / (1 << 20)},
            {"tokenizer", tokenizer != nullptr},
            {"fingerprint", *fingerprint}});
   const int signal = WaitForTerminationSignal();

@@ -1,6 +1,7 @@
 #include "model/backend.h"
 
 #include "absl/strings/str_cat.h"
+#include "model/host_sequence_model.h"
 #include "model/llama_cpu.h"
 #ifdef SPARSEACCEL_WITH_CUDA
 #include "model/llama_cuda.h"
@@ -25,6 +26,28 @@ absl::StatusOr<std::unique_ptr<LanguageModel>> LoadLanguageModel(const std::stri
 #endif
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown --device '", device, "' (cpu, cuda)"));
+}
+
+absl::StatusOr<std::unique_ptr<SequenceModel>> LoadSequenceModel(
+    const std::string& device, const std::string& model_dir, const SequencePoolOptions& options) {
+  if (options.block_tokens <= 0 || options.num_blocks <= 0 || options.max_batch <= 0) {
+    return absl::InvalidArgumentError("KV pool block size, block count and batch must be positive");
+  }
+#ifdef SPARSEACCEL_WITH_CUDA
+  if (device == "cuda") {
+    LlamaCudaOptions cuda_options;
+    cuda_options.kv_pool_tokens = options.block_tokens * options.num_blocks;
+    cuda_options.kv_block_tokens = options.block_tokens;
+    cuda_options.max_decode_batch = options.max_batch;
+    absl::StatusOr<std::unique_ptr<LlamaCuda>> model = LlamaCuda::Load(model_dir, cuda_options);
+    if (!model.ok()) return model.status();
+    return std::unique_ptr<SequenceModel>(std::move(model).value());
+  }
+#endif
+  absl::StatusOr<std::unique_ptr<LanguageModel>> model = LoadLanguageModel(device, model_dir);
+  if (!model.ok()) return model.status();
+  return std::unique_ptr<SequenceModel>(std::make_unique<HostSequenceModel>(
+      std::move(model).value(), options.block_tokens, options.num_blocks));
 }
 
 }  // namespace sparseaccel

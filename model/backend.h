@@ -4,16 +4,31 @@
 // Picks the compute backend of a service by name: "cpu" (LlamaCpu) or "cuda" (LlamaCuda, in
 // builds made where nvcc exists; Unimplemented elsewhere).
 
+#include <cstdint>
 #include <memory>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "model/language_model.h"
+#include "model/sequence_model.h"
 
 namespace sparseaccel {
 
 absl::StatusOr<std::unique_ptr<LanguageModel>> LoadLanguageModel(const std::string& device,
                                                                  const std::string& model_dir);
+
+// The decode service's K/V pool and batch.
+struct SequencePoolOptions {
+  int64_t block_tokens = 16;
+  int64_t num_blocks = 4096;
+  // Most sequences decoded in one step.
+  int64_t max_batch = 32;
+};
+
+// The decode service's model: on "cpu", LlamaCpu over a host pool (HostSequenceModel); on
+// "cuda", LlamaCuda with a device pool of options.num_blocks blocks.
+absl::StatusOr<std::unique_ptr<SequenceModel>> LoadSequenceModel(
+    const std::string& device, const std::string& model_dir, const SequencePoolOptions& options);
 
 }  // namespace sparseaccel
 

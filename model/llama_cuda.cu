@@ -735,4 +735,77 @@ absl::Status LlamaCuda::Synchronize() {
   return absl::OkStatus();
 }
 
+int64_t LlamaCuda::kv_block_tokens() const { return state_->options.kv_block_tokens; }
+
+int64_t LlamaCuda::kv_pool_blocks() const { return state_->pool_blocks; }
+
+int64_t LlamaCuda::kv_block_bytes() const {
+  const State& s = *state_;
+  return 2 * s.config.num_hidden_layers *
+         static_cast<int64_t>(s.Bf16Bytes(s.options.kv_block_tokens * s.kv_width));
+}
+
+absl::StatusOr<int64_t> LlamaCuda::ImportSequence(int64_t length) {
+  State& s = *state_;
+  absl::MutexLock lock(&s.mu);
+  if (s.pool_blocks == 0) return absl::FailedPreconditionError("no device KV pool configured");
+  if (length < 0 || length > s.config.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat("sequence length ", length, " outside [0, ",
+                                                   s.config.max_position_embeddings, "]"));
+  }
+  return s.NewSequence(length);
+}
+
+absl::Status LlamaCuda::WriteKv(int64_t id, int64_t layer, int64_t first, int64_t count,
+                                KvDtype dtype, const void* k, const void* v) {
+  State& s = *state_;
+  absl::MutexLock lock(&s.mu);
+  auto it = s.sequences.find(id);
+  if (it == s.sequences.end()) return absl::NotFoundError(absl::StrCat("no sequence ", id));
+  const DeviceSequence& seq = it->second;
+  if (layer < 0 || layer >= s.config.num_hidden_layers || first < 0 || count < 0 ||
+      first + count > seq.length) {
+    return absl::InvalidArgumentError(absl::StrCat("KV rows out of range: layer ", layer,
+                                                   " positions ", first, "+", count,
+                                                   " of a sequence of ", seq.length));
+  }
+  if (count == 0) return absl::OkStatus();
+  const int64_t w = s.kv_width;
+  const int64_t bt = s.options.kv_block_tokens;
+  std::vector<int32_t> slots(count);
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t p = first + i;
+    slots[i] = static_cast<int32_t>(seq.blocks[p / bt] * bt + p % bt);
+  }
+  RETURN_IF_ERROR(s.slots.Reserve(count * sizeof(int32_t)));
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s.slots.as<int32_t>(), slots.data(),
+                                       count * sizeof(int32_t), cudaMemcpyHostToDevice, s.stream));
+  // The rows arrive contiguous, the pool is paged: stage them as bf16 in the (otherwise idle)
+  // one-layer K/V buffers, then scatter into the sequence's blocks.
+  RETURN_IF_ERROR(s.k_layer.Reserve(s.Bf16Bytes(count * w)));
+  RETURN_IF_ERROR(s.v_layer.Reserve(s.Bf16Bytes(count * w)));
+  if (dtype == KvDtype::kF32) {
+    RETURN_IF_ERROR(s.kv_f32.Reserve(static_cast<size_t>(count * w) * sizeof(float)));
+  }
+  const std::pair<const void*, uint16_t*> parts[] = {{k, s.k_layer.as<uint16_t>()},
+                                                     {v, s.v_layer.as<uint16_t>()}};
+  for (const auto& [rows, staging] : parts) {
+    if (dtype == KvDtype::kBf16) {
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(staging, rows, s.Bf16Bytes(count * w),
+                                           cudaMemcpyHostToDevice, s.stream));
+    } else {
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s.kv_f32.as<float>(), rows,
+                                           count * w * sizeof(float), cudaMemcpyHostToDevice,
+                                           s.stream));
+      RETURN_IF_ERROR(cuda::F32ToBf16(s.kv_f32.as<float>(), count * w, staging, s.stream));
+    }
+  }
+  RETURN_IF_ERROR(CopyRows(s.k_layer.as<uint16_t>(), w, nullptr, s.PoolK(layer), w,
+                           s.slots.as<int32_t>(), count, w, s.stream));
+  RETURN_IF_ERROR(CopyRows(s.v_layer.as<uint16_t>(), w, nullptr, s.PoolV(layer), w,
+                           s.slots.as<int32_t>(), count, w, s.stream));
+  // The caller's rows may go away on return.
+  return CudaStatus(cudaStreamSynchronize(s.stream), "KV import");
+}
+
 }  // namespace sparseaccel

@@ -16,7 +16,8 @@
 //    the whole context per step; meant for prefill and for modest contexts.
 //  - Prefill(): one prompt, K/V handed to a callback layer by layer while it is on the device.
 //  - Device sequences (StartSequence / DecodeStep): K/V in a paged block pool on the device,
-//    decode steps batched over many sequences.
+//    decode steps batched over many sequences. As a SequenceModel (the decode service), a
+//    sequence is imported with K/V computed elsewhere (ImportSequence / WriteKv).
 // All methods are thread-safe (serialised).
 
 #include <cstdint>
@@ -32,6 +33,7 @@
 #include "model/config.h"
 #include "model/kv_cache.h"
 #include "model/language_model.h"
+#include "model/sequence_model.h"
 
 namespace sparseaccel {
 
@@ -55,7 +57,7 @@ struct CudaMemoryStats {
   int64_t peak_device_used = 0;
 };
 
-class LlamaCuda : public LanguageModel {
+class LlamaCuda : public LanguageModel, public SequenceModel {
  public:
   static absl::StatusOr<std::unique_ptr<LlamaCuda>> Load(const std::string& model_dir,
                                                          const LlamaCudaOptions& options = {});
@@ -94,14 +96,26 @@ class LlamaCuda : public LanguageModel {
   // (cuda::SampleTokens: same picks as SampleTokenCpu for params[i] at draw steps[i]).
   absl::Status DecodeAndSample(absl::Span<const int64_t> ids, absl::Span<const int32_t> tokens,
                                absl::Span<const SamplingParams> params,
-                               absl::Span<const uint64_t> steps, std::vector<int32_t>* next);
-  absl::Status EndSequence(int64_t id);
+                               absl::Span<const uint64_t> steps,
+                               std::vector<int32_t>* next) override;
+  absl::Status EndSequence(int64_t id) override;
   int64_t SequenceLength(int64_t id) const;
 
   CudaMemoryStats MemoryStats() const;
   void ResetPeakMemory();
   // Waits for queued device work (for timing).
   absl::Status Synchronize();
+
+  // SequenceModel over the device pool (needs options.kv_pool_tokens > 0).
+  int64_t kv_block_tokens() const override;
+  int64_t kv_pool_blocks() const override;
+  int64_t kv_block_bytes() const override;
+  // A sequence of `length` positions whose K/V WriteKv fills, e.g. from a prefill service.
+  absl::StatusOr<int64_t> ImportSequence(int64_t length) override;
+  // bf16 rows go to the pool as they are; fp32 rows are rounded to bf16 (nearest even) on the
+  // device.
+  absl::Status WriteKv(int64_t id, int64_t layer, int64_t first, int64_t count, KvDtype dtype,
+                       const void* k, const void* v) override;
 
  private:
   struct State;

@@ -5,27 +5,44 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/metrics.h"
 #include "common/status_macros.h"
 #include "kernels/sampling.h"
+#include "model/safetensors.h"
 #include "proto/sampling.h"
 
 namespace sparseaccel {
 namespace {
 
+// `n` fp32 values as wire bytes of `dtype` (little-endian).
+void EncodeRows(const float* values, int64_t n, KvDtype dtype, std::string* out) {
+  if (dtype == KvDtype::kF32) {
+    out->assign(reinterpret_cast<const char*>(values), n * sizeof(float));
+    return;
+  }
+  out->resize(n * 2);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t bits = FloatToBf16(values[i]);
+    std::memcpy(&(*out)[2 * i], &bits, 2);
+  }
+}
+
 // One layer of K/V at a time: every layer writes into the same buffer, and LayerDone ships the
 // rows just written before the next layer overwrites them.
 class StreamingKvStore : public KvStore {
  public:
-  StreamingKvStore(KvShape shape, int64_t num_tokens, int64_t chunk_bytes, const PrefillEmit* emit)
+  StreamingKvStore(KvShape shape, int64_t num_tokens, int64_t chunk_bytes, KvDtype dtype,
+                   const PrefillEmit* emit)
       : shape_(shape),
+        dtype_(dtype),
         k_(num_tokens * shape.RowSize()),
         v_(num_tokens * shape.RowSize()),
         rows_per_chunk_(std::max<int64_t>(
-            1, chunk_bytes / (2 * shape.RowSize() * static_cast<int64_t>(sizeof(float))))),
+            1, chunk_bytes / (2 * shape.RowSize() * static_cast<int64_t>(KvDtypeBytes(dtype))))),
         emit_(emit) {}
 
   absl::StatusOr<KvLayerView> Layer(int64_t layer, int64_t num_tokens) override {
@@ -43,7 +60,7 @@ class StreamingKvStore : public KvStore {
   }
 
   absl::Status LayerDone(int64_t layer, int64_t first_pos, int64_t count) override {
-    const int64_t row_bytes = shape_.RowSize() * static_cast<int64_t>(sizeof(float));
+    const int64_t row = shape_.RowSize();
     for (int64_t begin = first_pos; begin < first_pos + count; begin += rows_per_chunk_) {
       const int64_t rows = std::min(rows_per_chunk_, first_pos + count - begin);
       v1::PrefillResponse message;
@@ -51,10 +68,10 @@ class StreamingKvStore : public KvStore {
       chunk->set_layer(static_cast<int32_t>(layer));
       chunk->set_first_position(static_cast<int32_t>(begin));
       chunk->set_num_positions(static_cast<int32_t>(rows));
-      chunk->set_k(reinterpret_cast<const char*>(&k_[begin * shape_.RowSize()]), rows * row_bytes);
-      chunk->set_v(reinterpret_cast<const char*>(&v_[begin * shape_.RowSize()]), rows * row_bytes);
+      EncodeRows(&k_[begin * row], rows * row, dtype_, chunk->mutable_k());
+      EncodeRows(&v_[begin * row], rows * row, dtype_, chunk->mutable_v());
       chunk->set_crc32(KvChunkCrc(chunk->k(), chunk->v()));
-      kv_bytes_ += 2 * rows * row_bytes;
+      kv_bytes_ += static_cast<int64_t>(chunk->k().size() + chunk->v().size());
       RETURN_IF_ERROR((*emit_)(std::move(message)));
     }
     ++layers_sent_;
@@ -66,6 +83,7 @@ class StreamingKvStore : public KvStore {
 
  private:
   KvShape shape_;
+  const KvDtype dtype_;
   std::vector<float> k_, v_;
   const int64_t rows_per_chunk_;
   const PrefillEmit* emit_;
@@ -92,7 +110,7 @@ v1::KvLayout PrefillEngine::layout() const {
   layout.set_num_layers(static_cast<int32_t>(shape.num_layers));
   layout.set_num_kv_heads(static_cast<int32_t>(shape.num_kv_heads));
   layout.set_head_dim(static_cast<int32_t>(shape.head_dim));
-  layout.set_dtype(v1::KV_DTYPE_F32);
+  layout.set_dtype(options_.kv_dtype == KvDtype::kBf16 ? v1::KV_DTYPE_BF16 : v1::KV_DTYPE_F32);
   return layout;
 }
 
@@ -136,7 +154,7 @@ absl::StatusOr<PrefillStats> PrefillEngine::Run(const v1::PrefillRequest& reques
   }
   absl::MutexLock lock(&run_mu_);
   const auto start = std::chrono::steady_clock::now();
-  StreamingKvStore kv(model_->kv_shape(), n, options_.chunk_bytes, &emit);
+  StreamingKvStore kv(model_->kv_shape(), n, options_.chunk_bytes, options_.kv_dtype, &emit);
   const std::vector<int32_t> tokens(request.token_ids().begin(), request.token_ids().end());
   std::vector<float> logits;
   RETURN_IF_ERROR(model_->Forward({SequenceChunk{tokens, 0, &kv, LogitsFor::kLast}}, &logits));

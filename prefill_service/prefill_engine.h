@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "model/language_model.h"
+#include "model/sequence_model.h"
 #include "proto/sparseaccel.pb.h"
 
 namespace sparseaccel {
@@ -21,6 +22,10 @@ struct PrefillEngineOptions {
   int64_t max_prompt_tokens = 8192;
   // Target size of one KvChunk message (k + v); a layer is split into several chunks.
   int64_t chunk_bytes = 1 << 20;
+  // Element type of K/V on the wire. bf16 halves the bytes; it loses nothing for the GPU
+  // engine, whose K/V are bf16 (its fp32 rows are exact bf16 values), and rounds the CPU
+  // engine's fp32 K/V (to nearest even).
+  KvDtype kv_dtype = KvDtype::kF32;
 };
 
 struct PrefillStats {

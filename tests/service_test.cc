@@ -19,7 +19,9 @@
 #include "kernels/sampling.h"
 #include "model/checkpoint_maker.h"
 #include "model/fingerprint.h"
+#include "model/host_sequence_model.h"
 #include "model/llama_cpu.h"
+#include "model/safetensors.h"
 #include "model/sparse_prefill.h"
 #include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
@@ -56,14 +58,26 @@ Model& SharedModel() {
 }
 
 // Tokens of prompt + generation by the engine alone, sampled exactly as the services do.
+// `bf16_prompt_kv`: the prompt's K/V are rounded to bf16 after the prefill, as when they
+// travel as bf16.
 std::vector<int32_t> GenerateAlone(const std::vector<int32_t>& prompt,
-                                   const v1::SamplingParams& sampling, int max_tokens) {
+                                   const v1::SamplingParams& sampling, int max_tokens,
+                                   bool bf16_prompt_kv = false) {
   LlamaCpu& model = *SharedModel().llama;
   ContiguousKvStore kv(model.kv_shape(), prompt.size() + max_tokens);
   SamplingParams params{sampling.temperature(), sampling.top_k(),
                         sampling.top_p() == 0 ? 1.0f : sampling.top_p(), sampling.seed()};
   std::vector<float> logits;
   EXPECT_TRUE(model.Forward({SequenceChunk{prompt, 0, &kv, LogitsFor::kLast}}, &logits).ok());
+  for (int64_t layer = 0; bf16_prompt_kv && layer < model.kv_shape().num_layers; ++layer) {
+    KvLayerView view = kv.Layer(layer, prompt.size()).value();
+    for (size_t p = 0; p < prompt.size(); ++p) {
+      for (int64_t i = 0; i < view.row_size; ++i) {
+        view.KRow(p)[i] = Bf16ToFloat(FloatToBf16(view.KRow(p)[i]));
+        view.VRow(p)[i] = Bf16ToFloat(FloatToBf16(view.VRow(p)[i]));
+      }
+    }
+  }
   std::vector<int32_t> out;
   const int64_t vocab = model.config().vocab_size;
   for (int step = 0; step < max_tokens; ++step) {
@@ -96,6 +110,8 @@ struct Outcome {
 struct ServiceOptions {
   PrefillEngineOptions prefill;
   DecodeEngineOptions decode;
+  int64_t kv_block_tokens = 16;
+  int64_t kv_blocks = 4096;
   bool start_prefill = true;
   std::string decode_fingerprint;          // Empty: the model's.
   LanguageModel* prefill_model = nullptr;  // Null: the shared model.
@@ -121,7 +137,9 @@ class ServicePair {
       front_server_ = StartGrpcServer("127.0.0.1:0", prefill_front, &front_port_);
       prefill_address = "127.0.0.1:" + std::to_string(front_port_);
     }
-    decode_engine_ = std::make_unique<DecodeEngine>(model.llama.get(), options.decode);
+    decode_model_ = std::make_unique<HostSequenceModel>(model.llama.get(), options.kv_block_tokens,
+                                                        options.kv_blocks);
+    decode_engine_ = std::make_unique<DecodeEngine>(decode_model_.get(), options.decode);
     DecodeServerOptions decode_options;
     decode_options.prefill_addresses = {prefill_address};
     decode_options.model_fingerprint =
@@ -160,11 +178,13 @@ class ServicePair {
     return outcome;
   }
 
-  // True once all KV blocks are back in the pool and nothing runs (waits up to 5 s).
+  // True once all KV blocks are back in the pool (none reserved, none held by a sequence) and
+  // nothing runs (waits up to 5 s).
   bool Drained() {
     for (int i = 0; i < 500; ++i) {
-      const KvBlockPool& pool = decode_engine_->pool();
-      if (pool.free_blocks() == pool.num_blocks() && decode_engine_->running() == 0 &&
+      if (decode_engine_->free_blocks() == decode_engine_->num_blocks() &&
+          decode_model_->free_blocks() == decode_model_->kv_pool_blocks() &&
+          decode_engine_->running() == 0 &&
           prefill_service_->active_requests() == 0 && decode_service_->active_requests() == 0) {
         return true;
       }
@@ -184,6 +204,7 @@ class ServicePair {
   std::unique_ptr<PrefillEngine> prefill_engine_;
   std::unique_ptr<PrefillServer> prefill_service_;
   std::unique_ptr<grpc::Server> prefill_server_, front_server_, decode_server_;
+  std::unique_ptr<HostSequenceModel> decode_model_;
   std::unique_ptr<DecodeEngine> decode_engine_;
   std::unique_ptr<DecodeServer> decode_service_;
   std::unique_ptr<v1::DecodeService::Stub> stub_;
@@ -224,6 +245,45 @@ TEST(ServiceTest, SplitPrefillDecodeEqualsOneEngine) {
               2 * shape.num_layers * shape.RowSize() * 4 * static_cast<int64_t>(prompt.size()));
     EXPECT_GT(outcome.result.time_to_first_token_seconds(), 0);
   }
+  EXPECT_TRUE(services.Drained());
+}
+
+// K/V as bf16 on the wire (what a GPU prefill service sends) into the CPU decode path. Rule:
+// the tokens are exactly those of one engine whose prompt K/V are rounded to bf16 (nearest
+// even) after its prefill, since that is all that differs; the first token, sampled on the
+// prefill side from fp32 logits, equals the all-fp32 path's. Agreement with the all-fp32 path
+// after that is reported, not asserted: a 2^-9 relative change in K/V may flip a near tie.
+TEST(ServiceTest, Bf16KvOnTheWire) {
+  ServiceOptions options;
+  options.prefill.kv_dtype = KvDtype::kBf16;
+  ServicePair services(options);
+  std::mt19937 rng(std::random_device{}());
+  const std::vector<GenerateRequest> requests = {
+      MakeRequest(RandomPrompt(5, &rng), 12),
+      MakeRequest(RandomPrompt(37, &rng), 10, 0.8f, 50, 0, 7),
+      MakeRequest(RandomPrompt(150, &rng), 9),
+  };
+  int same = 0, total = 0;
+  for (const GenerateRequest& request : requests) {
+    Outcome outcome = services.Generate(request);
+    ASSERT_TRUE(outcome.status.ok()) << outcome.status.error_message();
+    std::vector<int32_t> prompt(request.token_ids().ids().begin(), request.token_ids().ids().end());
+    EXPECT_EQ(outcome.tokens, GenerateAlone(prompt, request.sampling(), request.max_tokens(),
+                                            /*bf16_prompt_kv=*/true));
+    const std::vector<int32_t> fp32 =
+        GenerateAlone(prompt, request.sampling(), request.max_tokens());
+    ASSERT_FALSE(outcome.tokens.empty());
+    EXPECT_EQ(outcome.tokens[0], fp32[0]);
+    for (size_t i = 0; i < fp32.size() && i < outcome.tokens.size() && fp32[i] == outcome.tokens[i];
+         ++i) {
+      ++same;
+    }
+    total += request.max_tokens();
+    const KvShape shape = SharedModel().llama->kv_shape();
+    EXPECT_EQ(outcome.result.kv_transfer_bytes(),
+              2 * shape.num_layers * shape.RowSize() * 2 * static_cast<int64_t>(prompt.size()));
+  }
+  std::printf("bf16 KV on the wire: %d of %d tokens equal to the all-fp32 path\n", same, total);
   EXPECT_TRUE(services.Drained());
 }
 
@@ -632,8 +692,8 @@ TEST(ServiceTest, ClientCancellingMidDecodeFreesEverything) {
 
 TEST(ServiceTest, FullKvPoolIsResourceExhausted) {
   ServiceOptions options;
-  options.decode.block_tokens = 16;
-  options.decode.num_blocks = 4;  // 64 positions.
+  options.kv_block_tokens = 16;
+  options.kv_blocks = 4;  // 64 positions.
   options.decode.max_waiting = 0;
   ServicePair services(options);
   std::mt19937 rng(std::random_device{}());
@@ -643,26 +703,41 @@ TEST(ServiceTest, FullKvPoolIsResourceExhausted) {
 }
 
 TEST(DecodeEngineTest, AdmissionWaitsInABoundedQueue) {
+  HostSequenceModel model(SharedModel().llama.get(), /*block_tokens=*/8, /*num_blocks=*/4);
   DecodeEngineOptions options;
-  options.block_tokens = 8;
-  options.num_blocks = 4;
   options.max_waiting = 1;
-  DecodeEngine engine(SharedModel().llama.get(), options);
+  DecodeEngine engine(&model, options);
   auto never = [] { return false; };
-  auto first = engine.Admit(32, absl::InfiniteFuture(), never);
+  auto first = engine.Admit(24, 8, absl::InfiniteFuture(), never);
   ASSERT_TRUE(first.ok());
-  // The pool is full: one request may wait; it times out at its deadline.
-  auto waited = engine.Admit(8, absl::Now() + absl::Milliseconds(50), never);
+  // Every block is reserved: one request may wait; it times out at its deadline.
+  auto waited = engine.Admit(4, 4, absl::Now() + absl::Milliseconds(50), never);
   EXPECT_EQ(waited.status().code(), absl::StatusCode::kDeadlineExceeded);
-  // A waiter gets its blocks as soon as they are freed.
+  // The queue holds one: a second waiter is refused at once.
+  std::atomic<bool> stop_waiting{false};
+  std::thread waiter([&] {
+    auto third = engine.Admit(4, 4, absl::InfiniteFuture(), [&] { return stop_waiting.load(); });
+    EXPECT_EQ(third.status().code(), absl::StatusCode::kCancelled);
+  });
+  while (engine.waiting() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_EQ(engine.Admit(4, 4, absl::InfiniteFuture(), never).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  stop_waiting = true;
+  waiter.join();
+  // A waiter gets its blocks as soon as they are released.
   std::thread release([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
     first->reset();
   });
-  auto second = engine.Admit(16, absl::Now() + absl::Seconds(10), never);
+  auto second = engine.Admit(8, 8, absl::Now() + absl::Seconds(10), never);
   release.join();
-  EXPECT_TRUE(second.ok()) << second.status();
-  EXPECT_EQ(engine.pool().free_blocks(), 2);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(engine.free_blocks(), 2);
+  // Only the prompt's block is taken so far; the rest come as decoding reaches them.
+  EXPECT_EQ(model.free_blocks(), 3);
+  second->reset();
+  EXPECT_EQ(engine.free_blocks(), 4);
+  EXPECT_EQ(model.free_blocks(), 4);
 }
 
 TEST(ServiceTest, MetricsAreServedOverHttp) {

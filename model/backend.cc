@@ -3,22 +3,51 @@
 #include "absl/strings/str_cat.h"
 #include "model/host_sequence_model.h"
 #include "model/llama_cpu.h"
+#include "model/sparse_prefill.h"
 #ifdef SPARSEACCEL_WITH_CUDA
 #include "model/llama_cuda.h"
 #endif
 
 namespace sparseaccel {
+namespace {
 
-absl::StatusOr<std::unique_ptr<LanguageModel>> LoadLanguageModel(const std::string& device,
-                                                                 const std::string& model_dir) {
+// LlamaCpu with a SparsePrefillAttention installed; owns both.
+class SparseLlamaCpu : public LanguageModel {
+ public:
+  SparseLlamaCpu(std::unique_ptr<LlamaCpu> model, std::unique_ptr<SparsePrefillAttention> sparse)
+      : model_(std::move(model)), sparse_(std::move(sparse)) {
+    model_->SetAttentionOverride(sparse_.get());
+  }
+  const ModelConfig& config() const override { return model_->config(); }
+  KvShape kv_shape() const override { return model_->kv_shape(); }
+  absl::Status Forward(absl::Span<const SequenceChunk> batch, std::vector<float>* logits) override {
+    return model_->Forward(batch, logits);
+  }
+
+ private:
+  std::unique_ptr<LlamaCpu> model_;
+  std::unique_ptr<SparsePrefillAttention> sparse_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<LanguageModel>> LoadLanguageModel(
+    const std::string& device, const std::string& model_dir, std::optional<SparseConfig> sparse) {
   if (device == "cpu") {
     absl::StatusOr<std::unique_ptr<LlamaCpu>> model = LlamaCpu::Load(model_dir);
     if (!model.ok()) return model.status();
-    return std::unique_ptr<LanguageModel>(std::move(model).value());
+    if (!sparse.has_value()) return std::unique_ptr<LanguageModel>(std::move(model).value());
+    absl::StatusOr<std::unique_ptr<SparsePrefillAttention>> attention =
+        SparsePrefillAttention::Create((*model)->config(), *std::move(sparse));
+    if (!attention.ok()) return attention.status();
+    return std::unique_ptr<LanguageModel>(
+        std::make_unique<SparseLlamaCpu>(std::move(model).value(), std::move(attention).value()));
   }
   if (device == "cuda") {
 #ifdef SPARSEACCEL_WITH_CUDA
-    absl::StatusOr<std::unique_ptr<LlamaCuda>> model = LlamaCuda::Load(model_dir);
+    LlamaCudaOptions options;
+    options.sparse = std::move(sparse);
+    absl::StatusOr<std::unique_ptr<LlamaCuda>> model = LlamaCuda::Load(model_dir, options);
     if (!model.ok()) return model.status();
     return std::unique_ptr<LanguageModel>(std::move(model).value());
 #else

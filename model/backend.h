@@ -6,16 +6,23 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "kernels/sparse/pattern_config.h"
 #include "model/language_model.h"
 #include "model/sequence_model.h"
 
 namespace sparseaccel {
 
-absl::StatusOr<std::unique_ptr<LanguageModel>> LoadLanguageModel(const std::string& device,
-                                                                 const std::string& model_dir);
+// The prefill service's model. With `sparse`, prompts of at least sparse->dense_below_tokens
+// tokens prefill with each head's dynamic sparse pattern (CPU: SparsePrefillAttention in
+// LlamaCpu; CUDA: LlamaCuda's sparse kernels); InvalidArgument when the config does not fit
+// the model.
+absl::StatusOr<std::unique_ptr<LanguageModel>> LoadLanguageModel(
+    const std::string& device, const std::string& model_dir,
+    std::optional<SparseConfig> sparse = std::nullopt);
 
 // The decode service's K/V pool and batch.
 struct SequencePoolOptions {

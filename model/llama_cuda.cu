@@ -9,6 +9,7 @@
 #include "absl/synchronization/mutex.h"
 #include "common/status_macros.h"
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/sparse_attention.h"
 #include "kernels/rope.h"
 #include "model/cuda/cuda_util.cuh"
 #include "model/cuda/gemm.cuh"
@@ -96,6 +97,13 @@ struct LlamaCuda::State {
   DeviceBuffer sample_workspace;
   DeviceBuffer sampled;  // int32 [batch]
 
+  // Sparse prefill: every layer's head patterns ([layer][head], on the device and the host)
+  // and the index of the layer being prefilled.
+  DeviceBuffer device_patterns;
+  std::vector<std::vector<cuda::DeviceHeadPattern>> host_patterns;
+  DeviceBuffer index_workspace;
+  SparsePrefillStats sparse_stats;
+
   // Paged pool: [layer][block * block_tokens + i][kv_width] for K and for V.
   DeviceBuffer k_pool, v_pool;
   int64_t pool_blocks = 0;
@@ -173,22 +181,34 @@ struct LlamaCuda::State {
     return absl::OkStatus();
   }
 
-  // One decoder layer on `m` rows of the residual stream `x` (updated in place), the rows at
-  // device `row_positions`. After the fused QKV projection and RoPE (into `qkv`), `store_kv`
-  // keeps the rows' K and V and `attend` writes the attention output into `attn`.
-  absl::Status DecoderLayer(const LayerWeights& w, uint16_t* x, int64_t m,
-                            const int32_t* row_positions,
-                            const std::function<absl::Status()>& store_kv,
-                            const std::function<absl::Status()>& attend) {
+  // The first half of a decoder layer on `m` rows of the residual stream `x`, the rows at
+  // device `row_positions`: the fused QKV projection of the normed rows into `qkv_rows`
+  // ([m][qkv_width]), RoPE applied to Q and K.
+  absl::Status ProjectQkv(const LayerWeights& w, uint16_t* x, int64_t m,
+                          const int32_t* row_positions, uint16_t* qkv_rows) {
     const ModelConfig& c = config;
     RETURN_IF_ERROR(Norm(x, m, w.input_norm, normed.as<uint16_t>()));
-    RETURN_IF_ERROR(Linear(normed.as<uint16_t>(), w.qkv, qkv.as<uint16_t>(), m, qkv_width,
-                           c.hidden_size, false));
-    RETURN_IF_ERROR(cuda::ApplyRope(qkv.as<uint16_t>(), qkv_width, c.num_attention_heads,
-                                    qkv.as<uint16_t>() + q_width, qkv_width, c.num_key_value_heads,
-                                    m, c.head_dim, row_positions, inv_freq.as<float>(), stream));
-    RETURN_IF_ERROR(store_kv());
-    RETURN_IF_ERROR(attend());
+    RETURN_IF_ERROR(
+        Linear(normed.as<uint16_t>(), w.qkv, qkv_rows, m, qkv_width, c.hidden_size, false));
+    return cuda::ApplyRope(qkv_rows, qkv_width, c.num_attention_heads, qkv_rows + q_width,
+                           qkv_width, c.num_key_value_heads, m, c.head_dim, row_positions,
+                           inv_freq.as<float>(), stream);
+  }
+
+  // Copies the K and V of `m` rows of `qkv_rows` to rows [first, first + m) of k_layer/v_layer.
+  absl::Status StoreKv(const uint16_t* qkv_rows, int64_t first, int64_t m) {
+    RETURN_IF_ERROR(CopyRows(qkv_rows + q_width, qkv_width, nullptr,
+                             k_layer.as<uint16_t>() + first * kv_width, kv_width, nullptr, m,
+                             kv_width, stream));
+    return CopyRows(qkv_rows + q_width + kv_width, qkv_width, nullptr,
+                    v_layer.as<uint16_t>() + first * kv_width, kv_width, nullptr, m, kv_width,
+                    stream);
+  }
+
+  // The second half: the output projection of `attn` added to `x`, then the MLP block, `x`
+  // updated in place.
+  absl::Status OutputAndMlp(const LayerWeights& w, uint16_t* x, int64_t m) {
+    const ModelConfig& c = config;
     RETURN_IF_ERROR(Linear(attn.as<uint16_t>(), w.o, x, m, c.hidden_size, q_width, true));
     RETURN_IF_ERROR(Norm(x, m, w.post_norm, normed.as<uint16_t>()));
     RETURN_IF_ERROR(Linear(normed.as<uint16_t>(), w.gate_up, gate_up.as<uint16_t>(), m,
@@ -197,6 +217,112 @@ struct LlamaCuda::State {
         cuda::SwiGlu(gate_up.as<uint16_t>(), gate_up.as<uint16_t>() + c.intermediate_size, m,
                      c.intermediate_size, 2 * c.intermediate_size, act.as<uint16_t>(), stream));
     return Linear(act.as<uint16_t>(), w.down, x, m, c.hidden_size, c.intermediate_size, true);
+  }
+
+  // Dense causal attention of `m` queries (rows of `qkv_rows`) at positions [n_kv - m, n_kv)
+  // over k_layer/v_layer rows [0, n_kv), into `attn`.
+  absl::Status DenseAttention(const uint16_t* qkv_rows, int64_t m, int64_t n_kv) {
+    cuda::PrefillAttentionArgs a;
+    a.q = qkv_rows;
+    a.q_stride = qkv_width;
+    a.k = k_layer.as<uint16_t>();
+    a.v = v_layer.as<uint16_t>();
+    a.kv_stride = kv_width;
+    a.out = attn.as<uint16_t>();
+    a.out_stride = q_width;
+    a.n = m;
+    a.n_kv = n_kv;
+    a.num_heads = config.num_attention_heads;
+    a.num_kv_heads = config.num_key_value_heads;
+    a.head_dim = config.head_dim;
+    return cuda::PrefillAttention(a, stream);
+  }
+
+  // Checks `sparse` against the model and uploads its patterns.
+  absl::Status UploadSparsePatterns(const SparseConfig& sparse) {
+    const ModelConfig& c = config;
+    if (sparse.num_layers != c.num_hidden_layers || sparse.num_heads != c.num_attention_heads) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sparse config is for ", sparse.num_layers, " layers x ", sparse.num_heads,
+          " heads; the model has ", c.num_hidden_layers, " x ", c.num_attention_heads));
+    }
+    bool shaped = static_cast<int64_t>(sparse.heads.size()) == c.num_hidden_layers;
+    for (const std::vector<HeadPattern>& layer : sparse.heads) {
+      shaped = shaped && static_cast<int64_t>(layer.size()) == c.num_attention_heads;
+    }
+    if (!shaped) return absl::InvalidArgumentError("sparse config: heads is not [layers][heads]");
+    std::vector<cuda::DeviceHeadPattern> all;
+    host_patterns.assign(c.num_hidden_layers, {});
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      for (const HeadPattern& head : sparse.heads[l]) {
+        absl::StatusOr<cuda::DeviceHeadPattern> pattern = cuda::ToDevicePattern(head);
+        if (!pattern.ok()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("sparse config layer ", l, ": ", pattern.status().message()));
+        }
+        host_patterns[l].push_back(*pattern);
+        all.push_back(*pattern);
+      }
+    }
+    RETURN_IF_ERROR(device_patterns.Reserve(all.size() * sizeof(cuda::DeviceHeadPattern)));
+    CUDA_RETURN_IF_ERROR(cudaMemcpy(device_patterns.as<void>(), all.data(),
+                                    all.size() * sizeof(cuda::DeviceHeadPattern),
+                                    cudaMemcpyHostToDevice));
+    return absl::OkStatus();
+  }
+
+  // Whether a prompt of `n` tokens from position `start` takes the sparse path.
+  bool UseSparse(int64_t start, int64_t n) const {
+    return options.sparse.has_value() && start == 0 && n >= options.sparse->dense_below_tokens;
+  }
+
+  // One layer of a sparse prefill of the whole prompt (`n` tokens from position 0, residual
+  // rows in `residual`), in query chunks of `chunk` rows (a multiple of kBlockSize).
+  absl::Status SparseLayer(int64_t l, int64_t n, int64_t chunk) {
+    const ModelConfig& c = config;
+    uint16_t* qkv_all = qkv.as<uint16_t>();
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+      const int64_t m = std::min(chunk, n - c0);
+      RETURN_IF_ERROR(ProjectQkv(layers[l], residual.as<uint16_t>() + c0 * c.hidden_size, m,
+                                 positions.as<int32_t>() + c0, qkv_all + c0 * qkv_width));
+      RETURN_IF_ERROR(StoreKv(qkv_all + c0 * qkv_width, c0, m));
+    }
+    cuda::SparseIndexArgs index_args;
+    index_args.q = qkv_all;
+    index_args.q_stride = qkv_width;
+    index_args.k = k_layer.as<uint16_t>();
+    index_args.k_stride = kv_width;
+    index_args.num_tokens = n;
+    index_args.num_heads = c.num_attention_heads;
+    index_args.num_kv_heads = c.num_key_value_heads;
+    index_args.head_dim = c.head_dim;
+    index_args.patterns = device_patterns.as<cuda::DeviceHeadPattern>() + l * c.num_attention_heads;
+    index_args.host_patterns = &host_patterns[l];
+    const size_t workspace_bytes = cuda::SparseIndexWorkspaceBytes(index_args);
+    RETURN_IF_ERROR(index_workspace.Reserve(workspace_bytes));
+    cuda::DeviceSparseIndex index;
+    RETURN_IF_ERROR(cuda::BuildSparseIndex(index_args, index_workspace.as<void>(), workspace_bytes,
+                                           &index, stream));
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+      const int64_t m = std::min(chunk, n - c0);
+      cuda::SparseAttentionArgs a;
+      a.q = qkv_all;
+      a.q_stride = qkv_width;
+      a.k = k_layer.as<uint16_t>();
+      a.v = v_layer.as<uint16_t>();
+      a.kv_stride = kv_width;
+      a.out = attn.as<uint16_t>();
+      a.out_stride = q_width;
+      a.num_heads = c.num_attention_heads;
+      a.num_kv_heads = c.num_key_value_heads;
+      a.head_dim = c.head_dim;
+      a.first_query_block = c0 / kBlockSize;
+      a.num_query_blocks = (m + kBlockSize - 1) / kBlockSize;
+      a.index = index;
+      RETURN_IF_ERROR(cuda::SparseAttention(a, stream));
+      RETURN_IF_ERROR(OutputAndMlp(layers[l], residual.as<uint16_t>() + c0 * c.hidden_size, m));
+    }
+    return absl::OkStatus();
   }
 
   // All layers for tokens at positions [start, start + n) of one sequence. Each layer's K/V
@@ -208,13 +334,20 @@ struct LlamaCuda::State {
     const ModelConfig& c = config;
     const int64_t n = static_cast<int64_t>(tokens.size());
     const int64_t total = start + n;
-    const int64_t chunk = std::min(n, options.prefill_chunk_tokens);
+    const bool sparse = UseSparse(start, n);
+    // Sparse chunks start on query-block boundaries.
+    const int64_t chunk =
+        sparse ? std::max<int64_t>(kBlockSize, std::min(n, options.prefill_chunk_tokens) /
+                                                   kBlockSize * kBlockSize)
+               : std::min(n, options.prefill_chunk_tokens);
     RETURN_IF_ERROR(ids.Reserve(n * sizeof(int32_t)));
     RETURN_IF_ERROR(positions.Reserve(n * sizeof(int32_t)));
     RETURN_IF_ERROR(residual.Reserve(Bf16Bytes(n * c.hidden_size)));
     RETURN_IF_ERROR(k_layer.Reserve(Bf16Bytes(total * kv_width)));
     RETURN_IF_ERROR(v_layer.Reserve(Bf16Bytes(total * kv_width)));
     RETURN_IF_ERROR(ReserveChunk(chunk));
+    // The sparse path keeps the whole prompt's Q/K/V rows of a layer.
+    if (sparse) RETURN_IF_ERROR(qkv.Reserve(Bf16Bytes(n * qkv_width)));
     std::vector<int32_t> host_positions(n);
     for (int64_t i = 0; i < n; ++i) host_positions[i] = static_cast<int32_t>(start + i);
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids.as<int32_t>(), tokens.data(), n * sizeof(int32_t),
@@ -225,40 +358,25 @@ struct LlamaCuda::State {
                                           c.hidden_size, residual.as<uint16_t>(), stream));
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       RETURN_IF_ERROR(before_layer(l));
-      for (int64_t c0 = 0; c0 < n; c0 += chunk) {
-        const int64_t m = std::min(chunk, n - c0);
-        // The chunk's K/V go to rows [start + c0, start + c0 + m) of the layer buffer; its
-        // queries attend to every row up to their own.
-        auto store_kv = [&]() -> absl::Status {
-          RETURN_IF_ERROR(CopyRows(qkv.as<uint16_t>() + q_width, qkv_width, nullptr,
-                                   k_layer.as<uint16_t>() + (start + c0) * kv_width, kv_width,
-                                   nullptr, m, kv_width, stream));
-          return CopyRows(qkv.as<uint16_t>() + q_width + kv_width, qkv_width, nullptr,
-                          v_layer.as<uint16_t>() + (start + c0) * kv_width, kv_width, nullptr, m,
-                          kv_width, stream);
-        };
-        auto attend = [&]() {
-          cuda::PrefillAttentionArgs a;
-          a.q = qkv.as<uint16_t>();
-          a.q_stride = qkv_width;
-          a.k = k_layer.as<uint16_t>();
-          a.v = v_layer.as<uint16_t>();
-          a.kv_stride = kv_width;
-          a.out = attn.as<uint16_t>();
-          a.out_stride = q_width;
-          a.n = m;
-          a.n_kv = start + c0 + m;
-          a.num_heads = c.num_attention_heads;
-          a.num_kv_heads = c.num_key_value_heads;
-          a.head_dim = c.head_dim;
-          return cuda::PrefillAttention(a, stream);
-        };
-        RETURN_IF_ERROR(DecoderLayer(layers[l], residual.as<uint16_t>() + c0 * c.hidden_size, m,
-                                     positions.as<int32_t>() + c0, store_kv, attend));
+      if (sparse) {
+        RETURN_IF_ERROR(SparseLayer(l, n, chunk));
+      } else {
+        for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+          // The chunk's K/V go to rows [start + c0, start + c0 + m) of the layer buffer; its
+          // queries attend to every row up to their own.
+          const int64_t m = std::min(chunk, n - c0);
+          uint16_t* x = residual.as<uint16_t>() + c0 * c.hidden_size;
+          RETURN_IF_ERROR(
+              ProjectQkv(layers[l], x, m, positions.as<int32_t>() + c0, qkv.as<uint16_t>()));
+          RETURN_IF_ERROR(StoreKv(qkv.as<uint16_t>(), start + c0, m));
+          RETURN_IF_ERROR(DenseAttention(qkv.as<uint16_t>(), m, start + c0 + m));
+          RETURN_IF_ERROR(OutputAndMlp(layers[l], x, m));
+        }
       }
       RETURN_IF_ERROR(after_layer(l));
       SampleDeviceMemory();
     }
+    if (start == 0) ++(sparse ? sparse_stats.sparse_prefills : sparse_stats.dense_prefills);
     return absl::OkStatus();
   }
 
@@ -429,6 +547,7 @@ absl::StatusOr<std::unique_ptr<LlamaCuda>> LlamaCuda::Load(const std::string& mo
       s.free_blocks[b] = static_cast<int32_t>(s.pool_blocks - 1 - b);
     }
   }
+  if (options.sparse.has_value()) RETURN_IF_ERROR(s.UploadSparsePatterns(*options.sparse));
   CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
   s.SampleDeviceMemory();
   return std::unique_ptr<LlamaCuda>(new LlamaCuda(std::move(state)));
@@ -621,33 +740,31 @@ absl::Status LlamaCuda::State::RunDecode(absl::Span<const int64_t> ids,
   RETURN_IF_ERROR(cuda::EmbeddingGather(d_tokens, batch, s.embed.as<uint16_t>(), c.vocab_size,
                                         c.hidden_size, x, s.stream));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    auto store_kv = [&]() -> absl::Status {
-      RETURN_IF_ERROR(CopyRows(s.qkv.as<uint16_t>() + s.q_width, s.qkv_width, nullptr, s.PoolK(l),
-                               s.kv_width, d_slots, batch, s.kv_width, s.stream));
-      return CopyRows(s.qkv.as<uint16_t>() + s.q_width + s.kv_width, s.qkv_width, nullptr,
-                      s.PoolV(l), s.kv_width, d_slots, batch, s.kv_width, s.stream);
-    };
-    auto attend = [&]() {
-      cuda::PagedDecodeArgs a;
-      a.q = s.qkv.as<uint16_t>();
-      a.q_stride = s.qkv_width;
-      a.k_pool = s.PoolK(l);
-      a.v_pool = s.PoolV(l);
-      a.block_tables = d_tables;
-      a.max_blocks_per_seq = table_stride;
-      a.seq_lens = d_lengths;
-      a.num_seqs = batch;
-      a.max_seq_len = max_length;
-      a.block_tokens = bt;
-      a.num_heads = c.num_attention_heads;
-      a.num_kv_heads = c.num_key_value_heads;
-      a.head_dim = c.head_dim;
-      a.workspace = s.decode_workspace.as<void>();
-      a.out = s.attn.as<uint16_t>();
-      a.out_stride = s.q_width;
-      return cuda::PagedDecodeAttention(a, s.stream);
-    };
-    RETURN_IF_ERROR(s.DecoderLayer(s.layers[l], x, batch, d_positions, store_kv, attend));
+    uint16_t* qkv = s.qkv.as<uint16_t>();
+    RETURN_IF_ERROR(s.ProjectQkv(s.layers[l], x, batch, d_positions, qkv));
+    RETURN_IF_ERROR(CopyRows(qkv + s.q_width, s.qkv_width, nullptr, s.PoolK(l), s.kv_width,
+                             d_slots, batch, s.kv_width, s.stream));
+    RETURN_IF_ERROR(CopyRows(qkv + s.q_width + s.kv_width, s.qkv_width, nullptr, s.PoolV(l),
+                             s.kv_width, d_slots, batch, s.kv_width, s.stream));
+    cuda::PagedDecodeArgs a;
+    a.q = qkv;
+    a.q_stride = s.qkv_width;
+    a.k_pool = s.PoolK(l);
+    a.v_pool = s.PoolV(l);
+    a.block_tables = d_tables;
+    a.max_blocks_per_seq = table_stride;
+    a.seq_lens = d_lengths;
+    a.num_seqs = batch;
+    a.max_seq_len = max_length;
+    a.block_tokens = bt;
+    a.num_heads = c.num_attention_heads;
+    a.num_kv_heads = c.num_key_value_heads;
+    a.head_dim = c.head_dim;
+    a.workspace = s.decode_workspace.as<void>();
+    a.out = s.attn.as<uint16_t>();
+    a.out_stride = s.q_width;
+    RETURN_IF_ERROR(cuda::PagedDecodeAttention(a, s.stream));
+    RETURN_IF_ERROR(s.OutputAndMlp(s.layers[l], x, batch));
   }
   for (int64_t id : ids) ++s.sequences[id].length;
   return s.DeviceLogits(0, batch);
@@ -724,6 +841,11 @@ CudaMemoryStats LlamaCuda::MemoryStats() const {
   return stats;
 }
 
+SparsePrefillStats LlamaCuda::SparseStats() const {
+  absl::MutexLock lock(&state_->mu);
+  return state_->sparse_stats;
+}
+
 void LlamaCuda::ResetPeakMemory() {
   absl::MutexLock lock(&state_->mu);
   g_device_peak_allocated = g_device_allocated.load();
@@ -778,8 +900,8 @@ absl::Status LlamaCuda::WriteKv(int64_t id, int64_t layer, int64_t first, int64_
     slots[i] = static_cast<int32_t>(seq.blocks[p / bt] * bt + p % bt);
   }
   RETURN_IF_ERROR(s.slots.Reserve(count * sizeof(int32_t)));
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s.slots.as<int32_t>(), slots.data(),
-                                       count * sizeof(int32_t), cudaMemcpyHostToDevice, s.stream));
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s.slots.as<int32_t>(), slots.data(), count * sizeof(int32_t),
+                                       cudaMemcpyHostToDevice, s.stream));
   // The rows arrive contiguous, the pool is paged: stage them as bf16 in the (otherwise idle)
   // one-layer K/V buffers, then scatter into the sequence's blocks.
   RETURN_IF_ERROR(s.k_layer.Reserve(s.Bf16Bytes(count * w)));
@@ -791,12 +913,11 @@ absl::Status LlamaCuda::WriteKv(int64_t id, int64_t layer, int64_t first, int64_
                                                      {v, s.v_layer.as<uint16_t>()}};
   for (const auto& [rows, staging] : parts) {
     if (dtype == KvDtype::kBf16) {
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(staging, rows, s.Bf16Bytes(count * w),
-                                           cudaMemcpyHostToDevice, s.stream));
+      CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(staging, rows, s.Bf16Bytes(count * w), cudaMemcpyHostToDevice, s.stream));
     } else {
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s.kv_f32.as<float>(), rows,
-                                           count * w * sizeof(float), cudaMemcpyHostToDevice,
-                                           s.stream));
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s.kv_f32.as<float>(), rows, count * w * sizeof(float),
+                                           cudaMemcpyHostToDevice, s.stream));
       RETURN_IF_ERROR(cuda::F32ToBf16(s.kv_f32.as<float>(), count * w, staging, s.stream));
     }
   }

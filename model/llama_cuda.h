@@ -10,6 +10,13 @@
 // so a prefill needs the weights, the residual stream [tokens][hidden], one layer's K/V and
 // chunk-sized scratch. Logits are computed only for the rows asked for.
 //
+// With a sparse config, a prompt prefilled from position 0 with at least the config's
+// dense_below_tokens tokens runs each head's dynamic sparse pattern (kernels/cuda/
+// sparse_attention.h): per layer, the projections of all chunks first (the index estimation
+// needs the whole prompt's Q and K, so Q/K/V of the prompt are kept: [tokens][q + 2 kv width]),
+// then one index for every head, then attention and MLP chunk by chunk. Shorter prompts,
+// continued sequences and decode steps run dense.
+//
 // Three ways in:
 //  - LanguageModel::Forward over host KvStores (what the services call): each chunk's past K/V
 //    is uploaded per layer and its new K/V written back, so it is correct everywhere but moves
@@ -23,6 +30,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -30,6 +38,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "kernels/sampling.h"
+#include "kernels/sparse/pattern_config.h"
 #include "model/config.h"
 #include "model/kv_cache.h"
 #include "model/language_model.h"
@@ -44,6 +53,14 @@ struct LlamaCudaOptions {
   int64_t kv_block_tokens = 64;
   // Most sequences in one DecodeStep (at most 256).
   int64_t max_decode_batch = 64;
+  // Per-head sparse prefill patterns; its layers and heads must match the model.
+  std::optional<SparseConfig> sparse;
+};
+
+// What the sparse path did since the engine was loaded (for logs and benchmarks).
+struct SparsePrefillStats {
+  int64_t sparse_prefills = 0;  // Prompts that took the sparse path.
+  int64_t dense_prefills = 0;   // Prompts from position 0 that ran dense.
 };
 
 // Device memory, bytes. `allocated` counts this engine's cudaMallocs (comparable to torch's
@@ -102,6 +119,7 @@ class LlamaCuda : public LanguageModel, public SequenceModel {
   int64_t SequenceLength(int64_t id) const;
 
   CudaMemoryStats MemoryStats() const;
+  SparsePrefillStats SparseStats() const;
   void ResetPeakMemory();
   // Waits for queued device work (for timing).
   absl::Status Synchronize();

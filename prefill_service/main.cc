@@ -1,7 +1,9 @@
 // The prefill service: computes prompts' KV caches and first tokens for decode services.
 //   prefill_server --model_dir DIR --listen 0.0.0.0:50051 --metrics_port 9464
 
+#include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/flags/flag.h"
@@ -10,10 +12,9 @@
 #include "common/grpc_util.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "kernels/sparse/pattern_config.h"
 #include "model/backend.h"
 #include "model/fingerprint.h"
-#include "model/llama_cpu.h"
-#include "model/sparse_prefill.h"
 #include "prefill_service/prefill_server.h"
 
 ABSL_FLAG(std::string, model_dir, "", "Hugging Face checkpoint directory.");
@@ -23,15 +24,40 @@ ABSL_FLAG(std::string, device, "cpu", "Compute backend: cpu, or cuda in builds w
 ABSL_FLAG(int64_t, max_prompt_tokens, 131072, "Longest prompt accepted.");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 30, "How long SIGTERM waits for running requests.");
 ABSL_FLAG(std::string, sparse_config, "",
-          "Per-head sparse attention config (from pattern_search); empty: dense prefill.");
+          "Per-head sparse attention config (from pattern_search). Empty: the model directory's "
+          "sparse_config.json when there is one, else dense prefill; 'none': dense prefill.");
 
 namespace sparseaccel {
 namespace {
 
+// The sparse config the flags ask for: nullopt for dense prefill.
+absl::StatusOr<std::optional<SparseConfig>> SparseConfigFromFlags(const std::string& model_dir) {
+  std::string path = absl::GetFlag(FLAGS_sparse_config);
+  if (path == "none") return std::nullopt;
+  if (path.empty()) {
+    const std::filesystem::path beside_model =
+        std::filesystem::path(model_dir) / "sparse_config.json";
+    std::error_code error;
+    if (!std::filesystem::exists(beside_model, error)) return std::nullopt;
+    path = beside_model.string();
+  }
+  absl::StatusOr<SparseConfig> config = LoadSparseConfig(path);
+  if (!config.ok()) return config.status();
+  LogInfo("prefill.sparse_attention",
+          {{"config", path}, {"dense_below_tokens", config->dense_below_tokens}});
+  return *std::move(config);
+}
+
 int Run() {
   const std::string model_dir = absl::GetFlag(FLAGS_model_dir);
+  absl::StatusOr<std::optional<SparseConfig>> sparse = SparseConfigFromFlags(model_dir);
+  if (!sparse.ok()) {
+    LogError("prefill.start_failed", {{"error", sparse.status().ToString()}});
+    return 1;
+  }
+  if (!sparse->has_value()) LogInfo("prefill.dense_attention", {{"model", model_dir}});
   absl::StatusOr<std::unique_ptr<LanguageModel>> model =
-      LoadLanguageModel(absl::GetFlag(FLAGS_device), model_dir);
+      LoadLanguageModel(absl::GetFlag(FLAGS_device), model_dir, *std::move(sparse));
   if (!model.ok()) {
     LogError("prefill.start_failed", {{"error", model.status().ToString()}});
     return 1;
@@ -40,26 +66,6 @@ int Run() {
   if (!fingerprint.ok()) {
     LogError("prefill.start_failed", {{"error", fingerprint.status().ToString()}});
     return 1;
-  }
-  std::unique_ptr<SparsePrefillAttention> sparse;
-  if (!absl::GetFlag(FLAGS_sparse_config).empty()) {
-    auto* cpu_model = dynamic_cast<LlamaCpu*>(model->get());
-    if (cpu_model == nullptr) {
-      LogError("prefill.start_failed", {{"error", "--sparse_config needs --device=cpu"}});
-      return 2;
-    }
-    absl::StatusOr<SparseConfig> config = LoadSparseConfig(absl::GetFlag(FLAGS_sparse_config));
-    absl::StatusOr<std::unique_ptr<SparsePrefillAttention>> attention =
-        config.ok() ? SparsePrefillAttention::Create((*model)->config(), *config)
-                    : absl::StatusOr<std::unique_ptr<SparsePrefillAttention>>(config.status());
-    if (!attention.ok()) {
-      LogError("prefill.start_failed", {{"error", attention.status().ToString()}});
-      return 1;
-    }
-    LogInfo("prefill.sparse_attention", {{"config", absl::GetFlag(FLAGS_sparse_config)},
-                                         {"dense_below_tokens", config->dense_below_tokens}});
-    sparse = *std::move(attention);
-    cpu_model->SetAttentionOverride(sparse.get());
   }
   PrefillEngineOptions options;
   options.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);

@@ -1,7 +1,9 @@
 // Time to first token of the CUDA engine: one prefill of N pseudo-random tokens (K/V streamed
 // out layer by layer, logits for the last token only), median wall time over repetitions, and
-// the peak device memory of each length. Prints one JSON object per length.
+// the peak device memory of each length. Prints one JSON object per length. With
+// --sparse_config, prompts of at least its dense_below_tokens run the sparse prefill.
 //   ttft_bench --model DIR --lengths 4096,16384 [--reps 3] [--chunk 4096]
+//              [--sparse_config FILE --label vs1000_6096]
 
 #include <algorithm>
 #include <chrono>
@@ -21,6 +23,8 @@ ABSL_FLAG(std::string, model, "", "Checkpoint directory.");
 ABSL_FLAG(std::string, lengths, "4096,16384,32768,65536,131072", "Prompt lengths.");
 ABSL_FLAG(int64_t, reps, 3, "Timed runs per length up to 32K tokens (one above).");
 ABSL_FLAG(int64_t, chunk, 4096, "Prefill chunk (tokens).");
+ABSL_FLAG(std::string, sparse_config, "", "Sparse attention config (empty: dense).");
+ABSL_FLAG(std::string, label, "dense", "Name of this configuration in the output.");
 
 namespace sparseaccel {
 namespace {
@@ -30,6 +34,15 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 int Run() {
   LlamaCudaOptions options;
   options.prefill_chunk_tokens = absl::GetFlag(FLAGS_chunk);
+  if (!absl::GetFlag(FLAGS_sparse_config).empty()) {
+    absl::StatusOr<SparseConfig> sparse = LoadSparseConfig(absl::GetFlag(FLAGS_sparse_config));
+    if (!sparse.ok()) {
+      LogError("ttft.load_failed", {{"error", sparse.status().ToString()}});
+      return 1;
+    }
+    options.sparse = *std::move(sparse);
+  }
+  const std::string label = absl::GetFlag(FLAGS_label);
   auto model = LlamaCuda::Load(absl::GetFlag(FLAGS_model), options);
   if (!model.ok()) {
     LogError("ttft.load_failed", {{"error", model.status().ToString()}});
@@ -62,6 +75,7 @@ int Run() {
     }
     (*model)->ResetPeakMemory();
     const int64_t reps = n <= 32768 ? absl::GetFlag(FLAGS_reps) : 1;
+    const SparsePrefillStats before = (*model)->SparseStats();
     std::vector<double> seconds;
     for (int64_t r = 0; r < reps; ++r) {
       const auto start = std::chrono::steady_clock::now();
@@ -78,10 +92,13 @@ int Run() {
     if (seconds.empty()) continue;
     std::sort(seconds.begin(), seconds.end());
     const CudaMemoryStats memory = (*model)->MemoryStats();
+    const bool sparse = (*model)->SparseStats().sparse_prefills > before.sparse_prefills;
     std::printf(
-        "{\"tokens\": %ld, \"ttft_s\": %.4f, \"reps\": %zu, \"weights_gib\": %.3f, "
-        "\"peak_allocated_gib\": %.3f, \"peak_device_used_gib\": %.3f}\n",
-        static_cast<long>(n), seconds[seconds.size() / 2], seconds.size(), memory.weights / kGiB,
+        "{\"attention\": \"%s\", \"path\": \"%s\", \"tokens\": %ld, \"ttft_s\": %.4f, "
+        "\"reps\": %zu, \"weights_gib\": %.3f, \"peak_allocated_gib\": %.3f, "
+        "\"peak_device_used_gib\": %.3f}\n",
+        label.c_str(), sparse ? "sparse" : "dense", static_cast<long>(n),
+        seconds[seconds.size() / 2], seconds.size(), memory.weights / kGiB,
         memory.peak_allocated / kGiB, memory.peak_device_used / kGiB);
     std::fflush(stdout);
   }

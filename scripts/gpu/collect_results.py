@@ -27,8 +27,12 @@ def main():
             result[name] = json.load(open(path))
     ours = {r["tokens"]: r for r in jsonl(os.path.join(out, "ttft_ours.jsonl"))}
     hf = {r["tokens"]: r for r in jsonl(os.path.join(out, "ttft_hf.jsonl"))}
-    result["ttft"] = [{"tokens": n, "ours": ours.get(n), "hf_sdpa": hf.get(n)}
-                      for n in sorted(set(ours) | set(hf))]
+    sparse = {}
+    for r in jsonl(os.path.join(out, "ttft_sparse.jsonl")):
+        sparse.setdefault(r["tokens"], {})[r["attention"]] = r
+    result["ttft"] = [{"tokens": n, "ours": ours.get(n), "hf_sdpa": hf.get(n),
+                       "ours_sparse": sparse.get(n, {})}
+                      for n in sorted(set(ours) | set(hf) | set(sparse))]
     result["decode"] = jsonl(os.path.join(out, "decode.jsonl"))
     with open(os.path.join(out, "gpu_engine.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -39,13 +43,18 @@ def main():
               "  pass %s" % (m["model"], m["ours_vs_hf_fp32"]["norm_rel"], m["bound_norm_rel"],
                              m["hf_bf16_vs_hf_fp32"]["norm_rel"], m["greedy_equal_hf_fp32"],
                              m["pass"]))
-    print("tokens | ours TTFT s | ours peak GiB | HF TTFT s | HF peak GiB")
+    print("tokens | ours TTFT s | ours peak GiB | HF TTFT s | HF peak GiB | sparse: TTFT s "
+          "(path, peak GiB)")
     for row in result["ttft"]:
         o, h = row["ours"] or {}, row["hf_sdpa"] or {}
-        print("%6d | %s | %s | %s | %s" % (row["tokens"], o.get("ttft_s", o.get("error")),
-                                           o.get("peak_allocated_gib"),
-                                           h.get("ttft_s", h.get("error")),
-                                           h.get("peak_allocated_gib")))
+        sparse_cells = ["%s %s (%s, %s)" % (label, r.get("ttft_s", r.get("error")), r.get("path"),
+                                            r.get("peak_allocated_gib"))
+                        for label, r in sorted(row["ours_sparse"].items())]
+        print("%6d | %s | %s | %s | %s | %s" % (row["tokens"], o.get("ttft_s", o.get("error")),
+                                                o.get("peak_allocated_gib"),
+                                                h.get("ttft_s", h.get("error")),
+                                                h.get("peak_allocated_gib"),
+                                                "; ".join(sparse_cells)))
     for row in result["decode"]:
         print("decode ctx %6d batch %3d: %s" % (row["context"], row["batch"],
                                                 row.get("itl_ms", row.get("skipped"))))

@@ -1,54 +1,69 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks of the CUDA engine, in one call on the GPU machine.
 #
-# Here (build machine):   scripts/gpu/engine.sh stage      # builds, copies binaries to out/device
-# GPU machine (out/device carried, torch + transformers installed):
+# Here (build machine):   scripts/gpu/engine.sh stage [STAGES]  # builds, copies to out/engine
+#   (only the binaries STAGES need, default all: the carried folder must stay under 64 MiB)
+# GPU machine (out/engine carried, torch + transformers installed):
 #   scripts/gpu/engine.sh check    # GPU tests + HF parity on the small model (~1 min)
 #   scripts/gpu/engine.sh bench    # 8B-shape checkpoint, HF parity, TTFT vs HF, decode ITL
-#   scripts/gpu/engine.sh all      # both
+#   scripts/gpu/engine.sh sparse   # 8B-shape checkpoint, TTFT: sparse prefill vs dense vs HF
+#   scripts/gpu/engine.sh all      # all three (or a comma list: check,sparse)
 # Results go to $OUT (default /tmp/gpe_out): engine.log, JSON lines, and gpu_engine.json (at
 # most 8 files, what the GPU machine sends back).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 stage="${1:-all}"
+[[ "$stage" == stage ]] && stage="${2:-all}" && building=1
+# Whether the stage list asks for $1.
+wants() { [[ "$stage" == all || ",$stage," == *",$1,"* ]]; }
 
-if [[ "$stage" == stage ]]; then
+if [[ -n "${building:-}" ]]; then
   set -e
-  targets=(//model:llama_cuda_test //model:run_cuda //model:make_checkpoint
-           //bench/ttft:ttft_bench //bench/decode:decode_bench)
-  bazel --output_base=/tmp/bazel_gpe build "${targets[@]}"
-  bin="$(bazel --output_base=/tmp/bazel_gpe info bazel-bin 2>/dev/null)"
-  scripts/stage_device.sh "$bin/model/llama_cuda_test" "$bin/model/run_cuda" \
-    "$bin/model/make_checkpoint" "$bin/bench/ttft/ttft_bench" "$bin/bench/decode/decode_bench"
+  targets=()
+  wants check && targets+=(//model:llama_cuda_test //decode_service:decode_engine_cuda_test
+                           //model:run_cuda)
+  wants bench && targets+=(//model:run_cuda //bench/decode:decode_bench)
+  (wants bench || wants sparse) && targets+=(//model:make_checkpoint //bench/ttft:ttft_bench)
+  bazel build "${targets[@]}"
+  bin="$(bazel info bazel-bin 2>/dev/null)"
+  rm -rf out/engine
+  STAGE_DIR=out/engine scripts/stage_device.sh \
+    $(printf '%s\n' "${targets[@]}" | sort -u | sed "s|^//|$bin/|; s|:|/|")
   exit 0
 fi
 
-export LD_LIBRARY_PATH="$PWD/out/device:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$PWD/out/engine:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYTHONUNBUFFERED=1
 out="${OUT:-/tmp/gpe_out}"
 mkdir -p "$out"
-bin=out/device
+bin=out/engine
 big=/tmp/gpe/llama-3.1-8b
 log="$out/engine.log"
 status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 
-if [[ "$stage" == check || "$stage" == all ]]; then
+if wants check; then
   echo "== GPU tests"
-  TEST_TMPDIR=/tmp/gpe_test "$bin/llama_cuda_test" > /tmp/gpe_test.log 2>&1 || status=1
-  cat /tmp/gpe_test.log >> "$log"
-  grep -E "^\[  (PASSED|FAILED) |_rel_error" /tmp/gpe_test.log
+  for test in llama_cuda_test decode_engine_cuda_test; do
+    TEST_TMPDIR=/tmp/gpe_test "$bin/$test" > /tmp/gpe_test.log 2>&1 || status=1
+    cat /tmp/gpe_test.log >> "$log"
+    grep -E "^\[  (PASSED|FAILED) |^\[  FAILED  \]|_rel_error" /tmp/gpe_test.log
+  done
   echo "== HF parity (small)"
   python3 scripts/gpu/hf_parity_cuda.py --bin "$bin" --out "$out/hf_parity_small.json" \
     >> "$log" 2>&1 || status=1
 fi
 
-if [[ "$stage" == bench || "$stage" == all ]]; then
+if wants bench || wants sparse; then
   echo "== 8B-shape checkpoint"
+  mkdir -p /tmp/gpe
   if [[ ! -f "$big/config.json" ]]; then
     time "$bin/make_checkpoint" --out "$big" --preset llama-3.1-8b --dtype bfloat16 --seed 1 \
       >> "$log" 2>&1 || { tail "$log"; exit 1; }
   fi
+fi
+
+if wants bench; then
   echo "== HF parity (8B shape)"
   python3 scripts/gpu/hf_parity_cuda.py --bin "$bin" --big_model "$big" \
     --out "$out/hf_parity_8b.json" >> "$log" 2>&1 || status=1
@@ -58,6 +73,29 @@ if [[ "$stage" == bench || "$stage" == all ]]; then
   python3 bench/ttft/hf_ttft.py --model "$big" 2>> "$log" | tee "$out/ttft_hf.jsonl"
   echo "== decode ITL"
   "$bin/decode_bench" --model "$big" 2>> "$log" | tee "$out/decode.jsonl"
+fi
+
+if wants sparse; then
+  # Every head with the same budget: random weights have no structure for a search to find,
+  # so these time the sparse path at fixed budgets (vertical-slash's cost depends on how
+  # concentrated the estimated pattern is; A-shape's does not).
+  sparse_lengths=16384,32768,65536,131072
+  python3 bench/ttft/uniform_sparse_config.py --model "$big" --pattern vertical_slash \
+    --vertical 1000 --slash 6096 --dense_below_tokens 16384 > /tmp/gpe/vs.json
+  python3 bench/ttft/uniform_sparse_config.py --model "$big" --pattern a_shape \
+    --sink 128 --window 4096 --dense_below_tokens 16384 > /tmp/gpe/a_shape.json
+  echo "== TTFT, ours dense"
+  "$bin/ttft_bench" --model "$big" --lengths "$sparse_lengths" 2>> "$log" \
+    | tee "$out/ttft_ours.jsonl"
+  for config in vs a_shape; do
+    echo "== TTFT, ours sparse ($config)"
+    "$bin/ttft_bench" --model "$big" --lengths "$sparse_lengths" \
+      --sparse_config "/tmp/gpe/$config.json" --label "$config" 2>> "$log" \
+      | tee -a "$out/ttft_sparse.jsonl"
+  done
+  echo "== TTFT, HF sdpa"
+  python3 bench/ttft/hf_ttft.py --model "$big" --lengths "$sparse_lengths" 2>> "$log" \
+    | tee "$out/ttft_hf.jsonl"
 fi
 
 python3 scripts/gpu/collect_results.py "$out"

@@ -742,8 +742,8 @@ absl::Status LlamaCuda::State::RunDecode(absl::Span<const int64_t> ids,
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     uint16_t* qkv = s.qkv.as<uint16_t>();
     RETURN_IF_ERROR(s.ProjectQkv(s.layers[l], x, batch, d_positions, qkv));
-    RETURN_IF_ERROR(CopyRows(qkv + s.q_width, s.qkv_width, nullptr, s.PoolK(l), s.kv_width,
-                             d_slots, batch, s.kv_width, s.stream));
+    RETURN_IF_ERROR(CopyRows(qkv + s.q_width, s.qkv_width, nullptr, s.PoolK(l), s.kv_width, d_slots,
+                             batch, s.kv_width, s.stream));
     RETURN_IF_ERROR(CopyRows(qkv + s.q_width + s.kv_width, s.qkv_width, nullptr, s.PoolV(l),
                              s.kv_width, d_slots, batch, s.kv_width, s.stream));
     cuda::PagedDecodeArgs a;

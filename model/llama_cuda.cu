@@ -335,10 +335,13 @@ struct LlamaCuda::State {
     const int64_t n = static_cast<int64_t>(tokens.size());
     const int64_t total = start + n;
     const bool sparse = UseSparse(start, n);
-    // Sparse chunks start on query-block boundaries.
+    // Sparse chunks start on boundaries of the pairs of query blocks the attention kernel
+    // takes together (any query block would do; a split pair runs as two halves).
+    constexpr int64_t kSparseChunkQuantum = 2 * kBlockSize;
     const int64_t chunk =
-        sparse ? std::max<int64_t>(kBlockSize, std::min(n, options.prefill_chunk_tokens) /
-                                                   kBlockSize * kBlockSize)
+        sparse ? std::max<int64_t>(kSparseChunkQuantum, std::min(n, options.prefill_chunk_tokens) /
+                                                            kSparseChunkQuantum *
+                                                            kSparseChunkQuantum)
                : std::min(n, options.prefill_chunk_tokens);
     RETURN_IF_ERROR(ids.Reserve(n * sizeof(int32_t)));
     RETURN_IF_ERROR(positions.Reserve(n * sizeof(int32_t)));

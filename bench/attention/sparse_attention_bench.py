@@ -7,8 +7,8 @@ libsparse_attention_capi.so).
 Two kinds of input per context length, fresh for each:
   random:     Q, K, V ~ N(0, 1). Attention is nearly uniform: no sparse pattern fits it.
   structured: random plus planted structure of the kind real heads show: 4 attention sinks,
-              512 key columns every query attends to, and locality from a RoPE-rotated shared
-              component (scores peak at offset 0 and fade with distance).
+              512 key columns every query attends to, and locality: a score of 10 at offset 0
+              fading as exp(-offset / 4000).
 For each: median time of repeated runs, the index's cost (tiles computed / dense tiles) and
 exact density on a few heads, recall (dense attention mass on the selected keys, sampled
 rows) and the output's relative error against cuDNN. Prints one JSON object.
@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 64
 GROUP = HEADS // KV_HEADS
+LOCAL_LOGITS, LOCAL_LENGTH = 10.0, 4000.0  # Structured inputs' locality: peak score, decay.
 KIND = {"dense": 0, "a_shape": 1, "vertical_slash": 2, "block_sparse": 3}
 
 
@@ -123,18 +124,20 @@ def make_inputs(n, kind, gen):
         columns = torch.randperm(n, device="cuda", generator=gen)[:512]
         q += plant(4) * expand(stripe)
         k[columns] += plant(4) * stripe
-        # Locality: w rotated by position (RoPE pairs, base 10000) in both Q and K, so their
-        # product depends on the offset only: largest at 0, fading with distance.
-        w = unit(KV_HEADS)
-        freqs = 10000.0 ** (-torch.arange(0, HEAD_DIM, 2, device="cuda") / HEAD_DIM)
+        # Locality: a score that depends on the offset only and fades smoothly and
+        # monotonically over thousands of tokens, as heads' slash patterns do: 64 rotations of
+        # low frequency in both Q and K (q_p . k_j = sum_i a_i cos(f_i (p - j))), weighted so
+        # the sum approximates LOCAL_LOGITS * exp(-|p - j| / LOCAL_LENGTH). Frequencies are
+        # spaced pi / 131072 apart: the sum repeats only after 262144 tokens.
+        freqs = (torch.arange(HEAD_DIM // 2, device="cuda") + 0.5) * (math.pi / 131072)
+        weights = 1.0 / (1.0 + (freqs * LOCAL_LENGTH) ** 2)  # Lorentzian: exponential decay.
+        weights *= LOCAL_LOGITS * math.sqrt(HEAD_DIM) / weights.sum()
         angles = torch.arange(n, device="cuda")[:, None].float() * freqs[None, :]
-        cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
-        w0, w1 = w[None, :, 0::2], w[None, :, 1::2]
-        local = torch.empty(n, KV_HEADS, HEAD_DIM, device="cuda")
-        local[..., 0::2] = w0 * cos - w1 * sin
-        local[..., 1::2] = w0 * sin + w1 * cos
-        q += plant(8) * local.repeat_interleave(GROUP, 1)
-        k += plant(8) * local
+        local = torch.empty(n, 1, HEAD_DIM, device="cuda")
+        local[..., 0::2] = (weights.sqrt() * angles.cos())[:, None, :]
+        local[..., 1::2] = (weights.sqrt() * angles.sin())[:, None, :]
+        q += local
+        k += local
     return q.bfloat16(), k.bfloat16(), v.bfloat16()
 
 

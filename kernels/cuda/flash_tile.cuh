@@ -276,7 +276,8 @@ struct FlashWarpState {
 // query rows each; the key tiles stream through shared memory in a kStages-deep cp.async
 // pipeline (one barrier per tile). `Tiles` says which keys each tile holds:
 //   int count() const;                                     // tiles for this block
-//   void Load(int tile, __nv_bfloat16* k, __nv_bfloat16* v) const;  // LoadTileRows, all threads
+//   void Load(int tile, __nv_bfloat16* k, __nv_bfloat16* v);  // LoadTileRows, all threads,
+//                                                          // tiles 0, 1, 2, ... in order
 //   void Attend(FlashWarpState<...>& state, int tile, const __nv_bfloat16* k,
 //               const __nv_bfloat16* v, float scale_log2, int64_t warp_pos0) const;
 // Attend folds the tile into one warp's state, masking keys after each row's position (rows
@@ -293,7 +294,7 @@ struct FlashBlock {
   // Query row r (r < valid_rows) is q + r * q_stride at position first_pos + r; its output row
   // goes to out + r * out_stride. `shared` holds kSharedBytes.
   template <typename Tiles>
-  __device__ __forceinline__ static void Run(const Tiles& tiles, unsigned char* shared,
+  __device__ __forceinline__ static void Run(Tiles& tiles, unsigned char* shared,
                                              const uint16_t* q, int64_t q_stride,
                                              int64_t valid_rows, int64_t first_pos,
                                              float scale_log2, uint16_t* out,

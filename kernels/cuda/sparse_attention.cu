@@ -1,7 +1,12 @@
 // Sparse prefill attention over a DeviceSparseIndex: one thread block of 4 warps per (head,
-// query block of 64 rows), 16 rows per warp. Its key tiles are the block's ranges (64
-// contiguous keys each, loaded like a dense tile) followed by its columns, gathered 64 at a
-// time; both go through the dense kernel's FlashBlock pipeline and inner loop.
+// pair of 64-row query blocks), 32 rows per warp, the dense kernel's shape. Each K/V tile read
+// into shared memory serves 128 queries and each fragment read from it two m-tiles: with one
+// query block per thread block the kernel was bound by moving K/V (1.9x the dense kernel's
+// time per tile). The pair's key tiles are the union of its two blocks' ranges (64 contiguous
+// keys, two 32-key tiles each; a start both blocks keep is loaded once), then each block's
+// columns gathered 32 at a time. A warp folds in only the tiles its own block selected, so
+// every query sees exactly its block's keys; both kinds go through the dense kernel's
+// FlashBlock pipeline and inner loop.
 
 #include <climits>
 #include <cmath>
@@ -14,54 +19,95 @@ namespace sparseaccel {
 namespace cuda {
 namespace {
 
-static_assert(kBlockSize == 64, "one key range is one 64-key tile");
-
 template <int kHeadDim>
-using SparseBlock = FlashBlock<kHeadDim, /*kWarps=*/4, /*kMTiles=*/1, /*kKeys=*/64, /*kStages=*/3>;
+using SparseBlock = FlashBlock<kHeadDim, /*kWarps=*/4, /*kMTiles=*/2,
+                               /*kKeys=*/kHeadDim == 128 ? 32 : 64, /*kStages=*/3>;
 
 template <int kHeadDim>
 struct SparseTiles {
   using Block = SparseBlock<kHeadDim>;
   static constexpr int kKeys = Block::kTileKeys;
+  static constexpr int kTilesPerRange = kBlockSize / kKeys;
+  static constexpr int kStages = 3;
+  static_assert(kBlockSize % kKeys == 0, "a key range is a whole number of tiles");
+  static_assert(Block::kQueryRows == 2 * kBlockSize, "a thread block is two query blocks");
+
   const uint16_t* k;  // KV head's column, row 0.
   const uint16_t* v;
   int64_t stride;
   int num_tokens;
-  const int32_t* ranges;  // Ascending starts.
-  int num_ranges;
-  const int32_t* columns;  // Ascending keys.
-  int num_columns;
+  int64_t first_pos;  // Position of the first query block's row 0.
+  // Per query block of the pair (the second may be empty): ascending range starts and keys.
+  const int32_t* ranges[2];
+  int num_ranges[2];
+  const int32_t* columns[2];
+  int num_columns[2];
+  int num_union;  // Distinct range starts of the two blocks.
+  // Range tiles come from merging the two start lists in order; Load runs that merge (every
+  // thread the same, Load sees tiles 0, 1, 2, ... in order) and leaves each range tile's
+  // first key and owners (bit i: block i selected it) in shared memory for Attend, one slot
+  // per pipeline stage.
+  int next[2];   // First unmerged entry of each list...
+  int front[2];  // ...and its start (INT_MAX when the list is done).
+  int merged_start, merged_owners;
+  int2* tile_info;  // Shared [kStages].
 
+  __device__ __forceinline__ int RangeTiles() const { return num_union * kTilesPerRange; }
+  __device__ __forceinline__ int ColumnTiles(int i) const {
+    return (num_columns[i] + kKeys - 1) / kKeys;
+  }
   __device__ __forceinline__ int count() const {
-    return num_ranges + (num_columns + kKeys - 1) / kKeys;
+    return RangeTiles() + ColumnTiles(0) + ColumnTiles(1);
   }
 
-  // The key in row `row` of tile `tile`, or -1 past the end of a range or the column list.
-  __device__ __forceinline__ int Key(int tile, int row) const {
-    if (tile < num_ranges) {
-      const int key = ranges[tile] + row;
-      return key < num_tokens ? key : -1;
+  __device__ __forceinline__ void Advance(int i) {
+    ++next[i];
+    front[i] = next[i] < num_ranges[i] ? ranges[i][next[i]] : INT_MAX;
+  }
+
+  // Column tile `tile` (>= RangeTiles()): its block and the offset of its first column.
+  __device__ __forceinline__ void ColumnTile(int tile, int* block, int* column0) const {
+    const int t = tile - RangeTiles();
+    *block = t < ColumnTiles(0) ? 0 : 1;
+    *column0 = (*block == 0 ? t : t - ColumnTiles(0)) * kKeys;
+  }
+
+  __device__ __forceinline__ void Load(int tile, __nv_bfloat16* k_dst, __nv_bfloat16* v_dst) {
+    if (tile < RangeTiles()) {
+      if (tile % kTilesPerRange == 0) {
+        merged_start = min(front[0], front[1]);
+        merged_owners = (front[0] == merged_start ? 1 : 0) | (front[1] == merged_start ? 2 : 0);
+        if (merged_owners & 1) Advance(0);
+        if (merged_owners & 2) Advance(1);
+      }
+      const int key0 = merged_start + (tile % kTilesPerRange) * kKeys;
+      if (threadIdx.x == 0) tile_info[tile % kStages] = make_int2(key0, merged_owners);
+      auto source_row = [&](int row) -> int64_t {
+        return key0 + row < num_tokens ? key0 + row : -1;
+      };
+      LoadTileRows<kHeadDim, kKeys, Block::kThreads>(k_dst, k, stride, source_row);
+      LoadTileRows<kHeadDim, kKeys, Block::kThreads>(v_dst, v, stride, source_row);
+      return;
     }
-    const int i = (tile - num_ranges) * kKeys + row;
-    return i < num_columns ? columns[i] : -1;
-  }
-
-  __device__ __forceinline__ void Load(int tile, __nv_bfloat16* k_dst,
-                                       __nv_bfloat16* v_dst) const {
-    auto source_row = [&](int row) -> int64_t { return Key(tile, row); };
+    int block, column0;
+    ColumnTile(tile, &block, &column0);
+    const int32_t* keys = columns[block] + column0;
+    const int valid = num_columns[block] - column0;
+    auto source_row = [&](int row) -> int64_t { return row < valid ? keys[row] : -1; };
     LoadTileRows<kHeadDim, kKeys, Block::kThreads>(k_dst, k, stride, source_row);
     LoadTileRows<kHeadDim, kKeys, Block::kThreads>(v_dst, v, stride, source_row);
   }
 
   __device__ __forceinline__ void Attend(typename Block::WarpState& state, int tile,
-                                         const __nv_bfloat16* k_tile,
-                                         const __nv_bfloat16* v_tile, float scale_log2,
-                                         int64_t warp_pos0) const {
+                                         const __nv_bfloat16* k_tile, const __nv_bfloat16* v_tile,
+                                         float scale_log2, int64_t warp_pos0) const {
+    const int block = static_cast<int>((warp_pos0 - first_pos) / kBlockSize);
     const int first = static_cast<int>(warp_pos0);
     const int last = first + Block::kWarpRows - 1;
-    if (tile < num_ranges) {
-      const int key0 = ranges[tile];
-      if (key0 > last) return;  // Every key after every row of the warp.
+    if (tile < RangeTiles()) {
+      const int2 info = tile_info[tile % kStages];
+      const int key0 = info.x;
+      if ((info.y >> block & 1) == 0 || key0 > last) return;  // Not this block's, or future.
       if (key0 + kKeys - 1 <= first) {
         state.AttendTile(k_tile, v_tile, scale_log2);
       } else {
@@ -71,42 +117,63 @@ struct SparseTiles {
       }
       return;
     }
-    const int* keys = columns + (tile - num_ranges) * kKeys;
-    const int valid = min(kKeys, num_columns - (tile - num_ranges) * kKeys);
+    int column_block, column0;
+    ColumnTile(tile, &column_block, &column0);
+    if (column_block != block) return;
+    const int32_t* keys = columns[block] + column0;
+    const int valid = min(kKeys, num_columns[block] - column0);
     if (keys[0] > last) return;  // Columns ascend: the first is the smallest.
+    if (valid == kKeys && keys[kKeys - 1] <= first) {
+      state.AttendTile(k_tile, v_tile, scale_log2);
+      return;
+    }
     state.AttendTileMasked(k_tile, v_tile, scale_log2, [=](int row, int key) {
       return key >= valid || keys[key] > first + row;
     });
   }
 };
 
+// Thread block y takes query blocks [lo, hi]: the pair (2c, 2c + 1) clipped to the blocks the
+// call covers, last pairs (most keys) first.
 template <int kHeadDim>
 __global__ void __launch_bounds__(SparseBlock<kHeadDim>::kThreads)
     SparseAttentionKernel(SparseAttentionArgs args, float scale_log2) {
   extern __shared__ __align__(128) unsigned char shared[];
+  __shared__ int2 tile_info[SparseTiles<kHeadDim>::kStages];
   const DeviceSparseIndex& index = args.index;
   const int head = blockIdx.x;
   const int kv_head = head / (args.num_heads / args.num_kv_heads);
-  // Late query blocks (most keys) first.
-  const int64_t local_block = gridDim.y - 1 - blockIdx.y;
-  const int64_t block = args.first_query_block + local_block;
-  const int64_t row = head * index.num_query_blocks + block;
-  SparseTiles<kHeadDim> tiles{
-      args.k + kv_head * kHeadDim,
-      args.v + kv_head * kHeadDim,
-      args.kv_stride,
-      static_cast<int>(index.num_tokens),
-      index.range_start + head * (index.num_query_blocks * (index.num_query_blocks + 1) / 2) +
-          block * (block + 1) / 2,
-      index.range_count[row],
-      index.column_index + row * index.max_columns,
-      index.column_count[row]};
-  const int64_t q0 = block * kBlockSize;
-  SparseBlock<kHeadDim>::Run(tiles, shared, args.q + q0 * args.q_stride + head * kHeadDim,
-                             args.q_stride, index.num_tokens - q0, q0, scale_log2,
-                             args.out + local_block * kBlockSize * args.out_stride +
-                                 head * kHeadDim,
-                             args.out_stride);
+  const int64_t end_block = args.first_query_block + args.num_query_blocks;  // Exclusive.
+  const int64_t pair = (end_block - 1) / 2 - blockIdx.y;
+  const int64_t lo = max(2 * pair, args.first_query_block);
+  const int64_t hi = min(2 * pair + 1, end_block - 1);
+  const int64_t blocks = index.num_query_blocks;
+  const int32_t* slots = index.range_start + head * (blocks * (blocks + 1) / 2);
+  SparseTiles<kHeadDim> tiles;
+  tiles.k = args.k + kv_head * kHeadDim;
+  tiles.v = args.v + kv_head * kHeadDim;
+  tiles.stride = args.kv_stride;
+  tiles.num_tokens = static_cast<int>(index.num_tokens);
+  tiles.first_pos = lo * kBlockSize;
+  for (int i = 0; i < 2; ++i) {
+    const int64_t b = lo + i, row = head * blocks + b;
+    const bool present = b <= hi;
+    tiles.ranges[i] = slots + b * (b + 1) / 2;
+    tiles.num_ranges[i] = present ? index.range_count[row] : 0;
+    tiles.columns[i] = index.column_index + row * index.max_columns;
+    tiles.num_columns[i] = present ? index.column_count[row] : 0;
+    tiles.next[i] = 0;
+    tiles.front[i] = tiles.num_ranges[i] > 0 ? tiles.ranges[i][0] : INT_MAX;
+  }
+  tiles.num_union =
+      hi > lo ? index.pair_range_count[head * ((blocks + 1) / 2) + pair] : tiles.num_ranges[0];
+  tiles.tile_info = tile_info;
+  const int64_t q0 = lo * kBlockSize;
+  SparseBlock<kHeadDim>::Run(
+      tiles, shared, args.q + q0 * args.q_stride + head * kHeadDim, args.q_stride,
+      min(index.num_tokens, (hi + 1) * kBlockSize) - q0, q0, scale_log2,
+      args.out + (lo - args.first_query_block) * kBlockSize * args.out_stride + head * kHeadDim,
+      args.out_stride);
 }
 
 template <int kHeadDim>
@@ -114,8 +181,9 @@ absl::Status Launch(const SparseAttentionArgs& args, cudaStream_t stream) {
   constexpr int kShared = SparseBlock<kHeadDim>::kSharedBytes;
   CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(SparseAttentionKernel<kHeadDim>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kShared));
+  const int64_t end_block = args.first_query_block + args.num_query_blocks;
   const dim3 grid(static_cast<unsigned>(args.num_heads),
-                  static_cast<unsigned>(args.num_query_blocks));
+                  static_cast<unsigned>((end_block - 1) / 2 - args.first_query_block / 2 + 1));
   const float scale_log2 = static_cast<float>(M_LOG2E / std::sqrt(double{kHeadDim}));
   SparseAttentionKernel<kHeadDim>
       <<<grid, SparseBlock<kHeadDim>::kThreads, kShared, stream>>>(args, scale_log2);

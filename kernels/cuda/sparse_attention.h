@@ -59,6 +59,9 @@ struct DeviceSparseIndex {
   int32_t* range_start = nullptr;
   int32_t* column_count = nullptr;
   int32_t* column_index = nullptr;
+  // [num_heads][(num_query_blocks + 1) / 2]: how many distinct range starts blocks 2c and
+  // 2c + 1 have together (the attention kernel runs such a pair in one thread block).
+  int32_t* pair_range_count = nullptr;
 
   int64_t RangeSlotsPerHead() const { return num_query_blocks * (num_query_blocks + 1) / 2; }
 };

@@ -52,6 +52,7 @@ struct Layout {
   int64_t max_columns = 0;
   bool vertical_slash = false, block_sparse = false;
   size_t range_count = 0, range_start = 0, column_count = 0, column_index = 0;
+  size_t pair_range_count = 0;
   // Vertical-slash scratch.
   size_t partial_stats = 0, stats = 0, scores = 0, sorted_scores = 0, order_in = 0, order = 0,
          kept = 0, segment_begin = 0, segment_end = 0, kept_end = 0, sort_temp = 0;
@@ -94,6 +95,7 @@ absl::StatusOr<Layout> MakeLayout(const SparseIndexArgs& args) {
   l.range_start = Take(&at, static_cast<size_t>(l.heads) * (l.blocks * (l.blocks + 1) / 2) * 4);
   l.column_count = Take(&at, rows * 4);
   l.column_index = Take(&at, rows * l.max_columns * 4);
+  l.pair_range_count = Take(&at, static_cast<size_t>(l.heads * CeilDiv(l.blocks, 2)) * 4);
   if (l.vertical_slash) {
     const size_t items = static_cast<size_t>(2 * l.heads * l.n);
     l.partial_stats = Take(&at, static_cast<size_t>(l.heads * l.chunks) * kMaxLastQ * 8);
@@ -403,6 +405,35 @@ __global__ void ConvertKernel(const DeviceHeadPattern* patterns, int heads, int 
   out.column_count[id] = columns;
 }
 
+// ---- Pairs of query blocks for the attention kernel: one thread per (head, pair) ----
+
+// pair_range_count[head][c] = |ranges of block 2c  U  ranges of block 2c + 1| (same starts
+// counted once), or block 2c's count when it is the last block.
+__global__ void PairKernel(int heads, int blocks, DeviceSparseIndex index) {
+  const int pairs = (blocks + 1) / 2;
+  const int64_t id = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (id >= int64_t{heads} * pairs) return;
+  const int head = static_cast<int>(id / pairs), b = 2 * static_cast<int>(id % pairs);
+  const int64_t row = int64_t{head} * blocks + b;
+  const int32_t* slots = index.range_start + head * (int64_t{blocks} * (blocks + 1) / 2);
+  const int32_t* first = slots + int64_t{b} * (b + 1) / 2;
+  const int first_count = index.range_count[row];
+  if (b + 1 == blocks) {
+    index.pair_range_count[id] = first_count;
+    return;
+  }
+  const int32_t* second = slots + int64_t{b + 1} * (b + 2) / 2;
+  const int second_count = index.range_count[row + 1];
+  int i = 0, j = 0, common = 0;
+  while (i < first_count && j < second_count) {
+    const int32_t a = first[i], c = second[j];
+    common += a == c;
+    i += a <= c;
+    j += c <= a;
+  }
+  index.pair_range_count[id] = first_count + second_count - common;
+}
+
 // ---- Block-sparse ----
 
 __global__ void PoolKernel(SparseIndexArgs args, float* pooled_q, float* pooled_k) {
@@ -642,6 +673,11 @@ absl::Status BuildSparseIndex(const SparseIndexArgs& args, void* workspace, size
   index->range_start = out.range_start;
   index->column_count = out.column_count;
   index->column_index = out.column_index;
+  index->pair_range_count = At<int32_t>(workspace, l.pair_range_count);
+  const int64_t pairs = l.heads * CeilDiv(l.blocks, 2);
+  PairKernel<<<static_cast<unsigned>(CeilDiv(pairs, 128)), 128, 0, stream>>>(
+      heads, static_cast<int>(l.blocks), *index);
+  RETURN_IF_LAUNCH_FAILED("PairKernel");
   return absl::OkStatus();
 }
 

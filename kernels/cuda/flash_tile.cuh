@@ -285,6 +285,7 @@ struct FlashWarpState {
 template <int kHeadDim, int kWarps, int kMTiles, int kKeys, int kStages>
 struct FlashBlock {
   static constexpr int kTileKeys = kKeys;
+  static constexpr int kPipelineStages = kStages;
   static constexpr int kWarpRows = 16 * kMTiles;
   static constexpr int kQueryRows = kWarps * kWarpRows;
   static constexpr int kThreads = kWarps * 32;

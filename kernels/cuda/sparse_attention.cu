@@ -28,7 +28,7 @@ struct SparseTiles {
   using Block = SparseBlock<kHeadDim>;
   static constexpr int kKeys = Block::kTileKeys;
   static constexpr int kTilesPerRange = kBlockSize / kKeys;
-  static constexpr int kStages = 3;
+  static constexpr int kStages = Block::kPipelineStages;
   static_assert(kBlockSize % kKeys == 0, "a key range is a whole number of tiles");
   static_assert(Block::kQueryRows == 2 * kBlockSize, "a thread block is two query blocks");
 

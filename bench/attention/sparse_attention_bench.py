@@ -11,7 +11,8 @@ Two kinds of input per context length, fresh for each:
               fading as exp(-offset / 4000).
 For each: median time of repeated runs, the index's cost (tiles computed / dense tiles) and
 exact density on a few heads, recall (dense attention mass on the selected keys, sampled
-rows) and the output's relative error against cuDNN. Prints one JSON object.
+rows) and the output's relative error against cuDNN. Prints one JSON object (progress lines
+go to stderr).
 """
 
 import argparse
@@ -20,6 +21,7 @@ import datetime
 import json
 import math
 import statistics
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -246,7 +248,7 @@ def main():
                   f"dense {row['ours_dense_ms']:.2f} | vs {vs_['total_ms']:.2f} "
                   f"(idx {vs_['index_ms']:.2f}) cost {vs_['tile_cost']:.3f} err {vs_['error']:.3f}"
                   f" rec {vs_['recall']:.3f} | bs {bs_['total_ms']:.2f} cost {bs_['tile_cost']:.3f}"
-                  f" err {bs_['error']:.3f}", flush=True)
+                  f" err {bs_['error']:.3f}", file=sys.stderr, flush=True)
             del q, k, v, out, reference
             torch.cuda.empty_cache()
     # Break-even: from this length on, the sparse path beat our dense kernel at every measured

@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the repository root, with binaries staged (here) by
 #   scripts/gpu/kernels.sh --stage
-# into out/device/. On the device: the CUDA kernel tests, the prefill attention benchmark and
-# torch SDPA (cuDNN, flash) on the same shapes; results JSON under $OUT (default out/results).
+# into out/device/. On the device: the CUDA kernel tests (dense and sparse), the prefill
+# attention benchmark and torch SDPA (cuDNN, flash) on the same shapes, and the sparse attention
+# benchmark (bench/attention/sparse_attention_bench.py); results JSON under $OUT (default
+# out/results).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 if [[ "${1:-}" == "--stage" ]]; then
-  base="${BAZEL_OUTPUT_BASE:-/tmp/bazel_cuk}"
-  bazel --output_base="$base" build //kernels/cuda:cuda_kernels_test \
-    //bench/attention:prefill_attention_bench //bench/attention:decode_attention_bench
-  bin="$(bazel --output_base="$base" info bazel-bin 2>/dev/null)"
+  bazel build //kernels/cuda:cuda_kernels_test //kernels/cuda:sparse_attention_test \
+    //bench/attention:prefill_attention_bench //bench/attention:decode_attention_bench \
+    //bench/attention:libsparse_attention_capi.so
+  bin="$(bazel info bazel-bin 2>/dev/null)"
   mkdir -p out/device
-  for b in kernels/cuda/cuda_kernels_test bench/attention/prefill_attention_bench \
-    bench/attention/decode_attention_bench; do
+  for b in kernels/cuda/cuda_kernels_test kernels/cuda/sparse_attention_test \
+    bench/attention/prefill_attention_bench bench/attention/decode_attention_bench \
+    bench/attention/libsparse_attention_capi.so; do
     install -m 755 "$bin/$b" out/device/
     # Non-glibc shared libraries the binaries need (CUDA's own come from the device).
     ldd "$bin/$b" | awk '/=> \// {print $3}' |
@@ -34,14 +37,18 @@ export LD_LIBRARY_PATH="out/device:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader || true
 
 status=0
-out/device/cuda_kernels_test --gtest_output="xml:$OUT/cuda_kernels_test.xml" \
-  2>&1 | tee "$OUT/cuda_kernels_test.log" | grep -E '^\[( +OK|  FAILED|  PASSED|==========)' ||
-  true
-grep -q '^\[  PASSED' "$OUT/cuda_kernels_test.log" || { status=1; tail -40 "$OUT/cuda_kernels_test.log"; }
+for test in cuda_kernels_test sparse_attention_test; do
+  "out/device/$test" --gtest_output="xml:$OUT/$test.xml" 2>&1 | tee "$OUT/$test.log" |
+    grep -E '^\[( +OK|  FAILED|  PASSED|==========)' || true
+  grep -q '^\[  PASSED' "$OUT/$test.log" || { status=1; tail -40 "$OUT/$test.log"; }
+done
 
 out/device/prefill_attention_bench > "$OUT/ours.json" || status=1
 out/device/decode_attention_bench > "$OUT/decode_attention.json" || status=1
 python3 bench/attention/torch_sdpa.py > "$OUT/torch.json" || status=1
+python3 bench/attention/sparse_attention_bench.py --lib out/device/libsparse_attention_capi.so \
+  --contexts 4096,8192,16384,24576,32768,65536,131072 > "$OUT/sparse_attention.json" ||
+  status=1
 
 python3 - "$OUT" <<'PY'
 import datetime, json, sys

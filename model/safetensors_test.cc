@@ -7,7 +7,6 @@
 #include <cstring>
 #include <fstream>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -261,13 +260,6 @@ TEST(SafetensorsTest, ReadsMetadataAndRejectsBadWrites) {
   EXPECT_FALSE(WriteSafetensors("/nonexistent/dir/x.safetensors", tensors).ok());
   EXPECT_EQ(TensorStore::OpenFile(dir).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(TensorStore::OpenFile(dir + "/absent").status().code(), absl::StatusCode::kNotFound);
-}
-
-std::string ReadText(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
 }
 
 class ShardedStoreTest : public ::testing::Test {

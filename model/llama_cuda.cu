@@ -276,9 +276,13 @@ struct LlamaCuda::State {
     return options.sparse.has_value() && start == 0 && n >= options.sparse->dense_below_tokens;
   }
 
-  // One layer of a sparse prefill of the whole prompt (`n` tokens from position 0, residual
-  // rows in `residual`), in query chunks of `chunk` rows (a multiple of kBlockSize).
-  absl::Status SparseLayer(int64_t l, int64_t n, int64_t chunk) {
+  // One layer of a prefill of the whole prompt (`n` tokens from position 0, residual rows in
+  // `residual`) in two passes over query chunks of `chunk` rows (a multiple of kBlockSize):
+  // Q/K/V of every chunk, then attention, output projection and MLP chunk by chunk. Attention
+  // is sparse over an index built from the whole prompt or, with an `observer` (calibration),
+  // dense after the observer has seen the layer's Q/K/V.
+  absl::Status TwoPassLayer(int64_t l, int64_t n, int64_t chunk,
+                            const LlamaCuda::LayerQkvObserver* observer) {
     const ModelConfig& c = config;
     uint16_t* qkv_all = qkv.as<uint16_t>();
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {
@@ -286,6 +290,17 @@ struct LlamaCuda::State {
       RETURN_IF_ERROR(ProjectQkv(layers[l], residual.as<uint16_t>() + c0 * c.hidden_size, m,
                                  positions.as<int32_t>() + c0, qkv_all + c0 * qkv_width));
       RETURN_IF_ERROR(StoreKv(qkv_all + c0 * qkv_width, c0, m));
+    }
+    if (observer != nullptr) {
+      RETURN_IF_ERROR(
+          (*observer)(LlamaCuda::DeviceLayerQkv{l, n, qkv_all, qkv_width, k_layer.as<uint16_t>(),
+                                                v_layer.as<uint16_t>(), kv_width, stream}));
+      for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+        const int64_t m = std::min(chunk, n - c0);
+        RETURN_IF_ERROR(DenseAttention(qkv_all + c0 * qkv_width, m, c0 + m));
+        RETURN_IF_ERROR(OutputAndMlp(layers[l], residual.as<uint16_t>() + c0 * c.hidden_size, m));
+      }
+      return absl::OkStatus();
     }
     cuda::SparseIndexArgs index_args;
     index_args.q = qkv_all;
@@ -327,30 +342,33 @@ struct LlamaCuda::State {
 
   // All layers for tokens at positions [start, start + n) of one sequence. Each layer's K/V
   // lives in k_layer/v_layer rows [0, start + n): `before_layer` fills rows [0, start),
-  // `after_layer` takes the new rows. Leaves the final residual stream in `residual`.
+  // `after_layer` takes the new rows. Leaves the final residual stream in `residual`. With an
+  // `observer` (start 0 only), runs dense in two passes and shows it each layer's Q/K/V.
   absl::Status RunSequence(absl::Span<const int32_t> tokens, int64_t start,
                            const std::function<absl::Status(int64_t)>& before_layer,
-                           const std::function<absl::Status(int64_t)>& after_layer) {
+                           const std::function<absl::Status(int64_t)>& after_layer,
+                           const LlamaCuda::LayerQkvObserver* observer = nullptr) {
     const ModelConfig& c = config;
     const int64_t n = static_cast<int64_t>(tokens.size());
     const int64_t total = start + n;
-    const bool sparse = UseSparse(start, n);
+    const bool sparse = observer == nullptr && UseSparse(start, n);
+    const bool two_pass = sparse || observer != nullptr;
     // Sparse chunks start on boundaries of the pairs of query blocks the attention kernel
     // takes together (any query block would do; a split pair runs as two halves).
     constexpr int64_t kSparseChunkQuantum = 2 * kBlockSize;
     const int64_t chunk =
-        sparse ? std::max<int64_t>(kSparseChunkQuantum, std::min(n, options.prefill_chunk_tokens) /
-                                                            kSparseChunkQuantum *
-                                                            kSparseChunkQuantum)
-               : std::min(n, options.prefill_chunk_tokens);
+        two_pass
+            ? std::max<int64_t>(kSparseChunkQuantum, std::min(n, options.prefill_chunk_tokens) /
+                                                         kSparseChunkQuantum * kSparseChunkQuantum)
+            : std::min(n, options.prefill_chunk_tokens);
     RETURN_IF_ERROR(ids.Reserve(n * sizeof(int32_t)));
     RETURN_IF_ERROR(positions.Reserve(n * sizeof(int32_t)));
     RETURN_IF_ERROR(residual.Reserve(Bf16Bytes(n * c.hidden_size)));
     RETURN_IF_ERROR(k_layer.Reserve(Bf16Bytes(total * kv_width)));
     RETURN_IF_ERROR(v_layer.Reserve(Bf16Bytes(total * kv_width)));
     RETURN_IF_ERROR(ReserveChunk(chunk));
-    // The sparse path keeps the whole prompt's Q/K/V rows of a layer.
-    if (sparse) RETURN_IF_ERROR(qkv.Reserve(Bf16Bytes(n * qkv_width)));
+    // Two passes keep the whole prompt's Q/K/V rows of a layer.
+    if (two_pass) RETURN_IF_ERROR(qkv.Reserve(Bf16Bytes(n * qkv_width)));
     std::vector<int32_t> host_positions(n);
     for (int64_t i = 0; i < n; ++i) host_positions[i] = static_cast<int32_t>(start + i);
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids.as<int32_t>(), tokens.data(), n * sizeof(int32_t),
@@ -361,8 +379,8 @@ struct LlamaCuda::State {
                                           c.hidden_size, residual.as<uint16_t>(), stream));
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       RETURN_IF_ERROR(before_layer(l));
-      if (sparse) {
-        RETURN_IF_ERROR(SparseLayer(l, n, chunk));
+      if (two_pass) {
+        RETURN_IF_ERROR(TwoPassLayer(l, n, chunk, observer));
       } else {
         for (int64_t c0 = 0; c0 < n; c0 += chunk) {
           // The chunk's K/V go to rows [start + c0, start + c0 + m) of the layer buffer; its
@@ -379,7 +397,9 @@ struct LlamaCuda::State {
       RETURN_IF_ERROR(after_layer(l));
       SampleDeviceMemory();
     }
-    if (start == 0) ++(sparse ? sparse_stats.sparse_prefills : sparse_stats.dense_prefills);
+    if (start == 0 && observer == nullptr) {
+      ++(sparse ? sparse_stats.sparse_prefills : sparse_stats.dense_prefills);
+    }
     return absl::OkStatus();
   }
 
@@ -618,6 +638,19 @@ absl::Status LlamaCuda::Prefill(absl::Span<const int32_t> tokens, const LayerKvS
     last_logits->clear();
     return s.Logits(n - 1, 1, last_logits);
   }
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s.stream));
+  return absl::OkStatus();
+}
+
+absl::Status LlamaCuda::ObservePrefill(absl::Span<const int32_t> tokens,
+                                       const LayerQkvObserver& observer) {
+  State& s = *state_;
+  absl::MutexLock lock(&s.mu);
+  if (tokens.empty()) return absl::InvalidArgumentError("empty prompt");
+  if (!observer) return absl::InvalidArgumentError("ObservePrefill: no observer");
+  RETURN_IF_ERROR(s.CheckTokens(tokens, 0));
+  auto nothing = [](int64_t) { return absl::OkStatus(); };
+  RETURN_IF_ERROR(s.RunSequence(tokens, 0, nothing, nothing, &observer));
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s.stream));
   return absl::OkStatus();
 }

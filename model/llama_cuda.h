@@ -99,6 +99,27 @@ class LlamaCuda : public LanguageModel, public SequenceModel {
   absl::Status Prefill(absl::Span<const int32_t> tokens, const LayerKvSink& sink,
                        std::vector<float>* last_logits);
 
+  // One layer's prompt Q (after RoPE), K and V on the device, bf16, row p at position p: Q rows
+  // of [heads][head_dim] at q_stride, K/V rows of [kv_heads][head_dim] at kv_stride, as the
+  // kernels of kernels/cuda/ read them. Valid during the call; work on other streams must
+  // finish (or wait for `stream`, where the data was written) before the call returns.
+  struct DeviceLayerQkv {
+    int64_t layer = 0;
+    int64_t num_tokens = 0;
+    const uint16_t* q = nullptr;
+    int64_t q_stride = 0;
+    const uint16_t* k = nullptr;
+    const uint16_t* v = nullptr;
+    int64_t kv_stride = 0;
+    void* stream = nullptr;
+  };
+  using LayerQkvObserver = std::function<absl::Status(const DeviceLayerQkv&)>;
+
+  // A dense prefill of `tokens` from position 0 (no K/V kept, no logits) that shows each
+  // layer's Q/K/V to `observer` before the layer's attention: the pattern search's calibration
+  // (model/pattern_search_cuda.h). An error from the observer stops it.
+  absl::Status ObservePrefill(absl::Span<const int32_t> tokens, const LayerQkvObserver& observer);
+
   // Device-resident sequences (needs options.kv_pool_tokens > 0). StartSequence prefills the
   // prompt into the pool and returns the sequence id.
   absl::StatusOr<int64_t> StartSequence(absl::Span<const int32_t> prompt,

@@ -20,6 +20,7 @@
 #include "kernels/sampling.h"
 #include "model/checkpoint_maker.h"
 #include "model/llama_cpu.h"
+#include "model/pattern_search_cuda.h"
 #include "model/sparse_prefill.h"
 
 namespace sparseaccel {
@@ -403,6 +404,70 @@ TEST_P(LlamaCudaTest, DataDependentSparsePrefillAndDispatch) {
   EXPECT_EQ(e.gpu->SparseStats().sparse_prefills, 1);
   EXPECT_EQ(e.gpu->SparseStats().dense_prefills, 1);
   e.cpu->SetAttentionOverride(nullptr);
+}
+
+bool SamePattern(const HeadPattern& a, const HeadPattern& b) {
+  if (a.kind != b.kind) return false;
+  switch (a.kind) {
+    case HeadPattern::Kind::kDense:
+      return true;
+    case HeadPattern::Kind::kAShape:
+      return a.sink == b.sink && a.window == b.window;
+    case HeadPattern::Kind::kVerticalSlash:
+      return a.vertical_slash.vertical == b.vertical_slash.vertical &&
+             a.vertical_slash.slash == b.vertical_slash.slash &&
+             a.vertical_slash.last_q == b.vertical_slash.last_q;
+    case HeadPattern::Kind::kBlockSparse:
+      return a.top_k == b.top_k;
+  }
+  return false;
+}
+
+// The pattern search on the GPU engine measures what the CPU search measures (same candidates
+// and choice rule, GPU kernels and bf16 instead of the CPU reference): valid choices, mostly
+// the same ones, and the same mean density, recall and error of the chosen patterns up to bf16
+// noise and recall's row sampling.
+TEST_P(LlamaCudaTest, PatternSearchOnGpuAgreesWithCpuSearch) {
+  const Shape& shape = GetParam();
+  Engines e = Load(shape, {});
+  ASSERT_TRUE(e.cpu && e.gpu);
+  std::random_device seed;
+  std::mt19937 rng(seed());
+  const int64_t vocab = e.cpu->config().vocab_size;
+  const std::vector<std::vector<int32_t>> prompts = {RandomTokens(640, vocab, &rng),
+                                                     RandomTokens(512, vocab, &rng)};
+  constexpr double kTarget = 0.3;
+  absl::StatusOr<ModelSearch> cpu = SearchModelPatterns(e.cpu.get(), prompts, kTarget, 256);
+  absl::StatusOr<ModelSearch> gpu = SearchModelPatternsCuda(e.gpu.get(), prompts, kTarget, 256);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  EXPECT_EQ(gpu->config.num_layers, cpu->config.num_layers);
+  EXPECT_EQ(gpu->config.num_heads, cpu->config.num_heads);
+  EXPECT_EQ(gpu->config.calibration_tokens, 640);
+  int same = 0, total = 0;
+  for (size_t l = 0; l < gpu->choices.size(); ++l) {
+    for (size_t h = 0; h < gpu->choices[l].size(); ++h) {
+      const HeadChoice& g = gpu->choices[l][h];
+      EXPECT_LE(g.fidelity.density, kTarget + 1e-9) << "layer " << l << " head " << h;
+      EXPECT_TRUE(std::isfinite(g.fidelity.relative_error));
+      same += SamePattern(g.pattern, cpu->choices[l][h].pattern);
+      ++total;
+    }
+  }
+  std::printf(
+      "pattern_search %s: same choice %d of %d heads; density %.3f / %.3f, recall %.3f / "
+      "%.3f, error %.3f / %.3f (gpu / cpu)\n",
+      shape.name.c_str(), same, total, gpu->mean.density, cpu->mean.density, gpu->mean.recall,
+      cpu->mean.recall, gpu->mean.relative_error, cpu->mean.relative_error);
+  EXPECT_GE(same, total / 2);
+  EXPECT_NEAR(gpu->mean.density, cpu->mean.density, 0.1);
+  EXPECT_NEAR(gpu->mean.recall, cpu->mean.recall, 0.1);
+  EXPECT_NEAR(gpu->mean.relative_error, cpu->mean.relative_error,
+              0.25 * cpu->mean.relative_error + 0.02);
+  EXPECT_EQ(SearchModelPatternsCuda(e.gpu.get(), {}, kTarget, 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(SearchModelPatternsCuda(e.gpu.get(), {prompts[0], {}}, kTarget, 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(LlamaCudaSparseTest, ConfigThatDoesNotFitTheModelIsRefused) {

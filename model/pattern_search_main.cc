@@ -1,14 +1,17 @@
-// Offline pattern search over a checkpoint: runs calibration prompts through the CPU engine,
-// captures every head's Q/K/V, picks each head's pattern and budget at the target density, and
-// writes the per-model sparse config (JSON) that the services load with --sparse_config.
-//   pattern_search --model DIR --out sparse.json [--target_density 0.1 --tokens 2048
-//                  --prompts 2 --seed 1 --dense_below 4096]
+// Offline pattern search over a checkpoint: runs calibration prompts through the CPU engine
+// (--device=cpu) or the CUDA engine (--device=cuda, for 8B-sized models), measures every
+// head's candidate patterns on the captured Q/K/V, picks each head's pattern and budget at the
+// target density, and writes the per-model sparse config (JSON) that the services load with
+// --sparse_config.
+//   pattern_search --model DIR --out sparse.json [--device cpu|cuda --target_density 0.1
+//                  --tokens 2048 --prompts 2 --seed 1 --dense_below 4096]
 //   pattern_search --model DIR --out sparse.json --prompt_file ids.txt
 // Calibration prompts are pseudo-random token ids, or read from --prompt_file: one prompt per
 // line, token ids separated by white space.
 
 #include <cstdlib>
 #include <fstream>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -17,11 +20,16 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
+#include "common/status_macros.h"
 #include "kernels/sampling.h"
 #include "kernels/sparse/pattern_search.h"
 #include "model/sparse_prefill.h"
+#ifdef SPARSEACCEL_WITH_CUDA
+#include "model/pattern_search_cuda.h"
+#endif
 
 ABSL_FLAG(std::string, model, "", "Checkpoint directory.");
+ABSL_FLAG(std::string, device, "cpu", "Engine that runs the calibration: cpu or cuda.");
 ABSL_FLAG(std::string, out, "", "Where to write the sparse config JSON.");
 ABSL_FLAG(double, target_density, 0.1, "Fraction of causal (q, k) pairs each head may compute.");
 ABSL_FLAG(int64_t, tokens, 2048, "Calibration prompt length.");
@@ -75,21 +83,31 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> CalibrationPrompts(int64_t voc
   return prompts;
 }
 
+// Loads the model on --device and searches it on `prompts` (from CalibrationPrompts).
+absl::StatusOr<ModelSearch> Search() {
+  const std::string device = absl::GetFlag(FLAGS_device);
+  const std::string model_dir = absl::GetFlag(FLAGS_model);
+  const double target = absl::GetFlag(FLAGS_target_density);
+  const int64_t dense_below = absl::GetFlag(FLAGS_dense_below);
+  if (device == "cpu") {
+    ASSIGN_OR_RETURN(std::unique_ptr<LlamaCpu> model, LlamaCpu::Load(model_dir));
+    ASSIGN_OR_RETURN(auto prompts, CalibrationPrompts(model->config().vocab_size));
+    return SearchModelPatterns(model.get(), prompts, target, dense_below);
+  }
+  if (device == "cuda") {
+#ifdef SPARSEACCEL_WITH_CUDA
+    ASSIGN_OR_RETURN(std::unique_ptr<LlamaCuda> model, LlamaCuda::Load(model_dir));
+    ASSIGN_OR_RETURN(auto prompts, CalibrationPrompts(model->config().vocab_size));
+    return SearchModelPatternsCuda(model.get(), prompts, target, dense_below);
+#else
+    return absl::UnimplementedError("--device=cuda: this build has no CUDA backend (no nvcc)");
+#endif
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unknown --device '", device, "' (cpu, cuda)"));
+}
+
 int Run() {
-  absl::StatusOr<std::unique_ptr<LlamaCpu>> model = LlamaCpu::Load(absl::GetFlag(FLAGS_model));
-  if (!model.ok()) {
-    LogError("pattern_search.load_failed", {{"error", model.status().ToString()}});
-    return 1;
-  }
-  const ModelConfig& config = (*model)->config();
-  absl::StatusOr<std::vector<std::vector<int32_t>>> prompts = CalibrationPrompts(config.vocab_size);
-  if (!prompts.ok()) {
-    LogError("pattern_search.bad_prompts", {{"error", prompts.status().ToString()}});
-    return 1;
-  }
-  absl::StatusOr<ModelSearch> search =
-      SearchModelPatterns(model->get(), *prompts, absl::GetFlag(FLAGS_target_density),
-                          absl::GetFlag(FLAGS_dense_below));
+  absl::StatusOr<ModelSearch> search = Search();
   if (!search.ok()) {
     LogError("pattern_search.failed", {{"error", search.status().ToString()}});
     return 1;

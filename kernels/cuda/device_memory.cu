@@ -40,6 +40,10 @@ absl::Status DeviceBuffer::CopyTo(void* host, size_t bytes) const {
   return CudaStatus(cudaMemcpy(host, data_, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy");
 }
 
+absl::Status CopyDeviceToHost(const void* device, void* host, size_t bytes) {
+  return CudaStatus(cudaMemcpy(host, device, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy");
+}
+
 absl::Status DeviceBuffer::Fill(uint8_t value) {
   CUDA_RETURN_IF_ERROR(cudaMemset(data_, value, bytes_));
   return CudaStatus(cudaDeviceSynchronize(), "cudaDeviceSynchronize");

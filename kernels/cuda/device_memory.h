@@ -64,6 +64,10 @@ absl::StatusOr<std::vector<T>> ToHost(const DeviceBuffer& buffer, size_t count) 
 
 absl::Status DeviceSynchronize();
 
+// Copies `bytes` from device memory the caller does not own as a DeviceBuffer (a view another
+// component hands out) to the host; waits for the copy.
+absl::Status CopyDeviceToHost(const void* device, void* host, size_t bytes);
+
 // "NVIDIA H100 80GB HBM3, 132 SMs, cc 9.0".
 absl::StatusOr<std::string> DeviceDescription();
 

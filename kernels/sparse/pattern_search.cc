@@ -35,20 +35,39 @@ std::vector<HeadPattern> CandidatePatterns(int64_t n) {
   return candidates;
 }
 
-HeadChoice SearchHead(const std::vector<HeadSample>& samples, int64_t d, double target_density,
-                      const std::vector<HeadPattern>& candidates) {
+HeadChoice ChooseCandidate(const std::vector<HeadPattern>& candidates,
+                           const std::vector<Fidelity>& fidelity, double target_density) {
   HeadChoice best, sparsest;
-  bool have_best = false, have_sparsest = false;
   if (target_density >= 1) {
     best.pattern.kind = HeadPattern::Kind::kDense;
     best.fidelity = Fidelity{1, 1, 1, 0};
     return best;
   }
+  bool have_best = false, have_sparsest = false;
+  for (size_t i = 0; i < candidates.size() && i < fidelity.size(); ++i) {
+    const Fidelity& mean = fidelity[i];
+    if (!have_sparsest || mean.density < sparsest.fidelity.density) {
+      sparsest = HeadChoice{candidates[i], mean};
+      have_sparsest = true;
+    }
+    if (mean.density <= target_density &&
+        (!have_best || mean.relative_error < best.fidelity.relative_error)) {
+      best = HeadChoice{candidates[i], mean};
+      have_best = true;
+    }
+  }
+  return have_best ? best : sparsest;
+}
+
+HeadChoice SearchHead(const std::vector<HeadSample>& samples, int64_t d, double target_density,
+                      const std::vector<HeadPattern>& candidates) {
+  if (target_density >= 1) return ChooseCandidate(candidates, {}, target_density);
   std::vector<DenseReference> dense;
   for (const HeadSample& s : samples) {
     dense.push_back(
         ComputeDenseReference(s.q.data(), d, s.k.data(), s.v.data(), d, s.num_tokens, d));
   }
+  std::vector<Fidelity> fidelity;
   for (const HeadPattern& candidate : candidates) {
     Fidelity mean;
     for (size_t i = 0; i < samples.size(); ++i) {
@@ -60,17 +79,9 @@ HeadChoice SearchHead(const std::vector<HeadSample>& samples, int64_t d, double 
       mean.recall += f.recall / samples.size();
       mean.relative_error += f.relative_error / samples.size();
     }
-    if (!have_sparsest || mean.density < sparsest.fidelity.density) {
-      sparsest = HeadChoice{candidate, mean};
-      have_sparsest = true;
-    }
-    if (mean.density <= target_density &&
-        (!have_best || mean.relative_error < best.fidelity.relative_error)) {
-      best = HeadChoice{candidate, mean};
-      have_best = true;
-    }
+    fidelity.push_back(mean);
   }
-  return have_best ? best : sparsest;
+  return ChooseCandidate(candidates, fidelity, target_density);
 }
 
 }  // namespace sparseaccel

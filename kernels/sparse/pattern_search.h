@@ -29,9 +29,14 @@ struct HeadChoice {
   Fidelity fidelity;  // Mean over the samples.
 };
 
-// The candidate with the lowest mean relative error among those with mean density <=
-// target_density; if none is that sparse, the sparsest candidate. Dense is chosen only when the
-// target is >= 1.
+// The choice rule: the candidate with the lowest mean relative error among those with mean
+// density <= target_density; if none is that sparse, the sparsest candidate. Dense when the
+// target is >= 1. `fidelity[i]` is candidate i's mean over the calibration samples.
+HeadChoice ChooseCandidate(const std::vector<HeadPattern>& candidates,
+                           const std::vector<Fidelity>& fidelity, double target_density);
+
+// Measures every candidate on the head's samples (CPU reference kernels) and applies
+// ChooseCandidate.
 HeadChoice SearchHead(const std::vector<HeadSample>& samples, int64_t head_dim,
                       double target_density, const std::vector<HeadPattern>& candidates);
 

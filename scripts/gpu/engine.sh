@@ -24,6 +24,7 @@ if [[ -n "${building:-}" ]]; then
                            //model:run_cuda)
   wants bench && targets+=(//model:run_cuda //bench/decode:decode_bench)
   (wants bench || wants sparse) && targets+=(//model:make_checkpoint //bench/ttft:ttft_bench)
+  wants sparse && targets+=(//model:pattern_search)
   bazel build "${targets[@]}"
   bin="$(bazel info bazel-bin 2>/dev/null)"
   rm -rf out/engine
@@ -84,10 +85,19 @@ if wants sparse; then
     --vertical 1000 --slash 6096 --dense_below_tokens 16384 > /tmp/gpe/vs.json
   python3 bench/ttft/uniform_sparse_config.py --model "$big" --pattern a_shape \
     --sink 128 --window 4096 --dense_below_tokens 16384 > /tmp/gpe/a_shape.json
+  echo "== pattern search on the GPU engine (8B shape, one 4096-token calibration prompt)"
+  start_search=$(date +%s)
+  "$bin/pattern_search" --device cuda --model "$big" --out /tmp/gpe/searched.json \
+    --tokens 4096 --prompts 1 --target_density 0.1 --dense_below 16384 2> /tmp/gpe/search.log ||
+    { status=1; tail /tmp/gpe/search.log; }
+  cat /tmp/gpe/search.log >> "$log"
+  grep -E "pattern_search.(done|failed)" /tmp/gpe/search.log
+  echo "search_seconds $(( $(date +%s) - start_search ))"
+  cp /tmp/gpe/searched.json "$out/searched_config.json" 2>/dev/null
   echo "== TTFT, ours dense"
   "$bin/ttft_bench" --model "$big" --lengths "$sparse_lengths" 2>> "$log" \
     | tee "$out/ttft_ours.jsonl"
-  for config in vs a_shape; do
+  for config in vs a_shape searched; do
     echo "== TTFT, ours sparse ($config)"
     "$bin/ttft_bench" --model "$big" --lengths "$sparse_lengths" \
       --sparse_config "/tmp/gpe/$config.json" --label "$config" 2>> "$log" \

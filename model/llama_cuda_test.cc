@@ -68,6 +68,17 @@ double MaxRelativeError(const std::vector<float>& a, const std::vector<float>& b
   return err / ref;
 }
 
+// ||a - b|| / ||b|| over all elements.
+double NormRelativeError(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double err = 0, ref = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    err += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    ref += double(b[i]) * b[i];
+  }
+  return std::sqrt(err / ref);
+}
+
 struct Engines {
   std::unique_ptr<LlamaCpu> cpu;
   std::unique_ptr<LlamaCuda> gpu;
@@ -390,10 +401,17 @@ TEST_P(LlamaCudaTest, DataDependentSparsePrefillAndDispatch) {
   e.cpu->SetAttentionOverride(sparse->get());
   std::mt19937 rng(std::random_device{}());
   const std::vector<int32_t> tokens = RandomTokens(700, e.cpu->config().vocab_size, &rng);
-  const double err =
-      MaxRelativeError(AllLogits(e.gpu.get(), tokens), AllLogits(e.cpu.get(), tokens));
-  std::printf("data_dependent_sparse_rel_error %s %.3e\n", GetParam().name.c_str(), err);
-  EXPECT_LT(err, 0.3);
+  const std::vector<float> gpu = AllLogits(e.gpu.get(), tokens);
+  const std::vector<float> cpu = AllLogits(e.cpu.get(), tokens);
+  // Selection is discontinuous: where the GPU's bf16 Q/K and the CPU's fp32 rank two nearly
+  // tied candidates differently, one query block sees other keys and its rows differ by far
+  // more than bf16 noise (the largest element error has reached 0.75 on the tiny model). So
+  // the bound is on the error over all logits; the kernels' exactness on a given index is
+  // //kernels/cuda:sparse_attention_test's.
+  const double err = NormRelativeError(gpu, cpu);
+  std::printf("data_dependent_sparse_rel_error %s %.3e (largest element: %.3e)\n",
+              GetParam().name.c_str(), err, MaxRelativeError(gpu, cpu));
+  EXPECT_LT(err, 0.1);
   EXPECT_EQ(e.gpu->SparseStats().sparse_prefills, 1);
 
   // Below the break-even length: dense on both (the CPU override declines too).

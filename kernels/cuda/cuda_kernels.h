@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "kernels/cuda/attention_inner_loop.h"
 #include "kernels/sampling.h"
 
 namespace sparseaccel {
@@ -61,6 +62,7 @@ struct PrefillAttentionArgs {
   int64_t num_heads = 0;
   int64_t num_kv_heads = 0;
   int64_t head_dim = 0;
+  AttentionInnerLoop inner_loop = AttentionInnerLoop::kAuto;
 };
 absl::Status PrefillAttention(const PrefillAttentionArgs& args, void* stream);
 

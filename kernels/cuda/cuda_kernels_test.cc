@@ -192,49 +192,56 @@ TEST_F(CudaKernelsTest, PrefillAttentionMatchesCpu) {
       {129, 129, 2, 2, 128, false},
   };
   for (const Case& c : cases) {
-    const std::string what = "n=" + std::to_string(c.n) + " n_kv=" + std::to_string(c.n_kv) +
-                             " heads=" + std::to_string(c.heads) + "/" +
-                             std::to_string(c.kv_heads) + " dim=" + std::to_string(c.dim);
-    const int64_t q_row = c.heads * c.dim, kv_row = c.kv_heads * c.dim;
-    const int64_t q_stride = c.fused_q ? q_row + 2 * kv_row : q_row;
-    const std::vector<uint16_t> q = RandomBf16(c.n * q_stride, 1.5f);
-    const std::vector<uint16_t> k = RandomBf16(c.n_kv * kv_row, 1.5f);
-    const std::vector<uint16_t> v = RandomBf16(c.n_kv * kv_row);
-    ASSERT_OK_AND_ASSIGN(d_q, ToDevice(q));
-    ASSERT_OK_AND_ASSIGN(d_k, ToDevice(k));
-    ASSERT_OK_AND_ASSIGN(d_v, ToDevice(v));
-    ASSERT_OK_AND_ASSIGN(d_out, DeviceBuffer::Allocate(c.n * q_row * 2));
-    ASSERT_OK(d_out.Fill(kNanBytes));
-    PrefillAttentionArgs args;
-    args.q = d_q.As<uint16_t>();
-    args.q_stride = q_stride;
-    args.k = d_k.As<uint16_t>();
-    args.v = d_v.As<uint16_t>();
-    args.kv_stride = kv_row;
-    args.out = d_out.As<uint16_t>();
-    args.out_stride = q_row;
-    args.n = c.n;
-    args.n_kv = c.n_kv;
-    args.num_heads = c.heads;
-    args.num_kv_heads = c.kv_heads;
-    args.head_dim = c.dim;
-    ASSERT_OK(PrefillAttention(args, nullptr));
-    ASSERT_OK(DeviceSynchronize());
-    ASSERT_OK_AND_ASSIGN(out, ToHost<uint16_t>(d_out, c.n * q_row));
+    for (const AttentionInnerLoop loop :
+         {AttentionInnerLoop::kMmaSync, AttentionInnerLoop::kWgmma}) {
+      const std::string what = std::string(InnerLoopName(loop)) + " n=" + std::to_string(c.n) +
+                               " n_kv=" + std::to_string(c.n_kv) +
+                               " heads=" + std::to_string(c.heads) + "/" +
+                               std::to_string(c.kv_heads) + " dim=" + std::to_string(c.dim);
+      const int64_t q_row = c.heads * c.dim, kv_row = c.kv_heads * c.dim;
+      const int64_t q_stride = c.fused_q ? q_row + 2 * kv_row : q_row;
+      const std::vector<uint16_t> q = RandomBf16(c.n * q_stride, 1.5f);
+      const std::vector<uint16_t> k = RandomBf16(c.n_kv * kv_row, 1.5f);
+      const std::vector<uint16_t> v = RandomBf16(c.n_kv * kv_row);
+      ASSERT_OK_AND_ASSIGN(d_q, ToDevice(q));
+      ASSERT_OK_AND_ASSIGN(d_k, ToDevice(k));
+      ASSERT_OK_AND_ASSIGN(d_v, ToDevice(v));
+      ASSERT_OK_AND_ASSIGN(d_out, DeviceBuffer::Allocate(c.n * q_row * 2));
+      ASSERT_OK(d_out.Fill(kNanBytes));
+      PrefillAttentionArgs args;
+      args.q = d_q.As<uint16_t>();
+      args.q_stride = q_stride;
+      args.k = d_k.As<uint16_t>();
+      args.v = d_v.As<uint16_t>();
+      args.kv_stride = kv_row;
+      args.out = d_out.As<uint16_t>();
+      args.out_stride = q_row;
+      args.n = c.n;
+      args.n_kv = c.n_kv;
+      args.num_heads = c.heads;
+      args.num_kv_heads = c.kv_heads;
+      args.head_dim = c.dim;
+      args.inner_loop = loop;
+      const absl::Status launched = PrefillAttention(args, nullptr);
+      if (WgmmaUnavailable(loop, launched)) continue;
+      ASSERT_OK(launched);
+      ASSERT_OK(DeviceSynchronize());
+      ASSERT_OK_AND_ASSIGN(out, ToHost<uint16_t>(d_out, c.n * q_row));
 
-    std::vector<float> q_dense(c.n * q_row);
-    for (int64_t r = 0; r < c.n; ++r) {
-      for (int64_t i = 0; i < q_row; ++i) q_dense[r * q_row + i] = FromBf16(q[r * q_stride + i]);
+      std::vector<float> q_dense(c.n * q_row);
+      for (int64_t r = 0; r < c.n; ++r) {
+        for (int64_t i = 0; i < q_row; ++i) q_dense[r * q_row + i] = FromBf16(q[r * q_stride + i]);
+      }
+      std::vector<float> k_f = FromBf16(k), v_f = FromBf16(v), expected(c.n * q_row);
+      KvLayerView view;
+      view.block_tokens = c.n_kv;
+      view.row_size = kv_row;
+      view.k_blocks = {k_f.data()};
+      view.v_blocks = {v_f.data()};
+      CausalAttentionCpu(q_dense.data(), c.n, c.n_kv - c.n, {c.heads, c.kv_heads, c.dim}, view,
+                         expected.data());
+      ExpectClose(FromBf16(out), expected, kAttentionBound, what);
     }
-    std::vector<float> k_f = FromBf16(k), v_f = FromBf16(v), expected(c.n * q_row);
-    KvLayerView view;
-    view.block_tokens = c.n_kv;
-    view.row_size = kv_row;
-    view.k_blocks = {k_f.data()};
-    view.v_blocks = {v_f.data()};
-    CausalAttentionCpu(q_dense.data(), c.n, c.n_kv - c.n, {c.heads, c.kv_heads, c.dim}, view,
-                       expected.data());
-    ExpectClose(FromBf16(out), expected, kAttentionBound, what);
   }
 }
 

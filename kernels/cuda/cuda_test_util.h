@@ -7,12 +7,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "gtest/gtest.h"
+#include "kernels/cuda/attention_inner_loop.h"
 
 namespace sparseaccel {
 namespace cuda {
@@ -38,6 +41,28 @@ inline std::vector<float> FromBf16(const std::vector<uint16_t>& v) {
   std::vector<float> out(v.size());
   std::transform(v.begin(), v.end(), out.begin(), [](uint16_t b) { return FromBf16(b); });
   return out;
+}
+
+inline const char* InnerLoopName(AttentionInnerLoop loop) {
+  switch (loop) {
+    case AttentionInnerLoop::kAuto:
+      return "auto";
+    case AttentionInnerLoop::kMmaSync:
+      return "mma.sync";
+    case AttentionInnerLoop::kWgmma:
+      return "wgmma";
+  }
+  return "?";
+}
+
+// True when `status` says a kernel asked for wgmma on a device without it: that variant is
+// skipped (said once on stderr); every other status is the test's to check.
+inline bool WgmmaUnavailable(AttentionInnerLoop loop, const absl::Status& status) {
+  if (loop != AttentionInnerLoop::kWgmma || !absl::IsFailedPrecondition(status)) return false;
+  static bool said = false;
+  if (!said) std::fprintf(stderr, "wgmma variants skipped: %s\n", status.ToString().c_str());
+  said = true;
+  return true;
 }
 
 class CudaTest : public ::testing::Test {

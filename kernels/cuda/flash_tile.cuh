@@ -4,10 +4,12 @@
 // The inner step of FlashAttention-2 on tensor cores (mma.sync m16n8k16 bf16, fp32
 // accumulators), shared by the dense prefill kernel and the sparse kernels: one warp owns
 // 16 x kMTiles query rows (Q in shared memory) and folds one tile of kFlashKeys keys (K and V
-// in shared memory) into its running output with an online softmax.
+// in shared memory) into its running output with an online softmax. FlashBlock runs the key
+// tiles of a thread block through a cp.async pipeline for any such per-group state; the
+// warpgroup (wgmma) state of sm_90a is in flash_tile_sm90.cuh.
 //
-// Shared-memory tiles are rows of kHeadDim bf16, 16-byte chunks XOR-swizzled by (row % 8) so
-// that the 8 rows an ldmatrix reads hit 8 different bank groups: see SwizzledOffset().
+// Shared-memory tiles are rows of kHeadDim bf16 in the layout of the 128-byte swizzle that
+// wgmma reads: see SwizzledOffset().
 
 #include <cuda_bf16.h>
 
@@ -16,11 +18,16 @@
 namespace sparseaccel {
 namespace cuda {
 
-// Element offset of (row, col) in a swizzled tile of rows of `kHeadDim` bf16.
+// Element offset of (row, col) in a tile of rows of `kHeadDim` bf16: 8 rows x 64 columns form
+// a 1024-byte atom (each row 128 bytes, its 16-byte chunks XOR-swizzled by row % 8, so the 8
+// rows an ldmatrix reads hit 8 different bank groups); the atoms of a row group's column halves
+// are adjacent, then the next 8 rows follow. This is the canonical 128-byte-swizzled layout of
+// wgmma, K-major for Q and K and MN-major for V, with 8 rows' atoms 16 kHeadDim bytes apart.
 template <int kHeadDim>
 __device__ __forceinline__ int SwizzledOffset(int row, int col) {
-  const int chunk = (col / 8) ^ (row % 8);
-  return row * kHeadDim + chunk * 8 + col % 8;
+  static_assert(kHeadDim % 64 == 0, "rows are whole 64-column atoms");
+  const int chunk = ((col % 64) / 8) ^ (row % 8);
+  return (row / 8) * 8 * kHeadDim + (col / 64) * 512 + (row % 8) * 64 + chunk * 8 + col % 8;
 }
 
 __device__ __forceinline__ uint32_t SharedAddress(const void* p) {
@@ -100,6 +107,22 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// Which keys of a tile a group's rows see. Key k of the tile sits at position
+// keys ? keys[k] : key0 + k and exists when k < valid; group row r, at position first + r, sees
+// the existing keys at or before its position. all_visible: every key exists and is at or
+// before `first`, so nothing needs masking.
+struct TileMask {
+  bool all_visible;
+  int key0;
+  const int32_t* keys;  // Gathered columns (global memory), or null for contiguous keys.
+  int valid;
+  int first;
+
+  __device__ __forceinline__ bool Hidden(int row, int key) const {
+    return key >= valid || (keys != nullptr ? keys[key] : key0 + key) > first + row;
+  }
+};
+
 // Per-warp state of kMTiles x 16 query rows against tiles of kFlashKeys keys (m-tile m: rows 16m ..
 // 16m + 15 of the warp's). Lane l owns rows 16m + l/4 and 16m + l/4 + 8 of each m-tile, and in the
 // output the columns 8j + 2(l%4) + {0,1} of each 8-wide column tile j. Q fragments are re-read from
@@ -107,6 +130,14 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
 // feeds all kMTiles m-tiles, which halves shared-memory traffic per mma at kMTiles = 2.
 template <int kHeadDim, int kMTiles, int kFlashKeys>
 struct FlashWarpState {
+  // What FlashBlock needs of a per-group state: keys per tile, rows and threads of a group,
+  // and whether it reads shared memory through the async proxy (wgmma does, ldmatrix not).
+  static constexpr int kHeadDimension = kHeadDim;
+  static constexpr int kKeys = kFlashKeys;
+  static constexpr int kGroupRows = 16 * kMTiles;
+  static constexpr int kGroupThreads = 32;
+  static constexpr bool kReadsThroughAsyncProxy = false;
+
   const __nv_bfloat16* q_rows;        // Swizzled Q tile, offset to the warp's first row.
   int q_row0;                         // That row's index in the tile (for the swizzle).
   float o[kMTiles][kHeadDim / 8][4];  // Unnormalised output accumulators.
@@ -162,26 +193,23 @@ struct FlashWarpState {
     }
   }
 
-  // Folds one tile of kFlashKeys keys (swizzled K and V tiles in shared memory) in, every key
-  // visible to every row. scale_log2 = log2(e) / sqrt(head_dim).
-  __device__ __forceinline__ void AttendTile(const __nv_bfloat16* k_tile,
-                                             const __nv_bfloat16* v_tile, float scale_log2) {
-    AttendTileImpl<false>(k_tile, v_tile, scale_log2, [](int, int) { return false; });
+  // Folds one tile of kFlashKeys keys (K and V tiles in shared memory) in, as `mask` says.
+  // scale_log2 = log2(e) / sqrt(head_dim).
+  __device__ __forceinline__ void Step(const __nv_bfloat16* k_tile, const __nv_bfloat16* v_tile,
+                                       float scale_log2, const TileMask& mask) {
+    if (mask.all_visible) {
+      AttendTileImpl<false>(k_tile, v_tile, scale_log2, mask);
+    } else {
+      AttendTileImpl<true>(k_tile, v_tile, scale_log2, mask);
+    }
   }
 
-  // The same with some keys hidden: masked(row, key) is true when key `key` of the tile (0 ..
-  // kFlashKeys - 1) is invisible to row `row` of the warp (0 .. 16 kMTiles - 1).
-  template <typename Masked>
-  __device__ __forceinline__ void AttendTileMasked(const __nv_bfloat16* k_tile,
-                                                   const __nv_bfloat16* v_tile, float scale_log2,
-                                                   const Masked& masked) {
-    AttendTileImpl<true>(k_tile, v_tile, scale_log2, masked);
-  }
-
-  template <bool kMask, typename Masked>
+  // With kMask, keys the mask hides from a row (row 0 .. 16 kMTiles - 1 of the warp) count as
+  // -inf scores.
+  template <bool kMask>
   __device__ __forceinline__ void AttendTileImpl(const __nv_bfloat16* k_tile,
                                                  const __nv_bfloat16* v_tile, float scale_log2,
-                                                 const Masked& masked) {
+                                                 const TileMask& mask) {
     const int lane = threadIdx.x % 32;
     float s[kMTiles][kFlashKeys / 8][4];
     Scores(k_tile, s);
@@ -196,7 +224,8 @@ struct FlashWarpState {
       for (int n = 0; n < kFlashKeys / 8; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          if (kMask && masked(m * 16 + lane / 4 + (e / 2) * 8, n * 8 + 2 * (lane % 4) + e % 2)) {
+          if (kMask &&
+              mask.Hidden(m * 16 + lane / 4 + (e / 2) * 8, n * 8 + 2 * (lane % 4) + e % 2)) {
             s[m][n][e] = -INFINITY;
           }
           tile_max[e / 2] = fmaxf(tile_max[e / 2], s[m][n][e]);
@@ -259,91 +288,104 @@ struct FlashWarpState {
     }
   }
 
-  // The row sums across the 4 lanes of a row, ready for normalising: call once at the end.
-  __device__ __forceinline__ void FinishRowSums() {
+  // Normalises the warp's rows and stores them as bf16: row r (r < valid_rows) of the warp
+  // to out + r * out_stride. Lane l owns rows 16m + l/4 (+8), columns 8j + 2(l%4) + {0,1}.
+  __device__ __forceinline__ void Store(uint16_t* out, int64_t out_stride, int64_t valid_rows) {
+    const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        row_sum[m][r] += __shfl_xor_sync(~0u, row_sum[m][r], 1);
-        row_sum[m][r] += __shfl_xor_sync(~0u, row_sum[m][r], 2);
+        float sum = row_sum[m][r];
+        sum += __shfl_xor_sync(~0u, sum, 1);
+        sum += __shfl_xor_sync(~0u, sum, 2);
+        const int64_t row = m * 16 + lane / 4 + r * 8;
+        if (row >= valid_rows) continue;
+        const float inv_sum = 1.f / sum;
+        uint16_t* dst = out + row * out_stride + 2 * (lane % 4);
+#pragma unroll
+        for (int j = 0; j < kHeadDim / 8; ++j) {
+          *reinterpret_cast<uint32_t*>(dst + j * 8) =
+              PackBf16(o[m][j][2 * r] * inv_sum, o[m][j][2 * r + 1] * inv_sum);
+        }
       }
     }
   }
 };
 
-// One thread block of FlashAttention over a list of key tiles: kWarps warps own 16 kMTiles
-// query rows each; the key tiles stream through shared memory in a kStages-deep cp.async
-// pipeline (one barrier per tile). `Tiles` says which keys each tile holds:
+// One thread block of FlashAttention over a list of key tiles: kGroups groups (warps or
+// warpgroups, as `State` says) own State::kGroupRows query rows each; the key tiles stream
+// through shared memory in a kStages-deep cp.async pipeline (one barrier per tile). `Tiles`
+// says which keys each tile holds:
 //   int count() const;                                     // tiles for this block
 //   void Load(int tile, __nv_bfloat16* k, __nv_bfloat16* v);  // LoadTileRows, all threads,
 //                                                          // tiles 0, 1, 2, ... in order
-//   void Attend(FlashWarpState<...>& state, int tile, const __nv_bfloat16* k,
-//               const __nv_bfloat16* v, float scale_log2, int64_t warp_pos0) const;
-// Attend folds the tile into one warp's state, masking keys after each row's position (rows
-// at warp_pos0, warp_pos0 + 1, ...) or skipping the tile when no key is visible.
-template <int kHeadDim, int kWarps, int kMTiles, int kKeys, int kStages>
+//   bool Visible(int tile, int64_t group_pos0, TileMask* mask) const;
+// Visible says whether any key of the tile is visible to the group whose rows sit at
+// group_pos0, group_pos0 + 1, ... and, if so, which (the same answer for every thread of the
+// group); the group's state folds in only such tiles.
+template <typename State, int kGroups, int kStages, int kBlocksPerSm = 1>
 struct FlashBlock {
-  static constexpr int kTileKeys = kKeys;
+  using GroupState = State;
+  static constexpr int kMinBlocksPerSm = kBlocksPerSm;  // For __launch_bounds__.
+  static constexpr int kHeadDim = State::kHeadDimension;
+  static constexpr int kTileKeys = State::kKeys;
   static constexpr int kPipelineStages = kStages;
-  static constexpr int kWarpRows = 16 * kMTiles;
-  static constexpr int kQueryRows = kWarps * kWarpRows;
-  static constexpr int kThreads = kWarps * 32;
-  static constexpr int kSharedBytes = (kQueryRows + kStages * 2 * kKeys) * kHeadDim * 2;
-  using WarpState = FlashWarpState<kHeadDim, kMTiles, kKeys>;
+  static constexpr int kGroupRows = State::kGroupRows;
+  static constexpr int kQueryRows = kGroups * kGroupRows;
+  static constexpr int kThreads = kGroups * State::kGroupThreads;
+  // wgmma wants 1024-byte aligned atoms: the tiles start at the next such boundary.
+  static constexpr int kSharedBytes = (kQueryRows + kStages * 2 * kTileKeys) * kHeadDim * 2 + 1024;
 
   // Query row r (r < valid_rows) is q + r * q_stride at position first_pos + r; its output row
   // goes to out + r * out_stride. `shared` holds kSharedBytes.
   template <typename Tiles>
-  __device__ __forceinline__ static void Run(Tiles& tiles, unsigned char* shared,
-                                             const uint16_t* q, int64_t q_stride,
-                                             int64_t valid_rows, int64_t first_pos,
-                                             float scale_log2, uint16_t* out,
+  __device__ __forceinline__ static void Run(Tiles& tiles, unsigned char* shared, const uint16_t* q,
+                                             int64_t q_stride, int64_t valid_rows,
+                                             int64_t first_pos, float scale_log2, uint16_t* out,
                                              int64_t out_stride) {
-    __nv_bfloat16* q_tile = reinterpret_cast<__nv_bfloat16*>(shared);
+    constexpr int kKeys = kTileKeys;
+    __nv_bfloat16* q_tile =
+        reinterpret_cast<__nv_bfloat16*>(shared + (1024 - SharedAddress(shared) % 1024) % 1024);
     __nv_bfloat16* kv_tiles = q_tile + kQueryRows * kHeadDim;  // [stage][K, V][keys][dim]
     auto stage_k = [&](int stage) { return kv_tiles + stage * 2 * kKeys * kHeadDim; };
     const int num_tiles = tiles.count();
     LoadTile<kHeadDim, kQueryRows, kThreads>(q_tile, q, q_stride, valid_rows);
-    // One cp.async group per key tile (the first also holds Q), kStages - 1 tiles ahead.
+    // One cp.async group per key tile (the first also holds Q), kAhead tiles ahead.
+    constexpr int kAhead = kStages - 1;
+    static_assert(kAhead >= 1, "too few stages");
 #pragma unroll
-    for (int tile = 0; tile < kStages - 1; ++tile) {
+    for (int tile = 0; tile < kAhead; ++tile) {
       if (tile < num_tiles) tiles.Load(tile, stage_k(tile), stage_k(tile) + kKeys * kHeadDim);
       CpAsyncCommit();
     }
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int64_t warp_pos0 = first_pos + warp * kWarpRows;
-    WarpState state;
-    state.Init(q_tile, warp * kWarpRows);
+    const int group = threadIdx.x / State::kGroupThreads;
+    const int64_t group_pos0 = first_pos + group * kGroupRows;
+    State state;
+    state.Init(q_tile, group * kGroupRows);
     for (int tile = 0; tile < num_tiles; ++tile) {
-      CpAsyncWait<kStages - 2>();  // This tile's group has landed (for this thread)...
+      CpAsyncWait<kAhead - 1>();  // This tile's group has landed (for this thread)...
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      // cp.async wrote through the generic proxy; wgmma reads through the async one.
+      if (State::kReadsThroughAsyncProxy) {
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      }
+#endif
       __syncthreads();  // ...for every thread; and all are done with the tile before it.
-      // So the stage of tile - 1 can take tile + kStages - 1.
-      const int next = tile + kStages - 1;
+      // So the stage of tile - 1 can take tile + kAhead.
+      const int next = tile + kAhead;
       if (next < num_tiles) {
         tiles.Load(next, stage_k(next % kStages), stage_k(next % kStages) + kKeys * kHeadDim);
       }
       CpAsyncCommit();
-      const __nv_bfloat16* k_tile = stage_k(tile % kStages);
-      tiles.Attend(state, tile, k_tile, k_tile + kKeys * kHeadDim, scale_log2, warp_pos0);
-    }
-    state.FinishRowSums();
-    // Normalise and store: lane owns rows 16m + lane/4 (+8), columns 8j + 2(lane%4) + {0,1}.
-#pragma unroll
-    for (int m = 0; m < kMTiles; ++m) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t row = warp * kWarpRows + m * 16 + lane / 4 + r * 8;
-        if (row >= valid_rows) continue;
-        const float inv_sum = 1.f / state.row_sum[m][r];
-        uint16_t* dst = out + row * out_stride + 2 * (lane % 4);
-#pragma unroll
-        for (int j = 0; j < kHeadDim / 8; ++j) {
-          *reinterpret_cast<uint32_t*>(dst + j * 8) =
-              PackBf16(state.o[m][j][2 * r] * inv_sum, state.o[m][j][2 * r + 1] * inv_sum);
-        }
+      TileMask mask;
+      if (tiles.Visible(tile, group_pos0, &mask)) {
+        const __nv_bfloat16* k_tile = stage_k(tile % kStages);
+        state.Step(k_tile, k_tile + kKeys * kHeadDim, scale_log2, mask);
       }
     }
+    const int64_t row0 = group * kGroupRows;
+    state.Store(out + row0 * out_stride, out_stride, valid_rows - row0);
   }
 };
 

@@ -1,27 +1,28 @@
-// Dense causal prefill attention, FlashAttention-2 style: a block of 4 warps takes 128 query
-// rows of one head (32 per warp) and streams the key tiles 0..(its last position) through
-// FlashBlock (flash_tile.cuh); only tiles that cross the diagonal are masked.
+// Dense causal prefill attention, FlashAttention-2 style: a thread block takes 128 query rows
+// of one head (4 warps on mma.sync, or 2 warpgroups on wgmma where the device has it) and
+// streams the key tiles 0..(its last position) through FlashBlock (flash_tile.cuh); only tiles
+// that cross the diagonal are masked.
 
 #include <cmath>
 
+#include "common/status_macros.h"
 #include "kernels/cuda/cuda_check.cuh"
 #include "kernels/cuda/cuda_kernels.h"
-#include "kernels/cuda/flash_tile.cuh"
+#include "kernels/cuda/flash_tile_sm90.cuh"
 
 namespace sparseaccel {
 namespace cuda {
 namespace {
 
-// Keys per tile: 32 at head_dim 128 keeps the accumulators within the register file.
-template <int kHeadDim>
-using DenseBlock = FlashBlock<kHeadDim, /*kWarps=*/4, /*kMTiles=*/2,
-                              /*kKeys=*/kHeadDim == 128 ? 32 : 64, /*kStages=*/3>;
-
 // Key tiles 0 .. count - 1 of one KV head, contiguous.
-template <int kHeadDim>
+template <int kHeadDim, bool kWgmma>
+using DenseBlock = AttentionBlock<kHeadDim, kWgmma>;
+
+template <int kHeadDim, bool kWgmma>
 struct DenseTiles {
-  static constexpr int kKeys = DenseBlock<kHeadDim>::kTileKeys;
-  static constexpr int kWarpRows = DenseBlock<kHeadDim>::kWarpRows;
+  using Block = DenseBlock<kHeadDim, kWgmma>;
+  static constexpr int kKeys = Block::kTileKeys;
+  static constexpr int kGroupRows = Block::kGroupRows;
   const uint16_t* k;  // KV head's column, row 0.
   const uint16_t* v;
   int64_t stride;
@@ -29,35 +30,28 @@ struct DenseTiles {
   int num_tiles;
 
   __device__ __forceinline__ int count() const { return num_tiles; }
-  __device__ __forceinline__ void Load(int tile, __nv_bfloat16* k_dst,
-                                       __nv_bfloat16* v_dst) const {
-    constexpr int kThreads = DenseBlock<kHeadDim>::kThreads;
+  __device__ __forceinline__ void Load(int tile, __nv_bfloat16* k_dst, __nv_bfloat16* v_dst) const {
+    constexpr int kThreads = Block::kThreads;
     const int64_t key0 = int64_t{tile} * kKeys;
     LoadTile<kHeadDim, kKeys, kThreads>(k_dst, k + key0 * stride, stride, n_kv - key0);
     LoadTile<kHeadDim, kKeys, kThreads>(v_dst, v + key0 * stride, stride, n_kv - key0);
   }
-  __device__ __forceinline__ void Attend(typename DenseBlock<kHeadDim>::WarpState& state, int tile,
-                                         const __nv_bfloat16* k_tile,
-                                         const __nv_bfloat16* v_tile, float scale_log2,
-                                         int64_t warp_pos0) const {
+  __device__ __forceinline__ bool Visible(int tile, int64_t group_pos0, TileMask* mask) const {
     const int64_t key0 = int64_t{tile} * kKeys;
-    // Tiles entirely after this warp's last row contribute nothing.
-    if (key0 > warp_pos0 + kWarpRows - 1) return;
-    if (key0 + kKeys - 1 <= warp_pos0) {
-      state.AttendTile(k_tile, v_tile, scale_log2);
-    } else {
-      // The tile straddles the diagonal: key and row compare as int32 offsets from key0.
-      const int diagonal = static_cast<int>(warp_pos0 - key0);
-      state.AttendTileMasked(k_tile, v_tile, scale_log2,
-                             [diagonal](int row, int key) { return key > diagonal + row; });
-    }
+    // Tiles entirely after this group's last row contribute nothing; a tile that straddles the
+    // diagonal is masked (key and row compare as int32 positions: n_kv <= 2^31).
+    if (key0 > group_pos0 + kGroupRows - 1) return false;
+    *mask = TileMask{key0 + kKeys - 1 <= group_pos0, static_cast<int>(key0), nullptr, kKeys,
+                     static_cast<int>(group_pos0)};
+    return true;
   }
 };
 
-template <int kHeadDim>
-__global__ void __launch_bounds__(DenseBlock<kHeadDim>::kThreads)
+template <int kHeadDim, bool kWgmma>
+__global__ void __launch_bounds__(DenseBlock<kHeadDim, kWgmma>::kThreads,
+                                  DenseBlock<kHeadDim, kWgmma>::kMinBlocksPerSm)
     PrefillAttentionKernel(PrefillAttentionArgs args, float scale_log2) {
-  using Block = DenseBlock<kHeadDim>;
+  using Block = DenseBlock<kHeadDim, kWgmma>;
   extern __shared__ __align__(128) unsigned char shared[];
   const int head = blockIdx.x;
   const int kv_head = head / (args.num_heads / args.num_kv_heads);
@@ -65,24 +59,25 @@ __global__ void __launch_bounds__(DenseBlock<kHeadDim>::kThreads)
   const int64_t q0 = (gridDim.y - 1 - blockIdx.y) * int64_t{Block::kQueryRows};
   const int64_t offset = args.n_kv - args.n;  // Position of query row 0.
   const int64_t last_pos = min(offset + q0 + Block::kQueryRows - 1, args.n_kv - 1);
-  DenseTiles<kHeadDim> tiles{args.k + kv_head * kHeadDim, args.v + kv_head * kHeadDim,
-                             args.kv_stride, args.n_kv,
-                             static_cast<int>(last_pos / Block::kTileKeys + 1)};
+  DenseTiles<kHeadDim, kWgmma> tiles{args.k + kv_head * kHeadDim, args.v + kv_head * kHeadDim,
+                                     args.kv_stride, args.n_kv,
+                                     static_cast<int>(last_pos / Block::kTileKeys + 1)};
   Block::Run(tiles, shared, args.q + q0 * args.q_stride + head * kHeadDim, args.q_stride,
-             args.n - q0, offset + q0, scale_log2, args.out + q0 * args.out_stride + head * kHeadDim,
-             args.out_stride);
+             args.n - q0, offset + q0, scale_log2,
+             args.out + q0 * args.out_stride + head * kHeadDim, args.out_stride);
 }
 
-template <int kHeadDim>
+template <int kHeadDim, bool kWgmma>
 absl::Status LaunchPrefill(const PrefillAttentionArgs& args, cudaStream_t stream) {
-  constexpr int kShared = DenseBlock<kHeadDim>::kSharedBytes;
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(PrefillAttentionKernel<kHeadDim>,
+  using Block = DenseBlock<kHeadDim, kWgmma>;
+  constexpr int kShared = Block::kSharedBytes;
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(PrefillAttentionKernel<kHeadDim, kWgmma>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kShared));
   const dim3 grid(static_cast<unsigned>(args.num_heads),
-                  static_cast<unsigned>(CeilDiv(args.n, DenseBlock<kHeadDim>::kQueryRows)));
+                  static_cast<unsigned>(CeilDiv(args.n, Block::kQueryRows)));
   const float scale_log2 = static_cast<float>(M_LOG2E / std::sqrt(double{kHeadDim}));
-  PrefillAttentionKernel<kHeadDim>
-      <<<grid, DenseBlock<kHeadDim>::kThreads, kShared, stream>>>(args, scale_log2);
+  PrefillAttentionKernel<kHeadDim, kWgmma>
+      <<<grid, Block::kThreads, kShared, stream>>>(args, scale_log2);
   return LaunchStatus("PrefillAttentionKernel");
 }
 
@@ -97,7 +92,8 @@ absl::Status PrefillAttention(const PrefillAttentionArgs& args, void* stream) {
   }
   if (args.n < 0 || args.n_kv < args.n || args.num_heads <= 0 || args.num_kv_heads <= 0 ||
       args.num_heads % args.num_kv_heads != 0 || args.num_heads > 65535 ||
-      CeilDiv(args.n, DenseBlock<128>::kQueryRows) > 65535 || args.n_kv > (int64_t{1} << 31)) {
+      CeilDiv(args.n, AttentionBlock<128, false>::kQueryRows) > 65535 ||
+      args.n_kv > (int64_t{1} << 31)) {
     return absl::InvalidArgumentError(absl::StrCat("PrefillAttention: bad shape n=", args.n,
                                                    " n_kv=", args.n_kv, " heads=", args.num_heads,
                                                    " kv_heads=", args.num_kv_heads));
@@ -111,9 +107,13 @@ absl::Status PrefillAttention(const PrefillAttentionArgs& args, void* stream) {
         "PrefillAttention: strides must cover a row and be multiples of 8 elements, pointers "
         "16-byte aligned");
   }
+  ASSIGN_OR_RETURN(const bool wgmma, UseWgmma(args.inner_loop));
   if (args.n == 0) return absl::OkStatus();
-  if (args.head_dim == 64) return LaunchPrefill<64>(args, AsStream(stream));
-  return LaunchPrefill<128>(args, AsStream(stream));
+  const cudaStream_t s = AsStream(stream);
+  if (args.head_dim == 64) {
+    return wgmma ? LaunchPrefill<64, true>(args, s) : LaunchPrefill<64, false>(args, s);
+  }
+  return wgmma ? LaunchPrefill<128, true>(args, s) : LaunchPrefill<128, false>(args, s);
 }
 
 }  // namespace cuda

@@ -1,31 +1,29 @@
-// Sparse prefill attention over a DeviceSparseIndex: one thread block of 4 warps per (head,
-// pair of 64-row query blocks), 32 rows per warp, the dense kernel's shape. Each K/V tile read
+// Sparse prefill attention over a DeviceSparseIndex: one thread block per (head, pair of
+// 64-row query blocks), the dense kernel's AttentionBlock (4 warps of 32 rows on mma.sync, 2
+// warpgroups of 64 on wgmma). Each K/V tile read
 // into shared memory serves 128 queries and each fragment read from it two m-tiles: with one
 // query block per thread block the kernel was bound by moving K/V (1.9x the dense kernel's
 // time per tile). The pair's key tiles are the union of its two blocks' ranges (64 contiguous
 // keys, two 32-key tiles each; a start both blocks keep is loaded once), then each block's
-// columns gathered 32 at a time. A warp folds in only the tiles its own block selected, so
+// columns gathered a tile at a time. A group folds in only the tiles its own block selected, so
 // every query sees exactly its block's keys; both kinds go through the dense kernel's
 // FlashBlock pipeline and inner loop.
 
 #include <climits>
 #include <cmath>
 
+#include "common/status_macros.h"
 #include "kernels/cuda/cuda_check.cuh"
-#include "kernels/cuda/flash_tile.cuh"
+#include "kernels/cuda/flash_tile_sm90.cuh"
 #include "kernels/cuda/sparse_attention.h"
 
 namespace sparseaccel {
 namespace cuda {
 namespace {
 
-template <int kHeadDim>
-using SparseBlock = FlashBlock<kHeadDim, /*kWarps=*/4, /*kMTiles=*/2,
-                               /*kKeys=*/kHeadDim == 128 ? 32 : 64, /*kStages=*/3>;
-
-template <int kHeadDim>
+template <int kHeadDim, bool kWgmma>
 struct SparseTiles {
-  using Block = SparseBlock<kHeadDim>;
+  using Block = AttentionBlock<kHeadDim, kWgmma>;
   static constexpr int kKeys = Block::kTileKeys;
   static constexpr int kTilesPerRange = kBlockSize / kKeys;
   static constexpr int kStages = Block::kPipelineStages;
@@ -98,48 +96,37 @@ struct SparseTiles {
     LoadTileRows<kHeadDim, kKeys, Block::kThreads>(v_dst, v, stride, source_row);
   }
 
-  __device__ __forceinline__ void Attend(typename Block::WarpState& state, int tile,
-                                         const __nv_bfloat16* k_tile, const __nv_bfloat16* v_tile,
-                                         float scale_log2, int64_t warp_pos0) const {
-    const int block = static_cast<int>((warp_pos0 - first_pos) / kBlockSize);
-    const int first = static_cast<int>(warp_pos0);
-    const int last = first + Block::kWarpRows - 1;
+  __device__ __forceinline__ bool Visible(int tile, int64_t group_pos0, TileMask* mask) const {
+    const int block = static_cast<int>((group_pos0 - first_pos) / kBlockSize);
+    const int first = static_cast<int>(group_pos0);
+    const int last = first + Block::kGroupRows - 1;
     if (tile < RangeTiles()) {
       const int2 info = tile_info[tile % kStages];
       const int key0 = info.x;
-      if ((info.y >> block & 1) == 0 || key0 > last) return;  // Not this block's, or future.
-      if (key0 + kKeys - 1 <= first) {
-        state.AttendTile(k_tile, v_tile, scale_log2);
-      } else {
-        const int diagonal = first - key0;
-        state.AttendTileMasked(k_tile, v_tile, scale_log2,
-                               [diagonal](int row, int key) { return key > diagonal + row; });
-      }
-      return;
+      if ((info.y >> block & 1) == 0 || key0 > last) return false;  // Not this block's, or future.
+      *mask = TileMask{key0 + kKeys - 1 <= first, key0, nullptr, kKeys, first};
+      return true;
     }
     int column_block, column0;
     ColumnTile(tile, &column_block, &column0);
-    if (column_block != block) return;
+    if (column_block != block) return false;
     const int32_t* keys = columns[block] + column0;
     const int valid = min(kKeys, num_columns[block] - column0);
-    if (keys[0] > last) return;  // Columns ascend: the first is the smallest.
-    if (valid == kKeys && keys[kKeys - 1] <= first) {
-      state.AttendTile(k_tile, v_tile, scale_log2);
-      return;
-    }
-    state.AttendTileMasked(k_tile, v_tile, scale_log2, [=](int row, int key) {
-      return key >= valid || keys[key] > first + row;
-    });
+    if (keys[0] > last) return false;  // Columns ascend: the first is the smallest.
+    *mask = TileMask{valid == kKeys && keys[kKeys - 1] <= first, 0, keys, valid, first};
+    return true;
   }
 };
 
 // Thread block y takes query blocks [lo, hi]: the pair (2c, 2c + 1) clipped to the blocks the
 // call covers, last pairs (most keys) first.
-template <int kHeadDim>
-__global__ void __launch_bounds__(SparseBlock<kHeadDim>::kThreads)
+template <int kHeadDim, bool kWgmma>
+__global__ void __launch_bounds__(AttentionBlock<kHeadDim, kWgmma>::kThreads,
+                                  AttentionBlock<kHeadDim, kWgmma>::kMinBlocksPerSm)
     SparseAttentionKernel(SparseAttentionArgs args, float scale_log2) {
+  using Tiles = SparseTiles<kHeadDim, kWgmma>;
   extern __shared__ __align__(128) unsigned char shared[];
-  __shared__ int2 tile_info[SparseTiles<kHeadDim>::kStages];
+  __shared__ int2 tile_info[Tiles::kStages];
   const DeviceSparseIndex& index = args.index;
   const int head = blockIdx.x;
   const int kv_head = head / (args.num_heads / args.num_kv_heads);
@@ -149,7 +136,7 @@ __global__ void __launch_bounds__(SparseBlock<kHeadDim>::kThreads)
   const int64_t hi = min(2 * pair + 1, end_block - 1);
   const int64_t blocks = index.num_query_blocks;
   const int32_t* slots = index.range_start + head * (blocks * (blocks + 1) / 2);
-  SparseTiles<kHeadDim> tiles;
+  Tiles tiles;
   tiles.k = args.k + kv_head * kHeadDim;
   tiles.v = args.v + kv_head * kHeadDim;
   tiles.stride = args.kv_stride;
@@ -169,24 +156,25 @@ __global__ void __launch_bounds__(SparseBlock<kHeadDim>::kThreads)
       hi > lo ? index.pair_range_count[head * ((blocks + 1) / 2) + pair] : tiles.num_ranges[0];
   tiles.tile_info = tile_info;
   const int64_t q0 = lo * kBlockSize;
-  SparseBlock<kHeadDim>::Run(
+  Tiles::Block::Run(
       tiles, shared, args.q + q0 * args.q_stride + head * kHeadDim, args.q_stride,
       min(index.num_tokens, (hi + 1) * kBlockSize) - q0, q0, scale_log2,
       args.out + (lo - args.first_query_block) * kBlockSize * args.out_stride + head * kHeadDim,
       args.out_stride);
 }
 
-template <int kHeadDim>
+template <int kHeadDim, bool kWgmma>
 absl::Status Launch(const SparseAttentionArgs& args, cudaStream_t stream) {
-  constexpr int kShared = SparseBlock<kHeadDim>::kSharedBytes;
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(SparseAttentionKernel<kHeadDim>,
+  using Block = AttentionBlock<kHeadDim, kWgmma>;
+  constexpr int kShared = Block::kSharedBytes;
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(SparseAttentionKernel<kHeadDim, kWgmma>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kShared));
   const int64_t end_block = args.first_query_block + args.num_query_blocks;
   const dim3 grid(static_cast<unsigned>(args.num_heads),
                   static_cast<unsigned>((end_block - 1) / 2 - args.first_query_block / 2 + 1));
   const float scale_log2 = static_cast<float>(M_LOG2E / std::sqrt(double{kHeadDim}));
-  SparseAttentionKernel<kHeadDim>
-      <<<grid, SparseBlock<kHeadDim>::kThreads, kShared, stream>>>(args, scale_log2);
+  SparseAttentionKernel<kHeadDim, kWgmma>
+      <<<grid, Block::kThreads, kShared, stream>>>(args, scale_log2);
   return LaunchStatus("SparseAttentionKernel");
 }
 
@@ -219,9 +207,11 @@ absl::Status SparseAttention(const SparseAttentionArgs& args, void* stream) {
         "SparseAttention: strides must cover a row and be multiples of 8 elements, pointers "
         "16-byte aligned");
   }
+  ASSIGN_OR_RETURN(const bool wgmma, UseWgmma(args.inner_loop));
   if (args.num_query_blocks == 0) return absl::OkStatus();
-  if (args.head_dim == 64) return Launch<64>(args, AsStream(stream));
-  return Launch<128>(args, AsStream(stream));
+  const cudaStream_t s = AsStream(stream);
+  if (args.head_dim == 64) return wgmma ? Launch<64, true>(args, s) : Launch<64, false>(args, s);
+  return wgmma ? Launch<128, true>(args, s) : Launch<128, false>(args, s);
 }
 
 }  // namespace cuda

@@ -22,6 +22,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kernels/cuda/attention_inner_loop.h"
 #include "kernels/sparse/pattern_config.h"
 #include "kernels/sparse/sparse_index.h"
 
@@ -108,6 +109,7 @@ struct SparseAttentionArgs {
   int64_t first_query_block = 0;
   int64_t num_query_blocks = 0;
   DeviceSparseIndex index;
+  AttentionInnerLoop inner_loop = AttentionInnerLoop::kAuto;
 };
 
 absl::Status SparseAttention(const SparseAttentionArgs& args, void* stream);

@@ -145,8 +145,8 @@ class SparseAttentionTest : public CudaTest {
   }
 
   // Runs SparseAttention over query blocks [first, first + count) into rows of `out`.
-  absl::Status Attend(const Layer& l, const DeviceSparseIndex& index, int64_t first,
-                      int64_t count, DeviceBuffer* out) {
+  absl::Status Attend(const Layer& l, const DeviceSparseIndex& index, int64_t first, int64_t count,
+                      DeviceBuffer* out, AttentionInnerLoop loop = AttentionInnerLoop::kAuto) {
     SparseAttentionArgs args;
     args.q = l.d_q.As<uint16_t>();
     args.q_stride = l.heads * l.dim;
@@ -161,6 +161,7 @@ class SparseAttentionTest : public CudaTest {
     args.first_query_block = first;
     args.num_query_blocks = count;
     args.index = index;
+    args.inner_loop = loop;
     return SparseAttention(args, nullptr);
   }
 
@@ -215,22 +216,21 @@ void ExpectSameIndex(const SparseIndex& gpu, const SparseIndex& cpu, const std::
 TEST_F(SparseAttentionTest, IndicesEqualCpuOnPlantedHeads) {
   for (int64_t dim : {64, 128}) {
     for (int64_t n : {1000, 1536}) {
-      const std::vector<Planted> kinds = {Planted::kNone,     Planted::kSinkLocal,
-                                          Planted::kSlash,    Planted::kVertical,
-                                          Planted::kBlock,    Planted::kSinkLocal};
+      const std::vector<Planted> kinds = {Planted::kNone,  Planted::kSinkLocal,
+                                          Planted::kSlash, Planted::kVertical,
+                                          Planted::kBlock, Planted::kSinkLocal};
       Layer l = PlantedLayer(n, dim, kinds);
       ASSERT_OK(l.Upload());
       // Budgets that keep exactly the planted structure, so the choice is clear-cut: the two
       // planted far diagonals, the planted columns beyond the forced ones, the target block.
       int64_t planted_columns = 0;
       for (int64_t c = 7; c < n; c += n / 7 + 13) ++planted_columns;
-      const std::vector<HeadPattern> heads = {
-          Dense(),
-          AShape(64, 200),
-          VerticalSlash(4, 64 + 2),
-          VerticalSlash(4 + planted_columns, 64, 32),
-          BlockSparse(2),
-          AShape(0, 64)};
+      const std::vector<HeadPattern> heads = {Dense(),
+                                              AShape(64, 200),
+                                              VerticalSlash(4, 64 + 2),
+                                              VerticalSlash(4 + planted_columns, 64, 32),
+                                              BlockSparse(2),
+                                              AShape(0, 64)};
       ASSERT_OK_AND_ASSIGN(index, Build(l, heads));
       ASSERT_OK_AND_ASSIGN(gpu, CopyIndexToHost(index, nullptr));
       const std::vector<SparseIndex> cpu = CpuIndices(l, heads);
@@ -279,15 +279,21 @@ TEST_F(SparseAttentionTest, AttentionMatchesCpuOnItsIndex) {
     for (int64_t h = 0; h < c.heads; ++h) heads.push_back(cycle[h % 4]);
     ASSERT_OK_AND_ASSIGN(index, Build(l, heads));
     ASSERT_OK_AND_ASSIGN(gpu_index, CopyIndexToHost(index, nullptr));
-    ASSERT_OK_AND_ASSIGN(out, DeviceBuffer::Allocate(c.n * c.heads * c.dim * 2));
-    ASSERT_OK(out.Fill(kNanBytes));
-    // In two calls, as the engine does per chunk of queries.
-    const int64_t blocks = index.num_query_blocks, split = blocks / 3;
-    ASSERT_OK(Attend(l, index, 0, split, &out));
-    ASSERT_OK(Attend(l, index, split, blocks - split, &out));
-    ASSERT_OK(DeviceSynchronize());
-    ASSERT_OK_AND_ASSIGN(result, ToHost<uint16_t>(out, c.n * c.heads * c.dim));
-    ExpectClose(FromBf16(result), CpuAttention(l, gpu_index), kAttentionBound, what);
+    const std::vector<float> expected = CpuAttention(l, gpu_index);
+    for (const AttentionInnerLoop loop :
+         {AttentionInnerLoop::kMmaSync, AttentionInnerLoop::kWgmma}) {
+      ASSERT_OK_AND_ASSIGN(out, DeviceBuffer::Allocate(c.n * c.heads * c.dim * 2));
+      ASSERT_OK(out.Fill(kNanBytes));
+      // In two calls, as the engine does per chunk of queries.
+      const int64_t blocks = index.num_query_blocks, split = blocks / 3;
+      const absl::Status first_call = Attend(l, index, 0, split, &out, loop);
+      if (WgmmaUnavailable(loop, first_call)) continue;
+      ASSERT_OK(first_call);
+      ASSERT_OK(Attend(l, index, split, blocks - split, &out, loop));
+      ASSERT_OK(DeviceSynchronize());
+      ASSERT_OK_AND_ASSIGN(result, ToHost<uint16_t>(out, c.n * c.heads * c.dim));
+      ExpectClose(FromBf16(result), expected, kAttentionBound, what + " " + InnerLoopName(loop));
+    }
   }
 }
 
@@ -358,9 +364,9 @@ TEST_F(SparseAttentionTest, BadArgumentsAreErrors) {
                 .code(),
             absl::StatusCode::kInvalidArgument);
   args.head_dim = 96;
-  EXPECT_EQ(BuildSparseIndex(args, workspace_.As<void>(), workspace_.bytes(), &unused, nullptr)
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      BuildSparseIndex(args, workspace_.As<void>(), workspace_.bytes(), &unused, nullptr).code(),
+      absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #   scripts/gpu/engine.sh bench    # 8B-shape checkpoint, HF parity, TTFT vs HF, decode ITL
 #   scripts/gpu/engine.sh sparse   # 8B-shape checkpoint, TTFT: sparse prefill vs dense vs HF
 #   scripts/gpu/engine.sh all      # all three (or a comma list: check,sparse)
+# SEARCHED_CONFIG=path skips the pattern search of the sparse stage and times that config.
 # Results go to $OUT (default /tmp/gpe_out): engine.log, JSON lines, and gpu_engine.json (at
 # most 8 files, what the GPU machine sends back).
 set -uo pipefail
@@ -80,19 +81,31 @@ if wants sparse; then
   # Every head with the same budget: random weights have no structure for a search to find,
   # so these time the sparse path at fixed budgets (vertical-slash's cost depends on how
   # concentrated the estimated pattern is; A-shape's does not).
+  # dense_below_tokens: the break-even that bench/attention/sparse_attention_bench.py measures
+  # for vertical-slash (v=1000, s=6096) against our dense kernel on structured inputs.
   sparse_lengths=16384,32768,65536,131072
+  dense_below=24576
   python3 bench/ttft/uniform_sparse_config.py --model "$big" --pattern vertical_slash \
-    --vertical 1000 --slash 6096 --dense_below_tokens 16384 > /tmp/gpe/vs.json
+    --vertical 1000 --slash 6096 --dense_below_tokens "$dense_below" > /tmp/gpe/vs.json
   python3 bench/ttft/uniform_sparse_config.py --model "$big" --pattern a_shape \
-    --sink 128 --window 4096 --dense_below_tokens 16384 > /tmp/gpe/a_shape.json
-  echo "== pattern search on the GPU engine (8B shape, one 4096-token calibration prompt)"
-  start_search=$(date +%s)
-  "$bin/pattern_search" --device cuda --model "$big" --out /tmp/gpe/searched.json \
-    --tokens 4096 --prompts 1 --target_density 0.1 --dense_below 16384 2> /tmp/gpe/search.log ||
-    { status=1; tail /tmp/gpe/search.log; }
-  cat /tmp/gpe/search.log >> "$log"
-  grep -E "pattern_search.(done|failed)" /tmp/gpe/search.log
-  echo "search_seconds $(( $(date +%s) - start_search ))"
+    --sink 128 --window 4096 --dense_below_tokens "$dense_below" > /tmp/gpe/a_shape.json
+  if [[ -n "${SEARCHED_CONFIG:-}" ]]; then
+    python3 - "$SEARCHED_CONFIG" "$dense_below" > /tmp/gpe/searched.json <<'PY'
+import json, sys
+config = json.load(open(sys.argv[1]))
+config["dense_below_tokens"] = int(sys.argv[2])
+print(json.dumps(config))
+PY
+  else
+    echo "== pattern search on the GPU engine (8B shape, one 4096-token calibration prompt)"
+    start_search=$(date +%s)
+    "$bin/pattern_search" --device cuda --model "$big" --out /tmp/gpe/searched.json \
+      --tokens 4096 --prompts 1 --target_density 0.1 --dense_below "$dense_below" \
+      2> /tmp/gpe/search.log || { status=1; tail /tmp/gpe/search.log; }
+    cat /tmp/gpe/search.log >> "$log"
+    grep -E "pattern_search.(done|failed)" /tmp/gpe/search.log
+    echo "search_seconds $(( $(date +%s) - start_search ))"
+  fi
   cp /tmp/gpe/searched.json "$out/searched_config.json" 2>/dev/null
   echo "== TTFT, ours dense"
   "$bin/ttft_bench" --model "$big" --lengths "$sparse_lengths" 2>> "$log" \

@@ -57,15 +57,15 @@ ours, torch_ = json.load(open(f"{out}/ours.json")), json.load(open(f"{out}/torch
 merged = {"date": datetime.date.today().isoformat(), "device": ours["device"],
           "shape": ours["shape"], "ours": ours, "torch_sdpa": torch_}
 json.dump(merged, open(f"{out}/prefill_attention.json", "w"), indent=2)
-rows = {r["context"]: r for r in ours["results"]}
 by = {b: {r["context"]: r for r in rs} for b, rs in torch_["backends"].items()}
-print("| context | ours ms | ours TFLOP/s | cuDNN ms | cuDNN TFLOP/s | flash ms | flash TFLOP/s |")
-print("|---|---|---|---|---|---|---|")
+print("| context | ours | ours ms | ours TFLOP/s | cuDNN ms | cuDNN TFLOP/s | flash ms | flash TFLOP/s |")
+print("|---|---|---|---|---|---|---|---|")
 fmt = lambda r, k: f"{r[k]:.2f}" if r and k in r else "-"
-for n, r in rows.items():
+for r in ours["results"]:
+    n = r["context"]
     c, f = by["cudnn"].get(n), by["flash"].get(n)
-    print(f"| {n//1024}K | {fmt(r,'median_ms')} | {r['tflops']:.0f} | {fmt(c,'median_ms')} | "
-          f"{fmt(c,'tflops')} | {fmt(f,'median_ms')} | {fmt(f,'tflops')} |")
+    print(f"| {n//1024}K | {r['inner_loop']} | {fmt(r,'median_ms')} | {r['tflops']:.0f} | "
+          f"{fmt(c,'median_ms')} | {fmt(c,'tflops')} | {fmt(f,'median_ms')} | {fmt(f,'tflops')} |")
 decode = json.load(open(f"{out}/decode_attention.json"))
 print("\n| decode batch | context | ms | K/V GB/s |\n|---|---|---|---|")
 for r in decode["results"]:

@@ -107,19 +107,26 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// Which keys of a tile a group's rows see. Key k of the tile sits at position
-// keys ? keys[k] : key0 + k and exists when k < valid; group row r, at position first + r, sees
-// the existing keys at or before its position. all_visible: every key exists and is at or
-// before `first`, so nothing needs masking.
+// Which keys of a tile a group's rows see. Key k of the tile exists when k < valid and sits at
+// position key0 + k (contiguous keys) or, for gathered keys, entries[k] & kEntryKeyMask, kept
+// for this group when the entry has the `owner` bit; group row r, at position first + r, sees
+// the existing, kept keys at or before its position. all_visible: every key exists, is kept
+// and is at or before `first`, so nothing needs masking.
 struct TileMask {
+  static constexpr uint32_t kEntryKeyMask = (1u << 30) - 1;
+
   bool all_visible;
   int key0;
-  const int32_t* keys;  // Gathered columns (global memory), or null for contiguous keys.
+  const uint32_t* entries;  // Gathered keys (global memory), or null for contiguous keys.
   int valid;
   int first;
+  uint32_t owner;
 
   __device__ __forceinline__ bool Hidden(int row, int key) const {
-    return key >= valid || (keys != nullptr ? keys[key] : key0 + key) > first + row;
+    if (key >= valid) return true;
+    if (entries == nullptr) return key0 + key > first + row;
+    const uint32_t entry = entries[key];
+    return (entry & owner) == 0 || static_cast<int>(entry & kEntryKeyMask) > first + row;
   }
 };
 

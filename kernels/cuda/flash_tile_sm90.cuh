@@ -72,9 +72,10 @@ __device__ __forceinline__ void WgmmaWaitAll() {
 
 // Keeps the compiler from moving reads or writes of wgmma accumulators across the fence and
 // wait instructions (it does not know that wgmma writes them asynchronously).
-__device__ __forceinline__ void PinRegisters(float (&d)[32]) {
+template <int kCount>
+__device__ __forceinline__ void PinRegisters(float (&d)[kCount]) {
 #pragma unroll
-  for (int i = 0; i < 32; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < kCount; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 // d (+)= A B for a 64 x 64 x 16 step, A (64 x 16, K-major) and B (16 x 64 as 64 rows of 16,
@@ -121,10 +122,38 @@ __device__ __forceinline__ void WgmmaRegisterShared(float (&d)[32], const uint32
 #endif
 }
 
+// The same with B 16 x 128 (two 64-column atoms, 1024 bytes apart): head_dim 128 in one step.
+__device__ __forceinline__ void WgmmaRegisterShared(float (&d)[64], const uint32_t (&a)[4],
+                                                    uint64_t b) {
+#ifdef SPARSEACCEL_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+#else
+  __trap();
+#endif
+}
+
 // Per-warpgroup state of 64 query rows against tiles of 64 keys. Warp w of the group owns rows
 // 16w .. 16w + 15; in S and in the output, lane l holds rows 16w + l/4 (+8) and the columns
-// 8j + 2(l%4) + {0,1} of each 8-wide column tile j, as in FlashWarpState. The output is two
-// (head_dim 128) or one 64-column half, each a 64 x 64 wgmma accumulator. Each Step issues
+// 8j + 2(l%4) + {0,1} of each 8-wide column tile j, as in FlashWarpState. The output is one
+// 64 x head_dim wgmma accumulator. Each Step issues
 // S = Q K^T, waits, does the online softmax and issues O += P V, and waits: the two
 // warpgroups of a block and the blocks' other work overlap one group's softmax with the
 // other's matrix products. (Pipelining S of the next tile against this tile's softmax inside
@@ -136,23 +165,19 @@ struct FlashWarpgroupState {
   static constexpr int kGroupRows = 64;
   static constexpr int kGroupThreads = 128;
   static constexpr bool kReadsThroughAsyncProxy = true;
-  static constexpr int kHalves = kHeadDim / 64;
   // Bytes between atoms of consecutive 8-row groups, and between a row group's column halves.
   static constexpr uint32_t kRowGroupBytes = 16 * kHeadDim;
   static constexpr uint32_t kHalfBytes = 1024;
 
-  uint32_t q_address;    // Shared address of the group's Q rows.
-  float o[kHalves][32];  // Unnormalised output, per 64-column half.
-  float row_max[2];      // Running max of the raw scores of this lane's two rows.
-  float row_sum[2];      // Running sum of exp2((score - row_max) * scale), this lane's columns.
+  uint32_t q_address;     // Shared address of the group's Q rows.
+  float o[kHeadDim / 2];  // Unnormalised output: one m64 x n(head_dim) wgmma accumulator.
+  float row_max[2];       // Running max of the raw scores of this lane's two rows.
+  float row_sum[2];       // Running sum of exp2((score - row_max) * scale), this lane's columns.
 
   __device__ __forceinline__ void Init(const __nv_bfloat16* q_tile, int row0) {
     q_address = SharedAddress(q_tile + SwizzledOffset<kHeadDim>(row0, 0));
 #pragma unroll
-    for (int h = 0; h < kHalves; ++h) {
-#pragma unroll
-      for (int i = 0; i < 32; ++i) o[h][i] = 0;
-    }
+    for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0;
     row_max[0] = row_max[1] = -INFINITY;
     row_sum[0] = row_sum[1] = 0;
   }
@@ -229,30 +254,22 @@ struct FlashWarpgroupState {
     // Once the running maxima settle (most tiles), no row of the warp needs its output scaled.
     if (__any_sync(~0u, rescale)) {
 #pragma unroll
-      for (int h = 0; h < kHalves; ++h) {
-#pragma unroll
-        for (int i = 0; i < 32; ++i) o[h][i] *= correction[(i / 2) % 2];
-      }
+      for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= correction[(i / 2) % 2];
     }
 
-    // O += P V, 16 keys a step: V rows are keys, read MN-major (two 8-key atoms a step).
+    // O += P V, 16 keys a step over all of head_dim: V rows are keys, read MN-major (two
+    // 8-key atoms a step, the column halves' atoms kHalfBytes apart).
     const uint64_t v_desc = MatrixDescriptor(SharedAddress(v_tile), kHalfBytes, kRowGroupBytes);
-#pragma unroll
-    for (int h = 0; h < kHalves; ++h) PinRegisters(o[h]);
+    PinRegisters(o);
     WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
-#pragma unroll
-      for (int h = 0; h < kHalves; ++h) {
-        WgmmaRegisterShared(o[h], p[kk],
-                            v_desc + ((2 * kk * kRowGroupBytes + h * kHalfBytes) >> 4));
-      }
+      WgmmaRegisterShared(o, p[kk], v_desc + ((2 * kk * kRowGroupBytes) >> 4));
     }
     WgmmaCommit();
     // Done before the block's next barrier lets the loader overwrite this V tile.
     WgmmaWaitAll();
-#pragma unroll
-    for (int h = 0; h < kHalves; ++h) PinRegisters(o[h]);
+    PinRegisters(o);
   }
 
   // Normalises the group's rows and stores them as bf16: row r (r < valid_rows) of the group
@@ -269,12 +286,9 @@ struct FlashWarpgroupState {
       const float inv_sum = 1.f / sum;
       uint16_t* dst = out + row * out_stride + 2 * (lane % 4);
 #pragma unroll
-      for (int h = 0; h < kHalves; ++h) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          *reinterpret_cast<uint32_t*>(dst + h * 64 + j * 8) =
-              PackBf16(o[h][4 * j + 2 * r] * inv_sum, o[h][4 * j + 2 * r + 1] * inv_sum);
-        }
+      for (int j = 0; j < kHeadDim / 8; ++j) {
+        *reinterpret_cast<uint32_t*>(dst + j * 8) =
+            PackBf16(o[4 * j + 2 * r] * inv_sum, o[4 * j + 2 * r + 1] * inv_sum);
       }
     }
   }

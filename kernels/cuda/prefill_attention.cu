@@ -41,8 +41,12 @@ struct DenseTiles {
     // Tiles entirely after this group's last row contribute nothing; a tile that straddles the
     // diagonal is masked (key and row compare as int32 positions: n_kv <= 2^31).
     if (key0 > group_pos0 + kGroupRows - 1) return false;
-    *mask = TileMask{key0 + kKeys - 1 <= group_pos0, static_cast<int>(key0), nullptr, kKeys,
-                     static_cast<int>(group_pos0)};
+    *mask = TileMask{key0 + kKeys - 1 <= group_pos0,
+                     static_cast<int>(key0),
+                     nullptr,
+                     kKeys,
+                     static_cast<int>(group_pos0),
+                     0};
     return true;
   }
 };

@@ -1,13 +1,13 @@
 // Sparse prefill attention over a DeviceSparseIndex: one thread block per (head, pair of
 // 64-row query blocks), the dense kernel's AttentionBlock (4 warps of 32 rows on mma.sync, 2
-// warpgroups of 64 on wgmma). Each K/V tile read
-// into shared memory serves 128 queries and each fragment read from it two m-tiles: with one
-// query block per thread block the kernel was bound by moving K/V (1.9x the dense kernel's
+// warpgroups of 64 on wgmma). Each K/V tile read into shared memory serves 128 queries: with
+// one query block per thread block the kernel was bound by moving K/V (1.9x the dense kernel's
 // time per tile). The pair's key tiles are the union of its two blocks' ranges (64 contiguous
-// keys, two 32-key tiles each; a start both blocks keep is loaded once), then each block's
-// columns gathered a tile at a time. A group folds in only the tiles its own block selected, so
-// every query sees exactly its block's keys; both kinds go through the dense kernel's
-// FlashBlock pipeline and inner loop.
+// keys; a start both blocks keep is loaded once), then the union of their columns (from
+// BuildSparseIndex, each entry marked with the blocks that keep it) gathered a tile at a time.
+// A group folds in only what its own block selected (range tiles of its block, column entries
+// it keeps), so every query sees exactly its block's keys; both kinds go through the dense
+// kernel's FlashBlock pipeline and inner loop.
 
 #include <climits>
 #include <cmath>
@@ -35,15 +35,17 @@ struct SparseTiles {
   int64_t stride;
   int num_tokens;
   int64_t first_pos;  // Position of the first query block's row 0.
-  // Per query block of the pair (the second may be empty): ascending range starts and keys.
+  // Per query block of the pair (the second may be empty): ascending range starts.
   const int32_t* ranges[2];
   int num_ranges[2];
-  const int32_t* columns[2];
-  int num_columns[2];
   int num_union;  // Distinct range starts of the two blocks.
+  // The union of the blocks' columns, with owner bits, and its span flags.
+  const uint32_t* columns;
+  int num_columns;
+  const uint8_t* column_flags;
   // Range tiles come from merging the two start lists in order; Load runs that merge (every
   // thread the same, Load sees tiles 0, 1, 2, ... in order) and leaves each range tile's
-  // first key and owners (bit i: block i selected it) in shared memory for Attend, one slot
+  // first key and owners (bit i: block i selected it) in shared memory for Visible, one slot
   // per pipeline stage.
   int next[2];   // First unmerged entry of each list...
   int front[2];  // ...and its start (INT_MAX when the list is done).
@@ -51,23 +53,13 @@ struct SparseTiles {
   int2* tile_info;  // Shared [kStages].
 
   __device__ __forceinline__ int RangeTiles() const { return num_union * kTilesPerRange; }
-  __device__ __forceinline__ int ColumnTiles(int i) const {
-    return (num_columns[i] + kKeys - 1) / kKeys;
-  }
   __device__ __forceinline__ int count() const {
-    return RangeTiles() + ColumnTiles(0) + ColumnTiles(1);
+    return RangeTiles() + (num_columns + kKeys - 1) / kKeys;
   }
 
   __device__ __forceinline__ void Advance(int i) {
     ++next[i];
     front[i] = next[i] < num_ranges[i] ? ranges[i][next[i]] : INT_MAX;
-  }
-
-  // Column tile `tile` (>= RangeTiles()): its block and the offset of its first column.
-  __device__ __forceinline__ void ColumnTile(int tile, int* block, int* column0) const {
-    const int t = tile - RangeTiles();
-    *block = t < ColumnTiles(0) ? 0 : 1;
-    *column0 = (*block == 0 ? t : t - ColumnTiles(0)) * kKeys;
   }
 
   __device__ __forceinline__ void Load(int tile, __nv_bfloat16* k_dst, __nv_bfloat16* v_dst) {
@@ -87,11 +79,13 @@ struct SparseTiles {
       LoadTileRows<kHeadDim, kKeys, Block::kThreads>(v_dst, v, stride, source_row);
       return;
     }
-    int block, column0;
-    ColumnTile(tile, &block, &column0);
-    const int32_t* keys = columns[block] + column0;
-    const int valid = num_columns[block] - column0;
-    auto source_row = [&](int row) -> int64_t { return row < valid ? keys[row] : -1; };
+    const int column0 = (tile - RangeTiles()) * kKeys;
+    const uint32_t* entries = columns + column0;
+    const int valid = num_columns - column0;
+    auto source_row = [&](int row) -> int64_t {
+      return row < valid ? static_cast<int64_t>(entries[row] & DeviceSparseIndex::kColumnKeyMask)
+                         : -1;
+    };
     LoadTileRows<kHeadDim, kKeys, Block::kThreads>(k_dst, k, stride, source_row);
     LoadTileRows<kHeadDim, kKeys, Block::kThreads>(v_dst, v, stride, source_row);
   }
@@ -104,16 +98,34 @@ struct SparseTiles {
       const int2 info = tile_info[tile % kStages];
       const int key0 = info.x;
       if ((info.y >> block & 1) == 0 || key0 > last) return false;  // Not this block's, or future.
-      *mask = TileMask{key0 + kKeys - 1 <= first, key0, nullptr, kKeys, first};
+      *mask = TileMask{key0 + kKeys - 1 <= first, key0, nullptr, kKeys, first, 0};
       return true;
     }
-    int column_block, column0;
-    ColumnTile(tile, &column_block, &column0);
-    if (column_block != block) return false;
-    const int32_t* keys = columns[block] + column0;
-    const int valid = min(kKeys, num_columns[block] - column0);
-    if (keys[0] > last) return false;  // Columns ascend: the first is the smallest.
-    *mask = TileMask{valid == kKeys && keys[kKeys - 1] <= first, 0, keys, valid, first};
+    // Column marks are by the block's place in its pair (2c, 2c + 1), which differs from
+    // `block` when the call starts at an odd block.
+    const int half = static_cast<int>((group_pos0 / kBlockSize) % 2);
+    const int column0 = (tile - RangeTiles()) * kKeys;
+    const uint32_t* entries = columns + column0;
+    const int valid = min(kKeys, num_columns - column0);
+    // Whether the block keeps every entry of the tile, or some.
+    bool all = true, some = false;
+    for (int span = 0; span * DeviceSparseIndex::kColumnFlagSpan < valid; ++span) {
+      const uint8_t flags = column_flags[column0 / DeviceSparseIndex::kColumnFlagSpan + span];
+      all &= (flags >> half & 1) != 0;
+      some |= (flags >> (2 + half) & 1) != 0;
+    }
+    // Columns ascend: the first is the smallest.
+    if (!some || static_cast<int>(entries[0] & DeviceSparseIndex::kColumnKeyMask) > last) {
+      return false;
+    }
+    const int last_key = static_cast<int>(entries[valid - 1] & DeviceSparseIndex::kColumnKeyMask);
+    *mask = TileMask{
+        all && valid == kKeys && last_key <= first,
+        0,
+        entries,
+        valid,
+        first,
+        half == 0 ? DeviceSparseIndex::kFirstBlockColumn : DeviceSparseIndex::kSecondBlockColumn};
     return true;
   }
 };
@@ -147,13 +159,16 @@ __global__ void __launch_bounds__(AttentionBlock<kHeadDim, kWgmma>::kThreads,
     const bool present = b <= hi;
     tiles.ranges[i] = slots + b * (b + 1) / 2;
     tiles.num_ranges[i] = present ? index.range_count[row] : 0;
-    tiles.columns[i] = index.column_index + row * index.max_columns;
-    tiles.num_columns[i] = present ? index.column_count[row] : 0;
     tiles.next[i] = 0;
     tiles.front[i] = tiles.num_ranges[i] > 0 ? tiles.ranges[i][0] : INT_MAX;
   }
-  tiles.num_union =
-      hi > lo ? index.pair_range_count[head * ((blocks + 1) / 2) + pair] : tiles.num_ranges[0];
+  // Clipped pairs keep the whole pair's column union: each group takes the entries marked for
+  // its own block.
+  const int64_t pair_id = head * index.NumPairs() + pair;
+  tiles.num_union = hi > lo ? index.pair_range_count[pair_id] : tiles.num_ranges[0];
+  tiles.columns = index.pair_columns + pair_id * index.PairColumnSlots();
+  tiles.num_columns = index.pair_column_count[pair_id];
+  tiles.column_flags = index.pair_column_flags + pair_id * index.PairColumnFlagSlots();
   tiles.tile_info = tile_info;
   const int64_t q0 = lo * kBlockSize;
   Tiles::Block::Run(

@@ -26,6 +26,13 @@
 #include "kernels/sparse/pattern_config.h"
 #include "kernels/sparse/sparse_index.h"
 
+// Members the kernels call too (empty outside nvcc: the header stays plain C++).
+#ifdef __CUDACC__
+#define SPARSEACCEL_HOST_DEVICE __host__ __device__
+#else
+#define SPARSEACCEL_HOST_DEVICE
+#endif
+
 namespace sparseaccel {
 namespace cuda {
 
@@ -60,11 +67,30 @@ struct DeviceSparseIndex {
   int32_t* range_start = nullptr;
   int32_t* column_count = nullptr;
   int32_t* column_index = nullptr;
-  // [num_heads][(num_query_blocks + 1) / 2]: how many distinct range starts blocks 2c and
-  // 2c + 1 have together (the attention kernel runs such a pair in one thread block).
+  // The attention kernel runs query blocks 2c and 2c + 1 (a pair) in one thread block. Per
+  // [num_heads][(num_query_blocks + 1) / 2] pair: how many distinct range starts the two have,
+  // and the union of their columns (a column both keep is loaded once): pair_column_count
+  // entries at pair_columns + (h * pairs + c) * PairColumnSlots(), ascending, each a key with
+  // kFirstBlockColumn / kSecondBlockColumn set for the blocks that keep it. For every span of
+  // kColumnFlagSpan entries, pair_column_flags (at (h * pairs + c) * PairColumnFlagSlots())
+  // has bit i set if block i keeps every entry of the span, bit 2 + i if it keeps some.
   int32_t* pair_range_count = nullptr;
+  int32_t* pair_column_count = nullptr;
+  uint32_t* pair_columns = nullptr;
+  uint8_t* pair_column_flags = nullptr;
+  static constexpr uint32_t kFirstBlockColumn = 1u << 30;
+  static constexpr uint32_t kSecondBlockColumn = 1u << 31;
+  static constexpr uint32_t kColumnKeyMask = kFirstBlockColumn - 1;
+  static constexpr int kColumnFlagSpan = 32;
 
-  int64_t RangeSlotsPerHead() const { return num_query_blocks * (num_query_blocks + 1) / 2; }
+  SPARSEACCEL_HOST_DEVICE int64_t RangeSlotsPerHead() const {
+    return num_query_blocks * (num_query_blocks + 1) / 2;
+  }
+  SPARSEACCEL_HOST_DEVICE int64_t NumPairs() const { return (num_query_blocks + 1) / 2; }
+  SPARSEACCEL_HOST_DEVICE int64_t PairColumnSlots() const { return 2 * max_columns; }
+  SPARSEACCEL_HOST_DEVICE int64_t PairColumnFlagSlots() const {
+    return (PairColumnSlots() + kColumnFlagSpan - 1) / kColumnFlagSpan;
+  }
 };
 
 struct SparseIndexArgs {

@@ -16,11 +16,10 @@
 //   diagonal forced first, ties to the smaller block) and keeps the top k in ascending order.
 // A-shape and dense heads: ConvertKernel writes their fixed ranges.
 
-#include <cub/device/device_segmented_radix_sort.cuh>
-
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cub/device/device_segmented_radix_sort.cuh>
 
 #include "common/status_macros.h"
 #include "kernels/cuda/cuda_check.cuh"
@@ -38,11 +37,12 @@ constexpr int kBlockSparse = static_cast<int>(HeadPattern::Kind::kBlockSparse);
 
 constexpr int kMaxLastQ = 64;  // One 64-row query tile: 4 warps x 16 rows.
 constexpr int kEstimateThreads = 128;
-constexpr int kEstimateKeys = 64;     // Keys per tile.
-constexpr int kChunkKeys = 1024;      // Keys per thread block.
-constexpr int kForcedColumns = 4;     // As VerticalSlashIndex.
-constexpr int kForcedSlashes = 64;    // kBlockSize offsets.
-constexpr int kMaxBlockSparseBlocks = 8192;  // 512K tokens: the bitonic sort lives in shared memory.
+constexpr int kEstimateKeys = 64;   // Keys per tile.
+constexpr int kChunkKeys = 1024;    // Keys per thread block.
+constexpr int kForcedColumns = 4;   // As VerticalSlashIndex.
+constexpr int kForcedSlashes = 64;  // kBlockSize offsets.
+constexpr int kMaxBlockSparseBlocks =
+    8192;  // 512K tokens: the bitonic sort lives in shared memory.
 
 int64_t NumBlocks(int64_t n) { return CeilDiv(n, kBlockSize); }
 
@@ -52,7 +52,7 @@ struct Layout {
   int64_t max_columns = 0;
   bool vertical_slash = false, block_sparse = false;
   size_t range_count = 0, range_start = 0, column_count = 0, column_index = 0;
-  size_t pair_range_count = 0;
+  size_t pair_range_count = 0, pair_column_count = 0, pair_columns = 0, pair_column_flags = 0;
   // Vertical-slash scratch.
   size_t partial_stats = 0, stats = 0, scores = 0, sorted_scores = 0, order_in = 0, order = 0,
          kept = 0, segment_begin = 0, segment_end = 0, kept_end = 0, sort_temp = 0;
@@ -95,7 +95,12 @@ absl::StatusOr<Layout> MakeLayout(const SparseIndexArgs& args) {
   l.range_start = Take(&at, static_cast<size_t>(l.heads) * (l.blocks * (l.blocks + 1) / 2) * 4);
   l.column_count = Take(&at, rows * 4);
   l.column_index = Take(&at, rows * l.max_columns * 4);
-  l.pair_range_count = Take(&at, static_cast<size_t>(l.heads * CeilDiv(l.blocks, 2)) * 4);
+  const size_t pairs = static_cast<size_t>(l.heads * CeilDiv(l.blocks, 2));
+  l.pair_range_count = Take(&at, pairs * 4);
+  l.pair_column_count = Take(&at, pairs * 4);
+  l.pair_columns = Take(&at, pairs * 2 * l.max_columns * 4);
+  l.pair_column_flags =
+      Take(&at, pairs * CeilDiv(2 * l.max_columns, DeviceSparseIndex::kColumnFlagSpan));
   if (l.vertical_slash) {
     const size_t items = static_cast<size_t>(2 * l.heads * l.n);
     l.partial_stats = Take(&at, static_cast<size_t>(l.heads * l.chunks) * kMaxLastQ * 8);
@@ -139,10 +144,10 @@ T* At(void* base, size_t offset) {
 // ---- Vertical-slash estimation ----
 
 struct VerticalSlashScratch {
-  float2* partial_stats;  // [heads][chunks][64]: (max, sum of exp(score - max)).
-  float2* stats;          // [heads][64]: (max, sum) over all keys.
-  float* scores;          // [2][heads][n]: column sums, then diagonal sums.
-  int32_t* order_in;      // [2][heads][n]: 0 .. n-1 per segment.
+  float2* partial_stats;   // [heads][chunks][64]: (max, sum of exp(score - max)).
+  float2* stats;           // [heads][64]: (max, sum) over all keys.
+  float* scores;           // [2][heads][n]: column sums, then diagonal sums.
+  int32_t* order_in;       // [2][heads][n]: 0 .. n-1 per segment.
   int32_t* segment_begin;  // [2 heads]
   int32_t* segment_end;    // [2 heads]: begin + n for vertical-slash heads, else begin.
   int32_t* kept_end;       // [2 heads]: begin + kept count.
@@ -289,8 +294,8 @@ __global__ void __launch_bounds__(kEstimateThreads)
         const float other_sum = __shfl_xor_sync(~0u, row_sum[i], mask);
         const float new_max = fmaxf(row_max[i], other_max);
         if (new_max != -INFINITY) {
-          row_sum[i] = row_sum[i] * expf(row_max[i] - new_max) +
-                       other_sum * expf(other_max - new_max);
+          row_sum[i] =
+              row_sum[i] * expf(row_max[i] - new_max) + other_sum * expf(other_max - new_max);
           row_max[i] = new_max;
         }
       }
@@ -365,7 +370,7 @@ __global__ void ConvertKernel(const DeviceHeadPattern* patterns, int heads, int 
     }
   } else {
     const int q0 = b * static_cast<int>(kBlockSize), q1 = min(n, q0 + static_cast<int>(kBlockSize));
-    const int32_t* verticals = kept + int64_t{head} * n;       // Ascending.
+    const int32_t* verticals = kept + int64_t{head} * n;          // Ascending.
     const int32_t* slashes = kept + (int64_t{heads} + head) * n;  // Ascending: walked backwards.
     const int num_verticals = min(p.vertical, n), num_slashes = min(p.slash, n);
     // Offsets far to near give intervals [q0 - o, q1 - 1 - o] with ascending starts; merge
@@ -407,23 +412,22 @@ __global__ void ConvertKernel(const DeviceHeadPattern* patterns, int heads, int 
 
 // ---- Pairs of query blocks for the attention kernel: one thread per (head, pair) ----
 
-// pair_range_count[head][c] = |ranges of block 2c  U  ranges of block 2c + 1| (same starts
-// counted once), or block 2c's count when it is the last block.
+// Per (head, pair c): pair_range_count = |ranges of block 2c  U  ranges of block 2c + 1| (same
+// starts counted once), and the union of the two column lists with owner bits and span flags
+// (DeviceSparseIndex). The last pair of an odd count is block 2c alone.
 __global__ void PairKernel(int heads, int blocks, DeviceSparseIndex index) {
+  using Index = DeviceSparseIndex;
   const int pairs = (blocks + 1) / 2;
   const int64_t id = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   if (id >= int64_t{heads} * pairs) return;
   const int head = static_cast<int>(id / pairs), b = 2 * static_cast<int>(id % pairs);
+  const bool single = b + 1 == blocks;
   const int64_t row = int64_t{head} * blocks + b;
   const int32_t* slots = index.range_start + head * (int64_t{blocks} * (blocks + 1) / 2);
   const int32_t* first = slots + int64_t{b} * (b + 1) / 2;
-  const int first_count = index.range_count[row];
-  if (b + 1 == blocks) {
-    index.pair_range_count[id] = first_count;
-    return;
-  }
   const int32_t* second = slots + int64_t{b + 1} * (b + 2) / 2;
-  const int second_count = index.range_count[row + 1];
+  const int first_count = index.range_count[row];
+  const int second_count = single ? 0 : index.range_count[row + 1];
   int i = 0, j = 0, common = 0;
   while (i < first_count && j < second_count) {
     const int32_t a = first[i], c = second[j];
@@ -432,6 +436,36 @@ __global__ void PairKernel(int heads, int blocks, DeviceSparseIndex index) {
     j += c <= a;
   }
   index.pair_range_count[id] = first_count + second_count - common;
+
+  const int32_t* columns[2] = {index.column_index + row * index.max_columns,
+                               index.column_index + (row + 1) * index.max_columns};
+  const int counts[2] = {index.column_count[row], single ? 0 : index.column_count[row + 1]};
+  uint32_t* out = index.pair_columns + id * index.PairColumnSlots();
+  uint8_t* flags = index.pair_column_flags + id * index.PairColumnFlagSlots();
+  int taken[2] = {0, 0}, written = 0;
+  uint32_t span_all = 3, span_any = 0;
+  while (taken[0] < counts[0] || taken[1] < counts[1]) {
+    const int32_t front0 = taken[0] < counts[0] ? columns[0][taken[0]] : INT_MAX;
+    const int32_t front1 = taken[1] < counts[1] ? columns[1][taken[1]] : INT_MAX;
+    const int32_t key = min(front0, front1);
+    const uint32_t owners = (front0 == key ? 1u : 0u) | (front1 == key ? 2u : 0u);
+    taken[0] += owners & 1;
+    taken[1] += owners >> 1;
+    out[written] = static_cast<uint32_t>(key) | (owners & 1 ? Index::kFirstBlockColumn : 0) |
+                   (owners & 2 ? Index::kSecondBlockColumn : 0);
+    span_all &= owners;
+    span_any |= owners;
+    ++written;
+    if (written % Index::kColumnFlagSpan == 0) {
+      flags[written / Index::kColumnFlagSpan - 1] = static_cast<uint8_t>(span_all | span_any << 2);
+      span_all = 3;
+      span_any = 0;
+    }
+  }
+  if (written % Index::kColumnFlagSpan != 0) {
+    flags[written / Index::kColumnFlagSpan] = static_cast<uint8_t>(span_all | span_any << 2);
+  }
+  index.pair_column_count[id] = written;
 }
 
 // ---- Block-sparse ----
@@ -442,8 +476,8 @@ __global__ void PoolKernel(SparseIndexArgs args, float* pooled_q, float* pooled_
   const int blocks = gridDim.x;
   const bool is_q = which < heads;
   if (is_q && args.patterns[which].kind != kBlockSparse) return;
-  const uint16_t* src = is_q ? args.q + which * args.head_dim
-                             : args.k + (which - heads) * args.head_dim;
+  const uint16_t* src =
+      is_q ? args.q + which * args.head_dim : args.k + (which - heads) * args.head_dim;
   const int64_t stride = is_q ? args.q_stride : args.k_stride;
   const int r0 = b * static_cast<int>(kBlockSize), r1 = min(n, r0 + static_cast<int>(kBlockSize));
   float sum = 0;
@@ -546,8 +580,8 @@ absl::Status LaunchVerticalSlash(const SparseIndexArgs& args, const Layout& l,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kShared));
   LastQueryKernel<kHeadDim, 0><<<grid, kEstimateThreads, kShared, stream>>>(args, s, scale);
   RETURN_IF_LAUNCH_FAILED("LastQueryKernel<0>");
-  CombineStatsKernel<<<heads, kMaxLastQ, 0, stream>>>(args.patterns, n,
-                                                      static_cast<int>(l.chunks), s);
+  CombineStatsKernel<<<heads, kMaxLastQ, 0, stream>>>(args.patterns, n, static_cast<int>(l.chunks),
+                                                      s);
   RETURN_IF_LAUNCH_FAILED("CombineStatsKernel");
   LastQueryKernel<kHeadDim, 1><<<grid, kEstimateThreads, kShared, stream>>>(args, s, scale);
   RETURN_IF_LAUNCH_FAILED("LastQueryKernel<1>");
@@ -556,14 +590,14 @@ absl::Status LaunchVerticalSlash(const SparseIndexArgs& args, const Layout& l,
   const int items = 2 * heads * n;
   size_t temp_bytes = l.sort_temp_bytes;
   CUDA_RETURN_IF_ERROR(cub::DeviceSegmentedRadixSort::SortPairsDescending(
-      At<void>(workspace, l.sort_temp), temp_bytes, s.scores,
-      At<float>(workspace, l.sorted_scores), s.order_in, At<int32_t>(workspace, l.order), items,
-      2 * heads, s.segment_begin, s.segment_end, 0, 32, stream));
+      At<void>(workspace, l.sort_temp), temp_bytes, s.scores, At<float>(workspace, l.sorted_scores),
+      s.order_in, At<int32_t>(workspace, l.order), items, 2 * heads, s.segment_begin, s.segment_end,
+      0, 32, stream));
   temp_bytes = l.sort_temp_bytes;
   CUDA_RETURN_IF_ERROR(cub::DeviceSegmentedRadixSort::SortKeys(
       At<void>(workspace, l.sort_temp), temp_bytes, At<uint32_t>(workspace, l.order),
-      At<uint32_t>(workspace, l.kept), items, 2 * heads, s.segment_begin, s.kept_end, 0,
-      EndBit(n), stream));
+      At<uint32_t>(workspace, l.kept), items, 2 * heads, s.segment_begin, s.kept_end, 0, EndBit(n),
+      stream));
   return absl::OkStatus();
 }
 
@@ -573,15 +607,16 @@ absl::StatusOr<DeviceHeadPattern> ToDevicePattern(const HeadPattern& pattern) {
   DeviceHeadPattern p;
   p.kind = static_cast<int32_t>(pattern.kind);
   const VerticalSlashBudget& vs = pattern.vertical_slash;
-  if (pattern.sink < 0 || pattern.window < 0 || vs.vertical < 0 || vs.slash < 0 ||
-      vs.last_q < 0 || vs.last_q > kMaxLastQ || pattern.top_k < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "sparse pattern ", PatternName(pattern.kind), ": budgets must be >= 0 and last_q <= ",
-        kMaxLastQ));
+  if (pattern.sink < 0 || pattern.window < 0 || vs.vertical < 0 || vs.slash < 0 || vs.last_q < 0 ||
+      vs.last_q > kMaxLastQ || pattern.top_k < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sparse pattern ", PatternName(pattern.kind),
+                     ": budgets must be >= 0 and last_q <= ", kMaxLastQ));
   }
   constexpr int64_t kCap = int64_t{1} << 30;
   p.sink_blocks = static_cast<int32_t>(std::min(kCap, NumBlocks(pattern.sink)));
-  p.window_blocks = static_cast<int32_t>(std::min(kCap, std::max<int64_t>(1, NumBlocks(pattern.window))));
+  p.window_blocks =
+      static_cast<int32_t>(std::min(kCap, std::max<int64_t>(1, NumBlocks(pattern.window))));
   p.vertical = static_cast<int32_t>(std::min(kCap, std::max<int64_t>(vs.vertical, kForcedColumns)));
   p.slash = static_cast<int32_t>(std::min(kCap, std::max<int64_t>(vs.slash, kForcedSlashes)));
   p.last_q = static_cast<int32_t>(std::max<int64_t>(1, vs.last_q));
@@ -606,27 +641,26 @@ absl::Status BuildSparseIndex(const SparseIndexArgs& args, void* workspace, size
     return absl::InvalidArgumentError("BuildSparseIndex: one pattern per head needed");
   }
   if (args.num_tokens <= 0 || args.num_tokens > (int64_t{1} << 30) || args.num_heads <= 0 ||
-      args.num_kv_heads <= 0 || args.num_heads % args.num_kv_heads != 0 ||
-      args.num_heads > 65535 || args.q_stride < args.num_heads * args.head_dim ||
+      args.num_kv_heads <= 0 || args.num_heads % args.num_kv_heads != 0 || args.num_heads > 65535 ||
+      args.q_stride < args.num_heads * args.head_dim ||
       args.k_stride < args.num_kv_heads * args.head_dim || args.q_stride % 8 != 0 ||
       args.k_stride % 8 != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "BuildSparseIndex: bad shape tokens=", args.num_tokens, " heads=", args.num_heads,
-        " kv_heads=", args.num_kv_heads));
+    return absl::InvalidArgumentError(
+        absl::StrCat("BuildSparseIndex: bad shape tokens=", args.num_tokens,
+                     " heads=", args.num_heads, " kv_heads=", args.num_kv_heads));
   }
   ASSIGN_OR_RETURN(Layout l, MakeLayout(args));
   if (2 * l.heads * l.n > INT_MAX) {
     return absl::InvalidArgumentError("BuildSparseIndex: heads x tokens too large to sort");
   }
   if (l.block_sparse && l.blocks > kMaxBlockSparseBlocks) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "BuildSparseIndex: block-sparse heads support up to ", kMaxBlockSparseBlocks * kBlockSize,
-        " tokens"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("BuildSparseIndex: block-sparse heads support up to ",
+                     kMaxBlockSparseBlocks * kBlockSize, " tokens"));
   }
   if (workspace_bytes < l.total) {
-    return absl::InvalidArgumentError(absl::StrCat("BuildSparseIndex: workspace of ",
-                                                   workspace_bytes, " bytes, ", l.total,
-                                                   " needed"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "BuildSparseIndex: workspace of ", workspace_bytes, " bytes, ", l.total, " needed"));
   }
   cudaStream_t stream = AsStream(stream_ptr);
   IndexOut out{At<int32_t>(workspace, l.range_count), At<int32_t>(workspace, l.range_start),
@@ -634,16 +668,13 @@ absl::Status BuildSparseIndex(const SparseIndexArgs& args, void* workspace, size
                l.max_columns};
   const int heads = static_cast<int>(l.heads), n = static_cast<int>(l.n);
   if (l.vertical_slash) {
-    VerticalSlashScratch s{At<float2>(workspace, l.partial_stats),
-                           At<float2>(workspace, l.stats),
-                           At<float>(workspace, l.scores),
-                           At<int32_t>(workspace, l.order_in),
-                           At<int32_t>(workspace, l.segment_begin),
-                           At<int32_t>(workspace, l.segment_end),
-                           At<int32_t>(workspace, l.kept_end)};
-    RETURN_IF_ERROR(args.head_dim == 64
-                             ? LaunchVerticalSlash<64>(args, l, s, workspace, stream)
-                             : LaunchVerticalSlash<128>(args, l, s, workspace, stream));
+    VerticalSlashScratch s{
+        At<float2>(workspace, l.partial_stats),  At<float2>(workspace, l.stats),
+        At<float>(workspace, l.scores),          At<int32_t>(workspace, l.order_in),
+        At<int32_t>(workspace, l.segment_begin), At<int32_t>(workspace, l.segment_end),
+        At<int32_t>(workspace, l.kept_end)};
+    RETURN_IF_ERROR(args.head_dim == 64 ? LaunchVerticalSlash<64>(args, l, s, workspace, stream)
+                                        : LaunchVerticalSlash<128>(args, l, s, workspace, stream));
   }
   const int64_t rows = l.heads * l.blocks;
   ConvertKernel<<<static_cast<unsigned>(CeilDiv(rows, 128)), 128, 0, stream>>>(
@@ -658,8 +689,8 @@ absl::Status BuildSparseIndex(const SparseIndexArgs& args, void* workspace, size
     int padded = 1;
     while (padded < l.blocks) padded <<= 1;
     const int shared = padded * 8 + static_cast<int>(l.blocks);
-    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-        BlockSparseKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(BlockSparseKernel,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(l.head_dim)));
     BlockSparseKernel<<<dim3(static_cast<unsigned>(l.blocks), static_cast<unsigned>(l.heads)), 128,
                         shared, stream>>>(args, pooled_q, pooled_k, scale, out);
@@ -674,6 +705,9 @@ absl::Status BuildSparseIndex(const SparseIndexArgs& args, void* workspace, size
   index->column_count = out.column_count;
   index->column_index = out.column_index;
   index->pair_range_count = At<int32_t>(workspace, l.pair_range_count);
+  index->pair_column_count = At<int32_t>(workspace, l.pair_column_count);
+  index->pair_columns = At<uint32_t>(workspace, l.pair_columns);
+  index->pair_column_flags = At<uint8_t>(workspace, l.pair_column_flags);
   const int64_t pairs = l.heads * CeilDiv(l.blocks, 2);
   PairKernel<<<static_cast<unsigned>(CeilDiv(pairs, 128)), 128, 0, stream>>>(
       heads, static_cast<int>(l.blocks), *index);
@@ -690,8 +724,8 @@ absl::StatusOr<std::vector<SparseIndex>> CopyIndexToHost(const DeviceSparseIndex
   std::vector<int32_t> range_start(heads * slots), column_index(heads * blocks * index.max_columns);
   auto copy = [&](std::vector<int32_t>& dst, const int32_t* src) -> absl::Status {
     if (dst.empty()) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst.data(), src, dst.size() * 4, cudaMemcpyDeviceToHost,
-                                         stream));
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(dst.data(), src, dst.size() * 4, cudaMemcpyDeviceToHost, stream));
     return absl::OkStatus();
   };
   RETURN_IF_ERROR(copy(range_count, index.range_count));

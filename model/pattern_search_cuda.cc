@@ -204,16 +204,7 @@ class LayerMeasurer {
 absl::StatusOr<ModelSearch> SearchModelPatternsCuda(
     LlamaCuda* model, const std::vector<std::vector<int32_t>>& prompts, double target_density,
     int64_t dense_below_tokens) {
-  if (!(target_density > 0 && target_density <= 1)) {
-    return absl::InvalidArgumentError("target density must be in (0, 1]");
-  }
-  if (dense_below_tokens < 0) return absl::InvalidArgumentError("dense_below_tokens < 0");
-  if (prompts.empty()) return absl::InvalidArgumentError("no calibration prompts");
-  int64_t n = 0;  // The longest prompt.
-  for (const std::vector<int32_t>& prompt : prompts) {
-    if (prompt.empty()) return absl::InvalidArgumentError("empty calibration prompt");
-    n = std::max<int64_t>(n, prompt.size());
-  }
+  ASSIGN_OR_RETURN(const int64_t n, CheckSearchInputs(prompts, target_density, dense_below_tokens));
   const ModelConfig& config = model->config();
   const int64_t layers = config.num_hidden_layers, heads = config.num_attention_heads;
   const std::vector<HeadPattern> candidates = CandidatePatterns(n);
@@ -229,28 +220,10 @@ absl::StatusOr<ModelSearch> SearchModelPatternsCuda(
           return measurer.Measure(x, weight, &sums[x.layer]);
         }));
   }
-  ModelSearch search;
-  search.config.num_layers = layers;
-  search.config.num_heads = heads;
-  search.config.dense_below_tokens = dense_below_tokens;
-  search.config.target_density = target_density;
-  search.config.calibration_prompts = static_cast<int64_t>(prompts.size());
-  search.config.calibration_tokens = n;
-  const double per_head = 1.0 / (layers * heads);
-  for (int64_t l = 0; l < layers; ++l) {
-    search.config.heads.emplace_back();
-    search.choices.emplace_back();
-    for (int64_t h = 0; h < heads; ++h) {
-      const HeadChoice choice = ChooseCandidate(candidates, sums[l][h], target_density);
-      search.config.heads.back().push_back(choice.pattern);
-      search.mean.density += choice.fidelity.density * per_head;
-      search.mean.tile_cost += choice.fidelity.tile_cost * per_head;
-      search.mean.recall += choice.fidelity.recall * per_head;
-      search.mean.relative_error += choice.fidelity.relative_error * per_head;
-      search.choices.back().push_back(choice);
-    }
-  }
-  return search;
+  return CollectModelSearch(layers, heads, target_density, dense_below_tokens,
+                            static_cast<int64_t>(prompts.size()), n, [&](int64_t l, int64_t h) {
+                              return ChooseCandidate(candidates, sums[l][h], target_density);
+                            });
 }
 
 }  // namespace sparseaccel

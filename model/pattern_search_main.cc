@@ -4,7 +4,7 @@
 // target density, and writes the per-model sparse config (JSON) that the services load with
 // --sparse_config.
 //   pattern_search --model DIR --out sparse.json [--device cpu|cuda --target_density 0.1
-//                  --tokens 2048 --prompts 2 --seed 1 --dense_below 4096]
+//                  --tokens 2048 --prompts 2 --seed 1 --dense_below N]
 //   pattern_search --model DIR --out sparse.json --prompt_file ids.txt
 // Calibration prompts are pseudo-random token ids, or read from --prompt_file: one prompt per
 // line, token ids separated by white space.
@@ -35,7 +35,10 @@ ABSL_FLAG(double, target_density, 0.1, "Fraction of causal (q, k) pairs each hea
 ABSL_FLAG(int64_t, tokens, 2048, "Calibration prompt length.");
 ABSL_FLAG(int64_t, prompts, 2, "Calibration prompts (pseudo-random token ids).");
 ABSL_FLAG(uint64_t, seed, 1, "Seed of the calibration prompts.");
-ABSL_FLAG(int64_t, dense_below, 4096, "Prompts shorter than this run dense at serving time.");
+ABSL_FLAG(int64_t, dense_below, -1,
+          "Prompts shorter than this run dense at serving time. Default: the break-even of the "
+          "device's sparse path, 4096 on cpu and 24576 on cuda (measured on an H200 by "
+          "bench/attention/sparse_attention_bench.py).");
 ABSL_FLAG(std::string, prompt_file, "",
           "Calibration prompts, one per line of white-space separated token ids (instead of "
           "--prompts random prompts of --tokens ids).");
@@ -88,7 +91,9 @@ absl::StatusOr<ModelSearch> Search() {
   const std::string device = absl::GetFlag(FLAGS_device);
   const std::string model_dir = absl::GetFlag(FLAGS_model);
   const double target = absl::GetFlag(FLAGS_target_density);
-  const int64_t dense_below = absl::GetFlag(FLAGS_dense_below);
+  const int64_t dense_below_flag = absl::GetFlag(FLAGS_dense_below);
+  const int64_t dense_below =
+      dense_below_flag >= 0 ? dense_below_flag : (device == "cuda" ? 24576 : 4096);
   if (device == "cpu") {
     ASSIGN_OR_RETURN(std::unique_ptr<LlamaCpu> model, LlamaCpu::Load(model_dir));
     ASSIGN_OR_RETURN(auto prompts, CalibrationPrompts(model->config().vocab_size));

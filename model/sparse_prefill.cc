@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace sparseaccel {
 namespace {
@@ -83,22 +84,58 @@ absl::StatusOr<bool> AttentionRecorder::Attend(int64_t layer, const float* q, in
   return false;
 }
 
-absl::StatusOr<ModelSearch> SearchModelPatterns(LlamaCpu* model,
-                                                const std::vector<std::vector<int32_t>>& prompts,
-                                                double target_density, int64_t dense_below_tokens) {
+absl::StatusOr<int64_t> CheckSearchInputs(const std::vector<std::vector<int32_t>>& prompts,
+                                          double target_density, int64_t dense_below_tokens) {
   if (!(target_density > 0 && target_density <= 1)) {
     return absl::InvalidArgumentError("target density must be in (0, 1]");
   }
   if (dense_below_tokens < 0) return absl::InvalidArgumentError("dense_below_tokens < 0");
   if (prompts.empty()) return absl::InvalidArgumentError("no calibration prompts");
+  int64_t n = 0;
+  for (const std::vector<int32_t>& prompt : prompts) {
+    if (prompt.empty()) return absl::InvalidArgumentError("empty calibration prompt");
+    n = std::max<int64_t>(n, prompt.size());
+  }
+  return n;
+}
+
+ModelSearch CollectModelSearch(int64_t layers, int64_t heads, double target_density,
+                               int64_t dense_below_tokens, int64_t num_prompts,
+                               int64_t calibration_tokens,
+                               const std::function<HeadChoice(int64_t, int64_t)>& choose) {
+  ModelSearch search;
+  search.config.num_layers = layers;
+  search.config.num_heads = heads;
+  search.config.dense_below_tokens = dense_below_tokens;
+  search.config.target_density = target_density;
+  search.config.calibration_prompts = num_prompts;
+  search.config.calibration_tokens = calibration_tokens;
+  const double per_head = 1.0 / (layers * heads);
+  for (int64_t l = 0; l < layers; ++l) {
+    search.config.heads.emplace_back();
+    search.choices.emplace_back();
+    for (int64_t h = 0; h < heads; ++h) {
+      HeadChoice choice = choose(l, h);
+      search.config.heads.back().push_back(choice.pattern);
+      search.mean.density += choice.fidelity.density * per_head;
+      search.mean.tile_cost += choice.fidelity.tile_cost * per_head;
+      search.mean.recall += choice.fidelity.recall * per_head;
+      search.mean.relative_error += choice.fidelity.relative_error * per_head;
+      search.choices.back().push_back(std::move(choice));
+    }
+  }
+  return search;
+}
+
+absl::StatusOr<ModelSearch> SearchModelPatterns(LlamaCpu* model,
+                                                const std::vector<std::vector<int32_t>>& prompts,
+                                                double target_density, int64_t dense_below_tokens) {
+  ASSIGN_OR_RETURN(const int64_t n, CheckSearchInputs(prompts, target_density, dense_below_tokens));
   const ModelConfig& config = model->config();
   const int64_t layers = config.num_hidden_layers, heads = config.num_attention_heads;
   std::vector<std::vector<std::vector<HeadSample>>> samples(
       layers, std::vector<std::vector<HeadSample>>(heads));
-  int64_t n = 0;  // The longest prompt.
   for (const std::vector<int32_t>& prompt : prompts) {
-    if (prompt.empty()) return absl::InvalidArgumentError("empty calibration prompt");
-    n = std::max<int64_t>(n, prompt.size());
     AttentionRecorder recorder;
     model->SetAttentionOverride(&recorder);
     ContiguousKvStore kv(model->kv_shape(), prompt.size());
@@ -112,30 +149,14 @@ absl::StatusOr<ModelSearch> SearchModelPatterns(LlamaCpu* model,
       for (int64_t h = 0; h < heads; ++h) samples[l][h].push_back(std::move(captured[l][h]));
     }
   }
-  ModelSearch search;
-  search.config.num_layers = layers;
-  search.config.num_heads = heads;
-  search.config.dense_below_tokens = dense_below_tokens;
-  search.config.target_density = target_density;
-  search.config.calibration_prompts = static_cast<int64_t>(prompts.size());
-  search.config.calibration_tokens = n;
   const std::vector<HeadPattern> candidates = CandidatePatterns(n);
-  const double per_head = 1.0 / (layers * heads);
-  for (int64_t l = 0; l < layers; ++l) {
-    search.config.heads.emplace_back();
-    search.choices.emplace_back();
-    for (int64_t h = 0; h < heads; ++h) {
-      HeadChoice choice = SearchHead(samples[l][h], config.head_dim, target_density, candidates);
-      samples[l][h].clear();  // Done with this head: free its Q/K/V.
-      search.config.heads.back().push_back(choice.pattern);
-      search.mean.density += choice.fidelity.density * per_head;
-      search.mean.tile_cost += choice.fidelity.tile_cost * per_head;
-      search.mean.recall += choice.fidelity.recall * per_head;
-      search.mean.relative_error += choice.fidelity.relative_error * per_head;
-      search.choices.back().push_back(choice);
-    }
-  }
-  return search;
+  return CollectModelSearch(layers, heads, target_density, dense_below_tokens,
+                            static_cast<int64_t>(prompts.size()), n, [&](int64_t l, int64_t h) {
+                              HeadChoice choice = SearchHead(samples[l][h], config.head_dim,
+                                                             target_density, candidates);
+                              samples[l][h].clear();  // Done with this head: free its Q/K/V.
+                              return choice;
+                            });
 }
 
 }  // namespace sparseaccel

@@ -64,6 +64,18 @@ absl::StatusOr<ModelSearch> SearchModelPatterns(LlamaCpu* model,
                                                 const std::vector<std::vector<int32_t>>& prompts,
                                                 double target_density, int64_t dense_below_tokens);
 
+// Shared by the model searches of both engines. The length of the longest prompt, or
+// InvalidArgument for a target outside (0, 1], a negative dense_below_tokens, or no or empty
+// prompts.
+absl::StatusOr<int64_t> CheckSearchInputs(const std::vector<std::vector<int32_t>>& prompts,
+                                          double target_density, int64_t dense_below_tokens);
+// The search result of a layers x heads model from each head's choice: choose(layer, head) is
+// called once per head, layer by layer.
+ModelSearch CollectModelSearch(int64_t layers, int64_t heads, double target_density,
+                               int64_t dense_below_tokens, int64_t num_prompts,
+                               int64_t calibration_tokens,
+                               const std::function<HeadChoice(int64_t, int64_t)>& choose);
+
 }  // namespace sparseaccel
 
 #endif  // SPARSEACCEL_MODEL_SPARSE_PREFILL_H_

@@ -5,7 +5,7 @@ same pattern, for timing the sparse prefill at a fixed budget. A searched config
 a search to find.
 
   uniform_sparse_config.py --model DIR --pattern vertical_slash --vertical 1000 --slash 6096 \\
-      --dense_below_tokens 16384 > vs.json
+      --dense_below_tokens 24576 > vs.json
 """
 
 import argparse

@@ -22,7 +22,7 @@ if [[ -n "${building:-}" ]]; then
   set -e
   targets=()
   wants check && targets+=(//model:llama_cuda_test //decode_service:decode_engine_cuda_test
-                           //model:run_cuda)
+                           //model:run_cuda //model:make_checkpoint)
   wants bench && targets+=(//model:run_cuda //bench/decode:decode_bench)
   (wants bench || wants sparse) && targets+=(//model:make_checkpoint //bench/ttft:ttft_bench)
   wants sparse && targets+=(//model:pattern_search)

@@ -107,6 +107,46 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// The online-softmax step of one row held by 4 lanes: reduces the tile's max over them, folds
+// it into the running max and sum, and gives the factor that rescales the row's output, and
+// -max * scale_log2 for exp2(score * scale_log2 - max * scale_log2). Returns whether the max
+// moved.
+__device__ __forceinline__ bool FoldRowMax(float tile_max, float scale_log2, float* row_max,
+                                           float* row_sum, float* correction, float* neg_base) {
+  tile_max = fmaxf(tile_max, __shfl_xor_sync(~0u, tile_max, 1));
+  tile_max = fmaxf(tile_max, __shfl_xor_sync(~0u, tile_max, 2));
+  const float new_max = fmaxf(*row_max, tile_max);
+  // A row with every key so far masked keeps max -inf: use 0 so exp2 gives 0, not NaN.
+  const float base = new_max == -INFINITY ? 0.f : new_max;
+  *correction = FastExp2((*row_max - base) * scale_log2);
+  const bool moved = *row_max != new_max;
+  *row_max = new_max;
+  *neg_base = -base * scale_log2;
+  *row_sum *= *correction;
+  return moved;
+}
+
+// Normalises and stores one of a lane's two rows of a 16-row tile (the mma accumulator layout):
+// sums this lane's partial row sum over the row's 4 lanes (every lane calls this), then, if
+// row < valid_rows, writes columns 8j + 2(lane%4) + {0,1} of out + row * out_stride as bf16 of
+// value(j, 0..1) / sum.
+template <int kHeadDim, typename Value>
+__device__ __forceinline__ void StoreLaneRow(uint16_t* out, int64_t out_stride, int64_t row,
+                                             int64_t valid_rows, float partial_sum,
+                                             const Value& value) {
+  float sum = partial_sum;
+  sum += __shfl_xor_sync(~0u, sum, 1);
+  sum += __shfl_xor_sync(~0u, sum, 2);
+  if (row >= valid_rows) return;
+  const float inv_sum = 1.f / sum;
+  uint16_t* dst = out + row * out_stride + 2 * (threadIdx.x % 4);
+#pragma unroll
+  for (int j = 0; j < kHeadDim / 8; ++j) {
+    *reinterpret_cast<uint32_t*>(dst + j * 8) =
+        PackBf16(value(j, 0) * inv_sum, value(j, 1) * inv_sum);
+  }
+}
+
 // Which keys of a tile a group's rows see. Key k of the tile exists when k < valid and sits at
 // position key0 + k (contiguous keys) or, for gathered keys, entries[k] & kEntryKeyMask, kept
 // for this group when the entry has the `owner` bit; group row r, at position first + r, sees
@@ -241,16 +281,8 @@ struct FlashWarpState {
       float neg_base[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(~0u, tile_max[r], 1));
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(~0u, tile_max[r], 2));
-        const float new_max = fmaxf(row_max[m][r], tile_max[r]);
-        // A row with every key so far masked keeps max -inf: use 0 so exp2 gives 0, not NaN.
-        const float base = new_max == -INFINITY ? 0.f : new_max;
-        correction[m][r] = FastExp2((row_max[m][r] - base) * scale_log2);
-        rescale |= row_max[m][r] != new_max;
-        row_max[m][r] = new_max;
-        neg_base[r] = -base * scale_log2;
-        row_sum[m][r] *= correction[m][r];
+        rescale |= FoldRowMax(tile_max[r], scale_log2, &row_max[m][r], &row_sum[m][r],
+                              &correction[m][r], &neg_base[r]);
       }
       // P = exp2(S - max) becomes the A operand of P V, 16 keys per mma k-step.
 #pragma unroll
@@ -303,18 +335,8 @@ struct FlashWarpState {
     for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        float sum = row_sum[m][r];
-        sum += __shfl_xor_sync(~0u, sum, 1);
-        sum += __shfl_xor_sync(~0u, sum, 2);
-        const int64_t row = m * 16 + lane / 4 + r * 8;
-        if (row >= valid_rows) continue;
-        const float inv_sum = 1.f / sum;
-        uint16_t* dst = out + row * out_stride + 2 * (lane % 4);
-#pragma unroll
-        for (int j = 0; j < kHeadDim / 8; ++j) {
-          *reinterpret_cast<uint32_t*>(dst + j * 8) =
-              PackBf16(o[m][j][2 * r] * inv_sum, o[m][j][2 * r + 1] * inv_sum);
-        }
+        StoreLaneRow<kHeadDim>(out, out_stride, m * 16 + lane / 4 + r * 8, valid_rows,
+                               row_sum[m][r], [&](int j, int e) { return o[m][j][2 * r + e]; });
       }
     }
   }

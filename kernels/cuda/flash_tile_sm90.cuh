@@ -229,16 +229,8 @@ struct FlashWarpgroupState {
     bool rescale = false;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(~0u, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(~0u, tile_max[r], 2));
-      const float new_max = fmaxf(row_max[r], tile_max[r]);
-      // A row with every key so far masked keeps max -inf: use 0 so exp2 gives 0, not NaN.
-      const float base = new_max == -INFINITY ? 0.f : new_max;
-      correction[r] = FastExp2((row_max[r] - base) * scale_log2);
-      rescale |= row_max[r] != new_max;
-      row_max[r] = new_max;
-      neg_base[r] = -base * scale_log2;
-      row_sum[r] *= correction[r];
+      rescale |= FoldRowMax(tile_max[r], scale_log2, &row_max[r], &row_sum[r], &correction[r],
+                            &neg_base[r]);
     }
     uint32_t p[kKeys / 16][4];
 #pragma unroll
@@ -278,18 +270,8 @@ struct FlashWarpgroupState {
     const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % 4;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float sum = row_sum[r];
-      sum += __shfl_xor_sync(~0u, sum, 1);
-      sum += __shfl_xor_sync(~0u, sum, 2);
-      const int64_t row = warp * 16 + lane / 4 + r * 8;
-      if (row >= valid_rows) continue;
-      const float inv_sum = 1.f / sum;
-      uint16_t* dst = out + row * out_stride + 2 * (lane % 4);
-#pragma unroll
-      for (int j = 0; j < kHeadDim / 8; ++j) {
-        *reinterpret_cast<uint32_t*>(dst + j * 8) =
-            PackBf16(o[4 * j + 2 * r] * inv_sum, o[4 * j + 2 * r + 1] * inv_sum);
-      }
+      StoreLaneRow<kHeadDim>(out, out_stride, warp * 16 + lane / 4 + r * 8, valid_rows, row_sum[r],
+                             [&](int j, int e) { return o[4 * j + 2 * r + e]; });
     }
   }
 };

@@ -21,6 +21,9 @@ namespace sparseaccel {
 namespace cuda {
 namespace {
 
+static_assert(TileMask::kEntryKeyMask == DeviceSparseIndex::kColumnKeyMask,
+              "column entries keep their key in the bits TileMask reads");
+
 template <int kHeadDim, bool kWgmma>
 struct SparseTiles {
   using Block = AttentionBlock<kHeadDim, kWgmma>;

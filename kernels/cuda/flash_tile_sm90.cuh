@@ -10,7 +10,11 @@
 // shared-memory tiles already have wgmma's 128-byte-swizzled layout (SwizzledOffset).
 //
 // Compiled for every target; the instructions exist only on sm_90a, where the host selects
-// this state (WgmmaAvailable); elsewhere the kernels that use it trap.
+// this state (UseWgmma); elsewhere the kernels that use it trap.
+//
+// Each fence .. issue .. commit .. wait sequence stays inside one branch: with a wgmma still in
+// flight across a branch ptxas cannot prove warp-uniform, it serialises every wgmma of the
+// kernel (advisory C7518) or waits early for it (C7517). `nvcc -Xptxas -v` shows both.
 
 #include <cuda_runtime.h>
 

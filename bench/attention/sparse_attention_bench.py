@@ -196,10 +196,15 @@ def main():
     parser.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072")
     parser.add_argument("--vertical", type=int, default=1000)
     parser.add_argument("--slash", type=int, default=6096)
+    # Fresh inputs by default; a seed repeats them, so two builds can be timed on the same ones.
+    parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
     ours = Ours(args.lib)
     gen = torch.Generator(device="cuda")
-    gen.seed()
+    if args.seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(args.seed)
     results = []
     for n in [int(c) for c in args.contexts.split(",")]:
         repeats = 10 if n <= 32768 else 5
@@ -267,6 +272,7 @@ def main():
         "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bf16",
                   "causal": True},
         "break_even_tokens": break_even,
+        "seed": args.seed,
         "results": results,
     }, indent=2))
 

@@ -7,7 +7,8 @@
 # out/results), with the GPU's clocks, power and temperature before and after (gpu_state.csv).
 #
 # --baseline REV also stages git revision REV's two benchmarks into out/device/baseline/; the
-# device run then times them in the same call, right after ours, and prints both side by side.
+# device run then times each right after ours (the sparse one on the same seeded inputs) and
+# prints both side by side.
 # Compare kernel variants that way: between device calls the same code has measured up to 8%
 # apart.
 set -euo pipefail
@@ -16,6 +17,20 @@ cd "$(dirname "$0")/../.."
 # Benchmarks that a baseline build provides too.
 baseline_targets=(//bench/attention:prefill_attention_bench
   //bench/attention:libsparse_attention_capi.so)
+
+# Copies bazel-bin BIN's file FILE into DIR, with the non-glibc shared libraries it needs
+# (into out/device, shared by both builds; CUDA's own come from the device).
+stage_file() {
+  local bin="$1" file="$2" dir="$3"
+  install -m 755 "$bin/$file" "$dir/"
+  ldd "$bin/$file" | awk '/=> \// {print $3}' |
+    grep -Ev '/(libc|libm|libdl|librt|libpthread|libgcc_s|libstdc\+\+|ld-linux)[.-]' |
+    grep -v /usr/local/cuda | xargs -r -I{} cp -L -n {} out/device/
+  if LD_LIBRARY_PATH=out/device ldd "$dir/${file##*/}" | grep 'not found'; then
+    echo "missing libraries for $file" >&2
+    exit 1
+  fi
+}
 
 if [[ "${1:-}" == "--stage" ]]; then
   bazel build //kernels/cuda:cuda_kernels_test //kernels/cuda:sparse_attention_test \
@@ -26,15 +41,7 @@ if [[ "${1:-}" == "--stage" ]]; then
   for b in kernels/cuda/cuda_kernels_test kernels/cuda/sparse_attention_test \
     bench/attention/prefill_attention_bench bench/attention/decode_attention_bench \
     bench/attention/libsparse_attention_capi.so; do
-    install -m 755 "$bin/$b" out/device/
-    # Non-glibc shared libraries the binaries need (CUDA's own come from the device).
-    ldd "$bin/$b" | awk '/=> \// {print $3}' |
-      grep -Ev '/(libc|libm|libdl|librt|libpthread|libgcc_s|libstdc\+\+|ld-linux)[.-]' |
-      grep -v /usr/local/cuda | xargs -r -I{} cp -L -n {} out/device/
-    if LD_LIBRARY_PATH=out/device ldd "out/device/${b##*/}" | grep 'not found'; then
-      echo "missing libraries for $b" >&2
-      exit 1
-    fi
+    stage_file "$bin" "$b" out/device
   done
   rm -rf out/device/baseline
   if [[ "${2:-}" == "--baseline" ]]; then
@@ -44,8 +51,10 @@ if [[ "${1:-}" == "--stage" ]]; then
     (cd "$tree/src" && bazel --output_base="$tree/output" build "${baseline_targets[@]}")
     mkdir -p out/device/baseline
     base_bin="$(cd "$tree/src" && bazel --output_base="$tree/output" info bazel-bin 2>/dev/null)"
-    install -m 755 "$base_bin/bench/attention/prefill_attention_bench" \
-      "$base_bin/bench/attention/libsparse_attention_capi.so" out/device/baseline/
+    for target in "${baseline_targets[@]}"; do
+      target="${target#//}"
+      stage_file "$base_bin" "${target/://}" out/device/baseline
+    done
     git -C "$tree/src" rev-parse HEAD > out/device/baseline/REVISION
     (cd "$tree/src" && bazel --output_base="$tree/output" shutdown)
     git worktree remove --force "$tree/src"
@@ -74,6 +83,9 @@ for test in cuda_kernels_test sparse_attention_test; do
 done
 
 out/device/prefill_attention_bench > "$OUT/ours.json" || status=1
+if [[ -d out/device/baseline ]]; then
+  out/device/baseline/prefill_attention_bench > "$OUT/baseline_ours.json" || status=1
+fi
 out/device/decode_attention_bench > "$OUT/decode_attention.json" || status=1
 python3 bench/attention/torch_sdpa.py > "$OUT/torch.json" || status=1
 sparse_contexts=4096,8192,16384,24576,32768,65536,131072
@@ -84,7 +96,6 @@ python3 bench/attention/sparse_attention_bench.py --lib out/device/libsparse_att
   --contexts "$sparse_contexts" "${sparse_seed[@]}" > "$OUT/sparse_attention.json" || status=1
 gpu_state
 if [[ -d out/device/baseline ]]; then
-  out/device/baseline/prefill_attention_bench > "$OUT/baseline_ours.json" || status=1
   python3 bench/attention/sparse_attention_bench.py \
     --lib out/device/baseline/libsparse_attention_capi.so --contexts "$sparse_contexts" \
     "${sparse_seed[@]}" > "$OUT/baseline_sparse_attention.json" || status=1
@@ -118,14 +129,16 @@ if os.path.exists(f"{out}/baseline_ours.json"):
         if b:
             print(f"| {r['context']//1024}K | {r['inner_loop']} | {r['median_ms']:.2f} | "
                   f"{b['median_ms']:.2f} | {r['median_ms'] / b['median_ms']:.3f} |")
-    sparse = {(r["context"], r["input"]): r for r in json.load(open(f"{out}/sparse_attention.json"))["results"]}
+    sparse = {(r["context"], r["input"]): r
+              for r in json.load(open(f"{out}/sparse_attention.json"))["results"]}
     print(f"\n| context | input | vertical-slash ms (tile cost) | baseline ms (tile cost) |")
     print("|---|---|---|---|")
     for r in json.load(open(f"{out}/baseline_sparse_attention.json"))["results"]:
         o = sparse.get((r["context"], r["input"]))
         if o:
             ov, bv = o["vertical_slash"], r["vertical_slash"]
-            print(f"| {r['context']//1024}K | {r['input']} | {ov['total_ms']:.2f} ({ov['tile_cost']:.3f}) | "
+            print(f"| {r['context']//1024}K | {r['input']} | "
+                  f"{ov['total_ms']:.2f} ({ov['tile_cost']:.3f}) | "
                   f"{bv['total_ms']:.2f} ({bv['tile_cost']:.3f}) |")
 decode = json.load(open(f"{out}/decode_attention.json"))
 print("\n| decode batch | context | ms | K/V GB/s |\n|---|---|---|---|")

@@ -219,23 +219,28 @@ struct LlamaCuda::State {
     return Linear(act.as<uint16_t>(), w.down, x, m, c.hidden_size, c.intermediate_size, true);
   }
 
+  // The layer's attention operands: Q in the fused QKV rows `qkv_rows`, K/V in
+  // k_layer/v_layer, output in `attn`.
+  cuda::AttentionOperands LayerOperands(const uint16_t* qkv_rows) const {
+    cuda::AttentionOperands x;
+    x.q = qkv_rows;
+    x.q_stride = qkv_width;
+    x.k = k_layer.as<uint16_t>();
+    x.v = v_layer.as<uint16_t>();
+    x.kv_stride = kv_width;
+    x.out = attn.as<uint16_t>();
+    x.out_stride = q_width;
+    x.num_heads = config.num_attention_heads;
+    x.num_kv_heads = config.num_key_value_heads;
+    x.head_dim = config.head_dim;
+    return x;
+  }
+
   // Dense causal attention of `m` queries (rows of `qkv_rows`) at positions [n_kv - m, n_kv)
   // over k_layer/v_layer rows [0, n_kv), into `attn`.
   absl::Status DenseAttention(const uint16_t* qkv_rows, int64_t m, int64_t n_kv) {
-    cuda::PrefillAttentionArgs a;
-    a.q = qkv_rows;
-    a.q_stride = qkv_width;
-    a.k = k_layer.as<uint16_t>();
-    a.v = v_layer.as<uint16_t>();
-    a.kv_stride = kv_width;
-    a.out = attn.as<uint16_t>();
-    a.out_stride = q_width;
-    a.n = m;
-    a.n_kv = n_kv;
-    a.num_heads = config.num_attention_heads;
-    a.num_kv_heads = config.num_key_value_heads;
-    a.head_dim = config.head_dim;
-    return cuda::PrefillAttention(a, stream);
+    return cuda::PrefillAttention(cuda::PrefillAttentionArgs{LayerOperands(qkv_rows), m, n_kv},
+                                  stream);
   }
 
   // Checks `sparse` against the model and uploads its patterns.
@@ -320,20 +325,8 @@ struct LlamaCuda::State {
                                            &index, stream));
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {
       const int64_t m = std::min(chunk, n - c0);
-      cuda::SparseAttentionArgs a;
-      a.q = qkv_all;
-      a.q_stride = qkv_width;
-      a.k = k_layer.as<uint16_t>();
-      a.v = v_layer.as<uint16_t>();
-      a.kv_stride = kv_width;
-      a.out = attn.as<uint16_t>();
-      a.out_stride = q_width;
-      a.num_heads = c.num_attention_heads;
-      a.num_kv_heads = c.num_key_value_heads;
-      a.head_dim = c.head_dim;
-      a.first_query_block = c0 / kBlockSize;
-      a.num_query_blocks = (m + kBlockSize - 1) / kBlockSize;
-      a.index = index;
+      const cuda::SparseAttentionArgs a{LayerOperands(qkv_all), c0 / kBlockSize,
+                                        (m + kBlockSize - 1) / kBlockSize, index};
       RETURN_IF_ERROR(cuda::SparseAttention(a, stream));
       RETURN_IF_ERROR(OutputAndMlp(layers[l], residual.as<uint16_t>() + c0 * c.hidden_size, m));
     }

@@ -58,19 +58,20 @@ class LayerMeasurer {
     RETURN_IF_ERROR(Ensure(&dense_out_, out_bytes));
     RETURN_IF_ERROR(Ensure(&sparse_out_, out_bytes));
 
-    cuda::PrefillAttentionArgs dense;
-    dense.q = x.q;
-    dense.q_stride = x.q_stride;
-    dense.k = x.k;
-    dense.v = x.v;
-    dense.kv_stride = x.kv_stride;
-    dense.out = dense_out_.As<uint16_t>();
-    dense.out_stride = width;
-    dense.n = n;
-    dense.n_kv = n;
-    dense.num_heads = heads;
-    dense.num_kv_heads = kv_heads;
-    dense.head_dim = d;
+    // The layer's Q, K, V, written to dense_out_ for the reference and to sparse_out_ for each
+    // candidate.
+    cuda::AttentionOperands operands;
+    operands.q = x.q;
+    operands.q_stride = x.q_stride;
+    operands.k = x.k;
+    operands.v = x.v;
+    operands.kv_stride = x.kv_stride;
+    operands.out = dense_out_.As<uint16_t>();
+    operands.out_stride = width;
+    operands.num_heads = heads;
+    operands.num_kv_heads = kv_heads;
+    operands.head_dim = d;
+    cuda::PrefillAttentionArgs dense{operands, n, n};
     RETURN_IF_ERROR(cuda::PrefillAttention(dense, x.stream));
     RETURN_IF_ERROR(cuda::DeviceSynchronize());
     std::vector<uint16_t> bits(n * width);
@@ -99,20 +100,8 @@ class LayerMeasurer {
       cuda::DeviceSparseIndex index;
       RETURN_IF_ERROR(cuda::BuildSparseIndex(index_args, workspace_.As<void>(), workspace_.bytes(),
                                              &index, x.stream));
-      cuda::SparseAttentionArgs attend;
-      attend.q = x.q;
-      attend.q_stride = x.q_stride;
-      attend.k = x.k;
-      attend.v = x.v;
-      attend.kv_stride = x.kv_stride;
-      attend.out = sparse_out_.As<uint16_t>();
-      attend.out_stride = width;
-      attend.num_heads = heads;
-      attend.num_kv_heads = kv_heads;
-      attend.head_dim = d;
-      attend.first_query_block = 0;
-      attend.num_query_blocks = index.num_query_blocks;
-      attend.index = index;
+      cuda::SparseAttentionArgs attend{operands, 0, index.num_query_blocks, index};
+      attend.operands.out = sparse_out_.As<uint16_t>();
       RETURN_IF_ERROR(cuda::SparseAttention(attend, x.stream));
       ASSIGN_OR_RETURN(const std::vector<SparseIndex> host_index,
                        cuda::CopyIndexToHost(index, x.stream));

@@ -50,18 +50,18 @@ absl::StatusOr<nlohmann::json> TimeContext(int64_t n, AttentionInnerLoop loop, s
     if (!status.ok()) return status;
   }
   PrefillAttentionArgs args;
-  args.q = q->As<uint16_t>();
-  args.q_stride = kHeads * kHeadDim;
-  args.k = k->As<uint16_t>();
-  args.v = v->As<uint16_t>();
-  args.kv_stride = kKvHeads * kHeadDim;
-  args.out = out->As<uint16_t>();
-  args.out_stride = kHeads * kHeadDim;
+  args.operands.q = q->As<uint16_t>();
+  args.operands.q_stride = kHeads * kHeadDim;
+  args.operands.k = k->As<uint16_t>();
+  args.operands.v = v->As<uint16_t>();
+  args.operands.kv_stride = kKvHeads * kHeadDim;
+  args.operands.out = out->As<uint16_t>();
+  args.operands.out_stride = kHeads * kHeadDim;
+  args.operands.num_heads = kHeads;
+  args.operands.num_kv_heads = kKvHeads;
+  args.operands.head_dim = kHeadDim;
+  args.operands.inner_loop = loop;
   args.n = args.n_kv = n;
-  args.num_heads = kHeads;
-  args.num_kv_heads = kKvHeads;
-  args.head_dim = kHeadDim;
-  args.inner_loop = loop;
   absl::StatusOr<EventTimer> timer = EventTimer::Create();
   if (!timer.ok()) return timer.status();
   absl::Status status = PrefillAttention(args, nullptr);  // Warm-up.

@@ -30,6 +30,23 @@ int Fail(const absl::Status& status, char* error, int error_len) {
   return -1;
 }
 
+// Q, K, V and the output, bf16 rows of [heads][head_dim] and [kv_heads][head_dim].
+cuda::AttentionOperands Operands(const void* q, const void* k, const void* v, void* out,
+                                 int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  cuda::AttentionOperands x;
+  x.q = static_cast<const uint16_t*>(q);
+  x.q_stride = heads * head_dim;
+  x.k = static_cast<const uint16_t*>(k);
+  x.v = static_cast<const uint16_t*>(v);
+  x.kv_stride = kv_heads * head_dim;
+  x.out = static_cast<uint16_t*>(out);
+  x.out_stride = heads * head_dim;
+  x.num_heads = heads;
+  x.num_kv_heads = kv_heads;
+  x.head_dim = head_dim;
+  return x;
+}
+
 }  // namespace
 
 struct SaLayer {
@@ -115,22 +132,11 @@ int sa_build_index(SaLayer* layer, const void* q, const void* k, void* stream, c
 }
 
 // Attention over the last built index, all query blocks.
-int sa_attend(SaLayer* layer, const void* q, const void* k, const void* v, void* out,
-              void* stream, char* error, int error_len) {
-  cuda::SparseAttentionArgs args;
-  args.q = static_cast<const uint16_t*>(q);
-  args.q_stride = layer->heads * layer->head_dim;
-  args.k = static_cast<const uint16_t*>(k);
-  args.v = static_cast<const uint16_t*>(v);
-  args.kv_stride = layer->kv_heads * layer->head_dim;
-  args.out = static_cast<uint16_t*>(out);
-  args.out_stride = layer->heads * layer->head_dim;
-  args.num_heads = layer->heads;
-  args.num_kv_heads = layer->kv_heads;
-  args.head_dim = layer->head_dim;
-  args.first_query_block = 0;
-  args.num_query_blocks = layer->index.num_query_blocks;
-  args.index = layer->index;
+int sa_attend(SaLayer* layer, const void* q, const void* k, const void* v, void* out, void* stream,
+              char* error, int error_len) {
+  const cuda::SparseAttentionArgs args{
+      Operands(q, k, v, out, layer->heads, layer->kv_heads, layer->head_dim), 0,
+      layer->index.num_query_blocks, layer->index};
   const absl::Status status = cuda::SparseAttention(args, stream);
   return status.ok() ? 0 : Fail(status, error, error_len);
 }
@@ -138,18 +144,7 @@ int sa_attend(SaLayer* layer, const void* q, const void* k, const void* v, void*
 // Our dense causal kernel on the same layout.
 int sa_dense(const void* q, const void* k, const void* v, void* out, int64_t n, int64_t heads,
              int64_t kv_heads, int64_t head_dim, void* stream, char* error, int error_len) {
-  cuda::PrefillAttentionArgs args;
-  args.q = static_cast<const uint16_t*>(q);
-  args.q_stride = heads * head_dim;
-  args.k = static_cast<const uint16_t*>(k);
-  args.v = static_cast<const uint16_t*>(v);
-  args.kv_stride = kv_heads * head_dim;
-  args.out = static_cast<uint16_t*>(out);
-  args.out_stride = heads * head_dim;
-  args.n = args.n_kv = n;
-  args.num_heads = heads;
-  args.num_kv_heads = kv_heads;
-  args.head_dim = head_dim;
+  const cuda::PrefillAttentionArgs args{Operands(q, k, v, out, heads, kv_heads, head_dim), n, n};
   const absl::Status status = cuda::PrefillAttention(args, stream);
   return status.ok() ? 0 : Fail(status, error, error_len);
 }

@@ -12,7 +12,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
-#include "kernels/cuda/attention_inner_loop.h"
+#include "kernels/cuda/attention_operands.h"
 #include "kernels/sampling.h"
 
 namespace sparseaccel {
@@ -50,19 +50,10 @@ absl::Status SwiGlu(const uint16_t* gate, const uint16_t* up, int64_t rows, int6
 // so n_kv > n is a chunk of a longer prompt. Query head h reads KV head
 // h / (num_heads / num_kv_heads). Scale 1/sqrt(head_dim). head_dim 64 or 128.
 struct PrefillAttentionArgs {
-  const uint16_t* q = nullptr;  // [n] rows of [num_heads][head_dim] at q_stride.
-  int64_t q_stride = 0;
-  const uint16_t* k = nullptr;  // [n_kv] rows of [num_kv_heads][head_dim] at kv_stride.
-  const uint16_t* v = nullptr;
-  int64_t kv_stride = 0;
-  uint16_t* out = nullptr;  // [n] rows of [num_heads][head_dim] at out_stride.
-  int64_t out_stride = 0;
+  // Q rows 0..n-1 (query r at position n_kv - n + r), K/V rows 0..n_kv-1, output rows 0..n-1.
+  AttentionOperands operands;
   int64_t n = 0;
   int64_t n_kv = 0;
-  int64_t num_heads = 0;
-  int64_t num_kv_heads = 0;
-  int64_t head_dim = 0;
-  AttentionInnerLoop inner_loop = AttentionInnerLoop::kAuto;
 };
 absl::Status PrefillAttention(const PrefillAttentionArgs& args, void* stream);
 

@@ -208,21 +208,19 @@ TEST_F(CudaKernelsTest, PrefillAttentionMatchesCpu) {
       ASSERT_OK_AND_ASSIGN(d_v, ToDevice(v));
       ASSERT_OK_AND_ASSIGN(d_out, DeviceBuffer::Allocate(c.n * q_row * 2));
       ASSERT_OK(d_out.Fill(kNanBytes));
-      PrefillAttentionArgs args;
-      args.q = d_q.As<uint16_t>();
-      args.q_stride = q_stride;
-      args.k = d_k.As<uint16_t>();
-      args.v = d_v.As<uint16_t>();
-      args.kv_stride = kv_row;
-      args.out = d_out.As<uint16_t>();
-      args.out_stride = q_row;
-      args.n = c.n;
-      args.n_kv = c.n_kv;
-      args.num_heads = c.heads;
-      args.num_kv_heads = c.kv_heads;
-      args.head_dim = c.dim;
-      args.inner_loop = loop;
-      const absl::Status launched = PrefillAttention(args, nullptr);
+      AttentionOperands x;
+      x.q = d_q.As<uint16_t>();
+      x.q_stride = q_stride;
+      x.k = d_k.As<uint16_t>();
+      x.v = d_v.As<uint16_t>();
+      x.kv_stride = kv_row;
+      x.out = d_out.As<uint16_t>();
+      x.out_stride = q_row;
+      x.num_heads = c.heads;
+      x.num_kv_heads = c.kv_heads;
+      x.head_dim = c.dim;
+      x.inner_loop = loop;
+      const absl::Status launched = PrefillAttention(PrefillAttentionArgs{x, c.n, c.n_kv}, nullptr);
       if (WgmmaUnavailable(loop, launched)) continue;
       ASSERT_OK(launched);
       ASSERT_OK(DeviceSynchronize());
@@ -377,12 +375,13 @@ TEST_F(CudaKernelsTest, SampleTokensMatchesCpu) {
 
 TEST_F(CudaKernelsTest, BadShapesAreErrors) {
   PrefillAttentionArgs prefill;
-  prefill.head_dim = 96;
+  prefill.operands.head_dim = 96;
   EXPECT_EQ(PrefillAttention(prefill, nullptr).code(), absl::StatusCode::kInvalidArgument);
-  prefill.head_dim = 128;
+  prefill.operands.head_dim = 128;
+  prefill.operands.num_heads = prefill.operands.num_kv_heads = 1;
+  prefill.operands.q_stride = prefill.operands.kv_stride = prefill.operands.out_stride = 128;
   prefill.n = 10;
   prefill.n_kv = 5;  // Fewer keys than queries.
-  prefill.num_heads = prefill.num_kv_heads = 1;
   EXPECT_EQ(PrefillAttention(prefill, nullptr).code(), absl::StatusCode::kInvalidArgument);
   PagedDecodeArgs decode;
   decode.head_dim = 128;

@@ -55,20 +55,20 @@ template <int kHeadDim, bool kWgmma>
 __global__ void __launch_bounds__(DenseBlock<kHeadDim, kWgmma>::kThreads,
                                   DenseBlock<kHeadDim, kWgmma>::kMinBlocksPerSm)
     PrefillAttentionKernel(PrefillAttentionArgs args, float scale_log2) {
+  const AttentionOperands x = args.operands;  // In registers, not the parameter space.
   using Block = DenseBlock<kHeadDim, kWgmma>;
   extern __shared__ __align__(128) unsigned char shared[];
   const int head = blockIdx.x;
-  const int kv_head = head / (args.num_heads / args.num_kv_heads);
+  const int kv_head = head / (x.num_heads / x.num_kv_heads);
   // Heaviest query blocks (most keys) first.
   const int64_t q0 = (gridDim.y - 1 - blockIdx.y) * int64_t{Block::kQueryRows};
   const int64_t offset = args.n_kv - args.n;  // Position of query row 0.
   const int64_t last_pos = min(offset + q0 + Block::kQueryRows - 1, args.n_kv - 1);
-  DenseTiles<kHeadDim, kWgmma> tiles{args.k + kv_head * kHeadDim, args.v + kv_head * kHeadDim,
-                                     args.kv_stride, args.n_kv,
+  DenseTiles<kHeadDim, kWgmma> tiles{x.k + kv_head * kHeadDim, x.v + kv_head * kHeadDim,
+                                     x.kv_stride, args.n_kv,
                                      static_cast<int>(last_pos / Block::kTileKeys + 1)};
-  Block::Run(tiles, shared, args.q + q0 * args.q_stride + head * kHeadDim, args.q_stride,
-             args.n - q0, offset + q0, scale_log2,
-             args.out + q0 * args.out_stride + head * kHeadDim, args.out_stride);
+  Block::Run(tiles, shared, x.q + q0 * x.q_stride + head * kHeadDim, x.q_stride, args.n - q0,
+             offset + q0, scale_log2, x.out + q0 * x.out_stride + head * kHeadDim, x.out_stride);
 }
 
 template <int kHeadDim, bool kWgmma>
@@ -77,7 +77,7 @@ absl::Status LaunchPrefill(const PrefillAttentionArgs& args, cudaStream_t stream
   constexpr int kShared = Block::kSharedBytes;
   CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(PrefillAttentionKernel<kHeadDim, kWgmma>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kShared));
-  const dim3 grid(static_cast<unsigned>(args.num_heads),
+  const dim3 grid(static_cast<unsigned>(args.operands.num_heads),
                   static_cast<unsigned>(CeilDiv(args.n, Block::kQueryRows)));
   const float scale_log2 = static_cast<float>(M_LOG2E / std::sqrt(double{kHeadDim}));
   PrefillAttentionKernel<kHeadDim, kWgmma>
@@ -85,36 +85,21 @@ absl::Status LaunchPrefill(const PrefillAttentionArgs& args, cudaStream_t stream
   return LaunchStatus("PrefillAttentionKernel");
 }
 
-bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 }  // namespace
 
 absl::Status PrefillAttention(const PrefillAttentionArgs& args, void* stream) {
-  if (args.head_dim != 64 && args.head_dim != 128) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("PrefillAttention: head_dim ", args.head_dim, " (supported: 64, 128)"));
-  }
-  if (args.n < 0 || args.n_kv < args.n || args.num_heads <= 0 || args.num_kv_heads <= 0 ||
-      args.num_heads % args.num_kv_heads != 0 || args.num_heads > 65535 ||
+  const AttentionOperands& x = args.operands;
+  RETURN_IF_ERROR(CheckAttentionOperands(x, "PrefillAttention"));
+  if (args.n < 0 || args.n_kv < args.n ||
       CeilDiv(args.n, AttentionBlock<128, false>::kQueryRows) > 65535 ||
       args.n_kv > (int64_t{1} << 31)) {
-    return absl::InvalidArgumentError(absl::StrCat("PrefillAttention: bad shape n=", args.n,
-                                                   " n_kv=", args.n_kv, " heads=", args.num_heads,
-                                                   " kv_heads=", args.num_kv_heads));
-  }
-  if (args.q_stride < args.num_heads * args.head_dim ||
-      args.kv_stride < args.num_kv_heads * args.head_dim ||
-      args.out_stride < args.num_heads * args.head_dim || args.q_stride % 8 != 0 ||
-      args.kv_stride % 8 != 0 || args.out_stride % 8 != 0 || !Aligned16(args.q) ||
-      !Aligned16(args.k) || !Aligned16(args.v) || !Aligned16(args.out)) {
     return absl::InvalidArgumentError(
-        "PrefillAttention: strides must cover a row and be multiples of 8 elements, pointers "
-        "16-byte aligned");
+        absl::StrCat("PrefillAttention: bad shape n=", args.n, " n_kv=", args.n_kv));
   }
-  ASSIGN_OR_RETURN(const bool wgmma, UseWgmma(args.inner_loop));
+  ASSIGN_OR_RETURN(const bool wgmma, UseWgmma(x.inner_loop));
   if (args.n == 0) return absl::OkStatus();
   const cudaStream_t s = AsStream(stream);
-  if (args.head_dim == 64) {
+  if (x.head_dim == 64) {
     return wgmma ? LaunchPrefill<64, true>(args, s) : LaunchPrefill<64, false>(args, s);
   }
   return wgmma ? LaunchPrefill<128, true>(args, s) : LaunchPrefill<128, false>(args, s);

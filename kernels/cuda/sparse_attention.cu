@@ -139,12 +139,13 @@ template <int kHeadDim, bool kWgmma>
 __global__ void __launch_bounds__(AttentionBlock<kHeadDim, kWgmma>::kThreads,
                                   AttentionBlock<kHeadDim, kWgmma>::kMinBlocksPerSm)
     SparseAttentionKernel(SparseAttentionArgs args, float scale_log2) {
+  const AttentionOperands x = args.operands;  // In registers, not the parameter space.
   using Tiles = SparseTiles<kHeadDim, kWgmma>;
   extern __shared__ __align__(128) unsigned char shared[];
   __shared__ int2 tile_info[Tiles::kStages];
   const DeviceSparseIndex& index = args.index;
   const int head = blockIdx.x;
-  const int kv_head = head / (args.num_heads / args.num_kv_heads);
+  const int kv_head = head / (x.num_heads / x.num_kv_heads);
   const int64_t end_block = args.first_query_block + args.num_query_blocks;  // Exclusive.
   const int64_t pair = (end_block - 1) / 2 - blockIdx.y;
   const int64_t lo = max(2 * pair, args.first_query_block);
@@ -152,9 +153,9 @@ __global__ void __launch_bounds__(AttentionBlock<kHeadDim, kWgmma>::kThreads,
   const int64_t blocks = index.num_query_blocks;
   const int32_t* slots = index.range_start + head * (blocks * (blocks + 1) / 2);
   Tiles tiles;
-  tiles.k = args.k + kv_head * kHeadDim;
-  tiles.v = args.v + kv_head * kHeadDim;
-  tiles.stride = args.kv_stride;
+  tiles.k = x.k + kv_head * kHeadDim;
+  tiles.v = x.v + kv_head * kHeadDim;
+  tiles.stride = x.kv_stride;
   tiles.num_tokens = static_cast<int>(index.num_tokens);
   tiles.first_pos = lo * kBlockSize;
   for (int i = 0; i < 2; ++i) {
@@ -175,10 +176,10 @@ __global__ void __launch_bounds__(AttentionBlock<kHeadDim, kWgmma>::kThreads,
   tiles.tile_info = tile_info;
   const int64_t q0 = lo * kBlockSize;
   Tiles::Block::Run(
-      tiles, shared, args.q + q0 * args.q_stride + head * kHeadDim, args.q_stride,
+      tiles, shared, x.q + q0 * x.q_stride + head * kHeadDim, x.q_stride,
       min(index.num_tokens, (hi + 1) * kBlockSize) - q0, q0, scale_log2,
-      args.out + (lo - args.first_query_block) * kBlockSize * args.out_stride + head * kHeadDim,
-      args.out_stride);
+      x.out + (lo - args.first_query_block) * kBlockSize * x.out_stride + head * kHeadDim,
+      x.out_stride);
 }
 
 template <int kHeadDim, bool kWgmma>
@@ -188,7 +189,7 @@ absl::Status Launch(const SparseAttentionArgs& args, cudaStream_t stream) {
   CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(SparseAttentionKernel<kHeadDim, kWgmma>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kShared));
   const int64_t end_block = args.first_query_block + args.num_query_blocks;
-  const dim3 grid(static_cast<unsigned>(args.num_heads),
+  const dim3 grid(static_cast<unsigned>(args.operands.num_heads),
                   static_cast<unsigned>((end_block - 1) / 2 - args.first_query_block / 2 + 1));
   const float scale_log2 = static_cast<float>(M_LOG2E / std::sqrt(double{kHeadDim}));
   SparseAttentionKernel<kHeadDim, kWgmma>
@@ -196,39 +197,24 @@ absl::Status Launch(const SparseAttentionArgs& args, cudaStream_t stream) {
   return LaunchStatus("SparseAttentionKernel");
 }
 
-bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 }  // namespace
 
 absl::Status SparseAttention(const SparseAttentionArgs& args, void* stream) {
+  const AttentionOperands& x = args.operands;
   const DeviceSparseIndex& index = args.index;
-  if (args.head_dim != 64 && args.head_dim != 128) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("SparseAttention: head_dim ", args.head_dim, " (supported: 64, 128)"));
-  }
-  if (args.num_heads <= 0 || args.num_kv_heads <= 0 || args.num_heads % args.num_kv_heads != 0 ||
-      args.num_heads != index.num_heads || args.num_heads > 65535 ||
-      index.num_tokens > (int64_t{1} << 30) || args.first_query_block < 0 ||
-      args.num_query_blocks < 0 || args.num_query_blocks > 65535 ||
+  RETURN_IF_ERROR(CheckAttentionOperands(x, "SparseAttention"));
+  if (x.num_heads != index.num_heads || index.num_tokens > (int64_t{1} << 30) ||
+      args.first_query_block < 0 || args.num_query_blocks < 0 || args.num_query_blocks > 65535 ||
       args.first_query_block + args.num_query_blocks > index.num_query_blocks) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "SparseAttention: bad shape: heads=", args.num_heads, " kv_heads=", args.num_kv_heads,
-        " index heads=", index.num_heads, " query blocks [", args.first_query_block, ", ",
+        "SparseAttention: bad shape: heads=", x.num_heads, " index heads=", index.num_heads,
+        " query blocks [", args.first_query_block, ", ",
         args.first_query_block + args.num_query_blocks, ") of ", index.num_query_blocks));
   }
-  if (args.q_stride < args.num_heads * args.head_dim ||
-      args.kv_stride < args.num_kv_heads * args.head_dim ||
-      args.out_stride < args.num_heads * args.head_dim || args.q_stride % 8 != 0 ||
-      args.kv_stride % 8 != 0 || args.out_stride % 8 != 0 || !Aligned16(args.q) ||
-      !Aligned16(args.k) || !Aligned16(args.v) || !Aligned16(args.out)) {
-    return absl::InvalidArgumentError(
-        "SparseAttention: strides must cover a row and be multiples of 8 elements, pointers "
-        "16-byte aligned");
-  }
-  ASSIGN_OR_RETURN(const bool wgmma, UseWgmma(args.inner_loop));
+  ASSIGN_OR_RETURN(const bool wgmma, UseWgmma(x.inner_loop));
   if (args.num_query_blocks == 0) return absl::OkStatus();
   const cudaStream_t s = AsStream(stream);
-  if (args.head_dim == 64) return wgmma ? Launch<64, true>(args, s) : Launch<64, false>(args, s);
+  if (x.head_dim == 64) return wgmma ? Launch<64, true>(args, s) : Launch<64, false>(args, s);
   return wgmma ? Launch<128, true>(args, s) : Launch<128, false>(args, s);
 }
 

@@ -22,7 +22,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "kernels/cuda/attention_inner_loop.h"
+#include "kernels/cuda/attention_operands.h"
 #include "kernels/sparse/pattern_config.h"
 #include "kernels/sparse/sparse_index.h"
 
@@ -121,21 +121,12 @@ absl::Status BuildSparseIndex(const SparseIndexArgs& args, void* workspace, size
 // h / (num_heads / num_kv_heads) and its own index; the query at position p sees the selected
 // keys <= p. Scale 1/sqrt(head_dim).
 struct SparseAttentionArgs {
-  const uint16_t* q = nullptr;  // Rows of the whole prompt (row p: position p), as above.
-  int64_t q_stride = 0;
-  const uint16_t* k = nullptr;  // [num_tokens] rows of [num_kv_heads][head_dim].
-  const uint16_t* v = nullptr;
-  int64_t kv_stride = 0;
-  // Output row r is position first_query_block * 64 + r: [num_heads][head_dim] at out_stride.
-  uint16_t* out = nullptr;
-  int64_t out_stride = 0;
-  int64_t num_heads = 0;
-  int64_t num_kv_heads = 0;
-  int64_t head_dim = 0;
+  // Q rows of the whole prompt (row p: position p), K/V rows 0..num_tokens-1 of the index;
+  // output row r is position first_query_block * 64 + r.
+  AttentionOperands operands;
   int64_t first_query_block = 0;
   int64_t num_query_blocks = 0;
   DeviceSparseIndex index;
-  AttentionInnerLoop inner_loop = AttentionInnerLoop::kAuto;
 };
 
 absl::Status SparseAttention(const SparseAttentionArgs& args, void* stream);

@@ -144,24 +144,29 @@ class SparseAttentionTest : public CudaTest {
     return index;
   }
 
+  // The layer's Q, K, V, written to `out` (all rows of the prompt).
+  static AttentionOperands Operands(const Layer& l, DeviceBuffer* out,
+                                    AttentionInnerLoop loop = AttentionInnerLoop::kAuto) {
+    AttentionOperands x;
+    x.q = l.d_q.As<uint16_t>();
+    x.q_stride = l.heads * l.dim;
+    x.k = l.d_k.As<uint16_t>();
+    x.v = l.d_v.As<uint16_t>();
+    x.kv_stride = l.kv_heads * l.dim;
+    x.out = out->As<uint16_t>();
+    x.out_stride = l.heads * l.dim;
+    x.num_heads = l.heads;
+    x.num_kv_heads = l.kv_heads;
+    x.head_dim = l.dim;
+    x.inner_loop = loop;
+    return x;
+  }
+
   // Runs SparseAttention over query blocks [first, first + count) into rows of `out`.
   absl::Status Attend(const Layer& l, const DeviceSparseIndex& index, int64_t first, int64_t count,
                       DeviceBuffer* out, AttentionInnerLoop loop = AttentionInnerLoop::kAuto) {
-    SparseAttentionArgs args;
-    args.q = l.d_q.As<uint16_t>();
-    args.q_stride = l.heads * l.dim;
-    args.k = l.d_k.As<uint16_t>();
-    args.v = l.d_v.As<uint16_t>();
-    args.kv_stride = l.kv_heads * l.dim;
-    args.out = out->As<uint16_t>() + first * kBlockSize * l.heads * l.dim;
-    args.out_stride = l.heads * l.dim;
-    args.num_heads = l.heads;
-    args.num_kv_heads = l.kv_heads;
-    args.head_dim = l.dim;
-    args.first_query_block = first;
-    args.num_query_blocks = count;
-    args.index = index;
-    args.inner_loop = loop;
+    SparseAttentionArgs args{Operands(l, out, loop), first, count, index};
+    args.operands.out += first * kBlockSize * l.heads * l.dim;
     return SparseAttention(args, nullptr);
   }
 
@@ -315,18 +320,7 @@ TEST_F(SparseAttentionTest, FullBudgetsEqualDenseKernel) {
   ASSERT_OK(sparse_out.Fill(kNanBytes));
   ASSERT_OK(dense_out.Fill(kNanBytes));
   ASSERT_OK(Attend(l, index, 0, index.num_query_blocks, &sparse_out));
-  PrefillAttentionArgs dense;
-  dense.q = l.d_q.As<uint16_t>();
-  dense.q_stride = heads * dim;
-  dense.k = l.d_k.As<uint16_t>();
-  dense.v = l.d_v.As<uint16_t>();
-  dense.kv_stride = kv_heads * dim;
-  dense.out = dense_out.As<uint16_t>();
-  dense.out_stride = heads * dim;
-  dense.n = dense.n_kv = n;
-  dense.num_heads = heads;
-  dense.num_kv_heads = kv_heads;
-  dense.head_dim = dim;
+  const PrefillAttentionArgs dense{Operands(l, &dense_out), n, n};
   ASSERT_OK(PrefillAttention(dense, nullptr));
   ASSERT_OK(DeviceSynchronize());
   ASSERT_OK_AND_ASSIGN(sparse_result, ToHost<uint16_t>(sparse_out, n * heads * dim));

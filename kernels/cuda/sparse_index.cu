@@ -7,10 +7,13 @@
 //   3. LastQueryKernel<pass 1>: the scores again, now as probabilities; column sums per key
 //      and diagonal sums per offset (query - key), in a fixed order per chunk.
 //   4. ForceKernel: the first 4 columns and offsets 0..63 get +inf (always kept).
-//   5. A segmented radix sort ranks each head's columns and offsets (descending, stable: ties
-//      keep the smaller index first, the CPU rule); a second one sorts the kept ones by index.
-//   6. ConvertKernel: one thread per (head, query block) runs Algorithm 2 over the kept
-//      offsets (far first) and columns, as ConvertVerticalSlash does.
+//   5. Top-k by radix select, per (head, columns or offsets) segment: four 8-bit digit
+//      histograms (DigitHistogramKernel, SelectDigitKernel) find the k-th largest score T;
+//      CountKeptKernel and WriteKeptKernel then keep every score above T and the first ones
+//      equal to T, written in ascending index order. That is the CPU rule (larger first, ties
+//      to the smaller index) without sorting.
+//   6. ConvertKernel: one warp per (head, query block) runs Algorithm 2 over the kept offsets
+//      (far first) and columns, as ConvertVerticalSlash does.
 // block-sparse heads: PoolKernel (block means of Q and K), then BlockSparseKernel: one thread
 //   block per (head, query block) scores the causal key blocks, sorts them (bitonic, the
 //   diagonal forced first, ties to the smaller block) and keeps the top k in ascending order.
@@ -19,7 +22,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
-#include <cub/device/device_segmented_radix_sort.cuh>
+#include <cub/block/block_scan.cuh>
 
 #include "common/status_macros.h"
 #include "kernels/cuda/cuda_check.cuh"
@@ -42,7 +45,12 @@ constexpr int kChunkKeys = 1024;    // Keys per thread block.
 constexpr int kForcedColumns = 4;   // As VerticalSlashIndex.
 constexpr int kForcedSlashes = 64;  // kBlockSize offsets.
 constexpr int kMaxBlockSparseBlocks =
-    8192;  // 512K tokens: the bitonic sort lives in shared memory.
+    8192;                         // 512K tokens: the bitonic sort lives in shared memory.
+constexpr int kConvertWarps = 4;  // Warps per thread block of ConvertKernel.
+// Radix select: 4 passes of 8-bit digits, most significant first; chunks of 4096 scores.
+constexpr int kDigitBits = 8, kDigits = 1 << kDigitBits, kSelectPasses = 32 / kDigitBits;
+constexpr int kSelectThreads = 256, kSelectPerThread = 16;
+constexpr int kSelectChunk = kSelectThreads * kSelectPerThread;
 
 int64_t NumBlocks(int64_t n) { return CeilDiv(n, kBlockSize); }
 
@@ -54,9 +62,9 @@ struct Layout {
   size_t range_count = 0, range_start = 0, column_count = 0, column_index = 0;
   size_t pair_range_count = 0, pair_column_count = 0, pair_columns = 0, pair_column_flags = 0;
   // Vertical-slash scratch.
-  size_t partial_stats = 0, stats = 0, scores = 0, sorted_scores = 0, order_in = 0, order = 0,
-         kept = 0, segment_begin = 0, segment_end = 0, kept_end = 0, sort_temp = 0;
-  size_t sort_temp_bytes = 0;
+  int64_t select_chunks = 0;
+  size_t partial_stats = 0, stats = 0, scores = 0, kept = 0, select_state = 0, digit_histogram = 0,
+         chunk_counts = 0;
   // Block-sparse scratch.
   size_t pooled_q = 0, pooled_k = 0;
   size_t total = 0;
@@ -68,13 +76,7 @@ size_t Take(size_t* cursor, size_t bytes) {
   return at;
 }
 
-int EndBit(int64_t n) {
-  int bits = 1;
-  while ((int64_t{1} << bits) < n) ++bits;
-  return bits;
-}
-
-absl::StatusOr<Layout> MakeLayout(const SparseIndexArgs& args) {
+Layout MakeLayout(const SparseIndexArgs& args) {
   Layout l;
   l.n = args.num_tokens;
   l.heads = args.num_heads;
@@ -102,31 +104,15 @@ absl::StatusOr<Layout> MakeLayout(const SparseIndexArgs& args) {
   l.pair_column_flags =
       Take(&at, pairs * CeilDiv(2 * l.max_columns, DeviceSparseIndex::kColumnFlagSpan));
   if (l.vertical_slash) {
-    const size_t items = static_cast<size_t>(2 * l.heads * l.n);
+    const size_t segments = static_cast<size_t>(2 * l.heads);
+    l.select_chunks = CeilDiv(l.n, kSelectChunk);
     l.partial_stats = Take(&at, static_cast<size_t>(l.heads * l.chunks) * kMaxLastQ * 8);
     l.stats = Take(&at, static_cast<size_t>(l.heads) * kMaxLastQ * 8);
-    l.scores = Take(&at, items * 4);
-    l.sorted_scores = Take(&at, items * 4);
-    l.order_in = Take(&at, items * 4);
-    l.order = Take(&at, items * 4);
-    l.kept = Take(&at, items * 4);
-    l.segment_begin = Take(&at, 2 * l.heads * 4);
-    l.segment_end = Take(&at, 2 * l.heads * 4);
-    l.kept_end = Take(&at, 2 * l.heads * 4);
-    // Size queries only: no device work.
-    size_t rank_bytes = 0, order_bytes = 0;
-    CUDA_RETURN_IF_ERROR(cub::DeviceSegmentedRadixSort::SortPairsDescending(
-        nullptr, rank_bytes, static_cast<const float*>(nullptr), static_cast<float*>(nullptr),
-        static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr),
-        static_cast<int>(items), static_cast<int>(2 * l.heads),
-        static_cast<const int32_t*>(nullptr), static_cast<const int32_t*>(nullptr)));
-    CUDA_RETURN_IF_ERROR(cub::DeviceSegmentedRadixSort::SortKeys(
-        nullptr, order_bytes, static_cast<const uint32_t*>(nullptr),
-        static_cast<uint32_t*>(nullptr), static_cast<int>(items), static_cast<int>(2 * l.heads),
-        static_cast<const int32_t*>(nullptr), static_cast<const int32_t*>(nullptr), 0,
-        EndBit(l.n)));
-    l.sort_temp_bytes = std::max(rank_bytes, order_bytes);
-    l.sort_temp = Take(&at, l.sort_temp_bytes);
+    l.scores = Take(&at, segments * l.n * 4);
+    l.kept = Take(&at, segments * l.n * 4);
+    l.select_state = Take(&at, segments * 8);
+    l.digit_histogram = Take(&at, kSelectPasses * segments * kDigits * 4);
+    l.chunk_counts = Take(&at, segments * l.select_chunks * 4);
   }
   if (l.block_sparse) {
     l.pooled_q = Take(&at, static_cast<size_t>(l.heads * l.blocks * l.head_dim) * 4);
@@ -143,14 +129,22 @@ T* At(void* base, size_t offset) {
 
 // ---- Vertical-slash estimation ----
 
+// Order-preserving map of a float to an unsigned integer (larger float, larger integer).
+__device__ __forceinline__ uint32_t OrderedBits(float x) {
+  const uint32_t bits = __float_as_uint(x);
+  return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
+}
+
+// Segment s < heads holds head s's column scores, segment heads + s its diagonal scores.
 struct VerticalSlashScratch {
-  float2* partial_stats;   // [heads][chunks][64]: (max, sum of exp(score - max)).
-  float2* stats;           // [heads][64]: (max, sum) over all keys.
-  float* scores;           // [2][heads][n]: column sums, then diagonal sums.
-  int32_t* order_in;       // [2][heads][n]: 0 .. n-1 per segment.
-  int32_t* segment_begin;  // [2 heads]
-  int32_t* segment_end;    // [2 heads]: begin + n for vertical-slash heads, else begin.
-  int32_t* kept_end;       // [2 heads]: begin + kept count.
+  float2* partial_stats;      // [heads][chunks][64]: (max, sum of exp(score - max)).
+  float2* stats;              // [heads][64]: (max, sum) over all keys.
+  float* scores;              // [2 heads][n]
+  int32_t* kept;              // [2 heads][n]: the first k entries, the kept indices ascending.
+  uint2* select_state;        // [2 heads]: (digits of T found so far, how many equal to them
+                              // are still to keep); k = 0 for heads of other patterns.
+  uint32_t* digit_histogram;  // [passes][2 heads][256]
+  uint32_t* chunk_counts;     // [2 heads][select chunks]: above T << 16 | equal to T.
 };
 
 __global__ void PrepareKernel(const DeviceHeadPattern* patterns, int heads, int n,
@@ -159,18 +153,17 @@ __global__ void PrepareKernel(const DeviceHeadPattern* patterns, int heads, int 
   const int kind = segment / heads, head = segment % heads;
   const DeviceHeadPattern p = patterns[head];
   const bool active = p.kind == kVerticalSlash;
-  const int64_t begin = int64_t{segment} * n;
   if (threadIdx.x == 0) {
     const int budget = kind == 0 ? p.vertical : p.slash;
-    s.segment_begin[segment] = static_cast<int32_t>(begin);
-    s.segment_end[segment] = static_cast<int32_t>(begin + (active ? n : 0));
-    s.kept_end[segment] = static_cast<int32_t>(begin + (active ? min(budget, n) : 0));
+    s.select_state[segment] = make_uint2(0, active ? min(budget, n) : 0);
   }
-  if (!active) return;
-  for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    s.order_in[begin + j] = j;
-    if (kind == 1) s.scores[begin + j] = 0;  // Diagonal sums accumulate; column sums are set.
+  for (int i = threadIdx.x; i < kSelectPasses * kDigits; i += blockDim.x) {
+    const int pass = i / kDigits;
+    s.digit_histogram[(int64_t{pass} * 2 * heads + segment) * kDigits + i % kDigits] = 0;
   }
+  if (!active || kind == 0) return;
+  // Diagonal sums accumulate; column sums are set.
+  for (int j = threadIdx.x; j < n; j += blockDim.x) s.scores[int64_t{segment} * n + j] = 0;
 }
 
 // Pass 0: per chunk of keys and estimating query, (max, exp-sum) of the scaled scores.
@@ -341,7 +334,142 @@ __global__ void ForceKernel(const DeviceHeadPattern* patterns, int heads, int n,
   if (t < min(kForcedSlashes, n)) s.scores[(int64_t{heads} + head) * n + t] = INFINITY;
 }
 
-// ---- Index conversion: one thread per (head, query block) ----
+// ---- Top-k of each segment by radix select ----
+
+// Pass `pass` counts, per 8-bit digit, the scores whose higher digits equal those of T found
+// so far. One thread block per (chunk of 4096 scores, segment).
+__global__ void __launch_bounds__(kSelectThreads)
+    DigitHistogramKernel(int n, int pass, VerticalSlashScratch s) {
+  const int segment = blockIdx.y, segments = gridDim.y;
+  const uint2 state = s.select_state[segment];
+  if (state.y == 0) return;
+  __shared__ uint32_t bins[kDigits];
+  for (int i = threadIdx.x; i < kDigits; i += kSelectThreads) bins[i] = 0;
+  __syncthreads();
+  const int shift = 32 - kDigitBits * (pass + 1);
+  const float* scores = s.scores + int64_t{segment} * n;
+  const int begin = blockIdx.x * kSelectChunk, end = min(n, begin + kSelectChunk);
+  // Uniform trip count, so that the whole warp meets in __match_any_sync.
+  for (int j0 = begin; j0 < end; j0 += kSelectThreads) {
+    const int j = j0 + threadIdx.x;
+    int digit = kDigits;  // None.
+    if (j < end) {
+      const uint32_t key = OrderedBits(scores[j]);
+      // pass 0 has no decided digits (and a shift by 32 would be undefined).
+      if (pass == 0 || (key >> (shift + kDigitBits)) == state.x) digit = (key >> shift) & 0xff;
+    }
+    // Scores cluster in few digits: one shared atomic per distinct digit of the warp.
+    const uint32_t same = __match_any_sync(~0u, digit);
+    if (digit < kDigits && threadIdx.x % 32 == __ffs(same) - 1)
+      atomicAdd(&bins[digit], __popc(same));
+  }
+  __syncthreads();
+  uint32_t* histogram = s.digit_histogram + (int64_t{pass} * segments + segment) * kDigits;
+  for (int i = threadIdx.x; i < kDigits; i += kSelectThreads) {
+    if (bins[i] != 0) atomicAdd(&histogram[i], bins[i]);
+  }
+}
+
+// One warp per segment: the digit of T at this pass, the largest digit d with at least k
+// scores at or above it, and how many scores equal to T's digits so far remain to be kept.
+__global__ void SelectDigitKernel(int pass, VerticalSlashScratch s) {
+  const int segment = blockIdx.x, segments = gridDim.x, lane = threadIdx.x;
+  uint2 state = s.select_state[segment];
+  if (state.y == 0) return;
+  const uint32_t* histogram = s.digit_histogram + (int64_t{pass} * segments + segment) * kDigits;
+  constexpr int kPerLane = kDigits / 32;
+  uint32_t bins[kPerLane], mine = 0;
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) {
+    bins[e] = histogram[lane * kPerLane + e];
+    mine += bins[e];
+  }
+  // Scores in this lane's digits and all higher lanes' digits.
+  uint32_t at_or_above = mine;
+#pragma unroll
+  for (int delta = 1; delta < 32; delta <<= 1) {
+    const uint32_t other = __shfl_down_sync(~0u, at_or_above, delta);
+    if (lane + delta < 32) at_or_above += other;
+  }
+  uint32_t above = at_or_above - mine;
+  if (!(above < state.y && state.y <= at_or_above)) return;  // One lane holds T's digit.
+  int e = kPerLane - 1;
+  for (; e > 0 && above + bins[e] < state.y; --e) above += bins[e];
+  state.x = state.x << kDigitBits | static_cast<uint32_t>(lane * kPerLane + e);
+  state.y -= above;
+  s.select_state[segment] = state;
+}
+
+// Per thread, its kSelectPerThread consecutive scores of the chunk: above T << 16 | equal to T.
+__device__ __forceinline__ uint32_t CountAgainst(const float* scores, int j0, int end, uint32_t t) {
+  uint32_t counts = 0;
+  for (int j = j0; j < min(end, j0 + kSelectPerThread); ++j) {
+    const uint32_t key = OrderedBits(scores[j]);
+    counts += key > t ? 1u << 16 : key == t ? 1u : 0u;
+  }
+  return counts;
+}
+
+using SelectScan = cub::BlockScan<uint32_t, kSelectThreads>;
+
+// Per chunk: how many of its scores are above T and how many equal to it.
+__global__ void __launch_bounds__(kSelectThreads) CountKeptKernel(int n, VerticalSlashScratch s) {
+  const int segment = blockIdx.y, chunk = blockIdx.x;
+  const uint2 state = s.select_state[segment];
+  if (state.y == 0) return;
+  const int begin = chunk * kSelectChunk, end = min(n, begin + kSelectChunk);
+  const uint32_t counts = CountAgainst(s.scores + int64_t{segment} * n,
+                                       begin + threadIdx.x * kSelectPerThread, end, state.x);
+  __shared__ typename SelectScan::TempStorage scan;
+  uint32_t prefix, chunk_counts;
+  SelectScan(scan).ExclusiveSum(counts, prefix, chunk_counts);
+  if (threadIdx.x == 0) s.chunk_counts[int64_t{segment} * gridDim.x + chunk] = chunk_counts;
+}
+
+// Writes the kept indices of a chunk at their ranks: every score above T, and those equal to T
+// while fewer than state.y equal ones come before them in the segment.
+__global__ void __launch_bounds__(kSelectThreads) WriteKeptKernel(int n, VerticalSlashScratch s) {
+  const int segment = blockIdx.y, chunk = blockIdx.x;
+  const uint2 state = s.select_state[segment];
+  if (state.y == 0) return;
+  __shared__ uint32_t earlier[2];  // Earlier chunks' scores above T and equal to T.
+  if (threadIdx.x < 32) {
+    uint32_t above = 0, equal = 0;
+    for (int c = threadIdx.x; c < chunk; c += 32) {
+      const uint32_t counts = s.chunk_counts[int64_t{segment} * gridDim.x + c];
+      above += counts >> 16;
+      equal += counts & 0xffff;
+    }
+    for (int mask = 16; mask > 0; mask >>= 1) {
+      above += __shfl_xor_sync(~0u, above, mask);
+      equal += __shfl_xor_sync(~0u, equal, mask);
+    }
+    if (threadIdx.x == 0) {
+      earlier[0] = above;
+      earlier[1] = equal;
+    }
+  }
+  const float* scores = s.scores + int64_t{segment} * n;
+  const int begin = chunk * kSelectChunk, end = min(n, begin + kSelectChunk);
+  const int j0 = begin + threadIdx.x * kSelectPerThread;
+  __shared__ typename SelectScan::TempStorage scan;
+  uint32_t prefix;
+  SelectScan(scan).ExclusiveSum(CountAgainst(scores, j0, end, state.x), prefix);
+  __syncthreads();  // earlier[]
+  uint32_t above = earlier[0] + (prefix >> 16), equal = earlier[1] + (prefix & 0xffff);
+  int32_t* kept = s.kept + int64_t{segment} * n;
+  for (int j = j0; j < min(end, j0 + kSelectPerThread); ++j) {
+    const uint32_t key = OrderedBits(scores[j]);
+    if (key > state.x) {
+      kept[above++ + min(equal, state.y)] = j;
+    } else if (key == state.x) {
+      if (equal < state.y) kept[above + equal] = j;
+      ++equal;
+    }
+  }
+}
+
+// ---- Index conversion: one warp per (head, query block) ----
 
 struct IndexOut {
   int32_t* range_count;
@@ -351,63 +479,119 @@ struct IndexOut {
   int64_t max_columns;
 };
 
-__global__ void ConvertKernel(const DeviceHeadPattern* patterns, int heads, int n,
-                              const int32_t* kept, IndexOut out) {
-  const int blocks = (n + static_cast<int>(kBlockSize) - 1) / static_cast<int>(kBlockSize);
-  const int64_t id = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (id >= int64_t{heads} * blocks) return;
-  const int head = static_cast<int>(id / blocks), b = static_cast<int>(id % blocks);
-  const DeviceHeadPattern p = patterns[head];
-  if (p.kind == kBlockSparse) return;
-  int32_t* ranges = out.range_start + int64_t{head} * (int64_t{blocks} * (blocks + 1) / 2) +
-                    int64_t{b} * (b + 1) / 2;
-  int count = 0, columns = 0;
-  if (p.kind == kDense || p.kind == kAShape) {
-    for (int kb = 0; kb <= b; ++kb) {
-      if (p.kind == kDense || kb < p.sink_blocks || kb > b - p.window_blocks) {
-        ranges[count++] = kb * static_cast<int>(kBlockSize);
-      }
-    }
-  } else {
-    const int q0 = b * static_cast<int>(kBlockSize), q1 = min(n, q0 + static_cast<int>(kBlockSize));
-    const int32_t* verticals = kept + int64_t{head} * n;          // Ascending.
-    const int32_t* slashes = kept + (int64_t{heads} + head) * n;  // Ascending: walked backwards.
-    const int num_verticals = min(p.vertical, n), num_slashes = min(p.slash, n);
-    // Offsets far to near give intervals [q0 - o, q1 - 1 - o] with ascending starts; merge
-    // them and cut each merged interval into 64-key ranges that never overlap.
-    int covered_until = 0, lo = 0, hi = -1;
-    bool open = false;
-    auto emit = [&]() {
-      for (int start = max(lo, covered_until); start <= hi; start += kBlockSize) {
-        ranges[count++] = start;
-        covered_until = start + kBlockSize;
-      }
-    };
-    for (int i = num_slashes - 1; i >= 0; --i) {
-      const int o = slashes[i];
-      if (o > q1 - 1) continue;
-      const int interval_lo = max(0, q0 - o), interval_hi = q1 - 1 - o;
-      if (open && interval_lo <= hi + 1) {
-        hi = max(hi, interval_hi);
-      } else {
-        if (open) emit();
-        lo = interval_lo;
-        hi = interval_hi;
-        open = true;
-      }
-    }
-    if (open) emit();
-    int32_t* column_out = out.column_index + id * out.max_columns;
-    int r = 0;
-    for (int i = 0; i < num_verticals; ++i) {
-      const int col = verticals[i];
-      if (col >= q1) break;
-      while (r < count && ranges[r] + kBlockSize <= col) ++r;
-      if (!(r < count && ranges[r] <= col)) column_out[columns++] = col;
+// A warp's ranges of one query block, appended in ascending order.
+struct RangeWriter {
+  int32_t* ranges;
+  int count = 0;
+  int covered_until = 0;  // Keys below this are already in a range.
+
+  // Tiles keys [lo, hi] minus those already covered with 64-key ranges (warp-uniform).
+  __device__ void Cover(int lo, int hi, int lane) {
+    const int start = max(lo, covered_until);
+    if (start > hi) return;
+    const int num = (hi - start) / static_cast<int>(kBlockSize) + 1;
+    for (int i = lane; i < num; i += 32)
+      ranges[count + i] = start + i * static_cast<int>(kBlockSize);
+    count += num;
+    covered_until = start + num * static_cast<int>(kBlockSize);
+  }
+};
+
+// Appends the lanes' values whose `take` is set to out[count...], in lane order; returns the new
+// count (warp-uniform call).
+__device__ int WarpAppend(int32_t* out, int count, bool take, int32_t value, int lane) {
+  const uint32_t ballot = __ballot_sync(~0u, take);
+  if (take) out[count + __popc(ballot & ((1u << lane) - 1))] = value;
+  return count + __popc(ballot);
+}
+
+// First index in ascending a[0, size) whose value exceeds x.
+__device__ int UpperBound(const int32_t* a, int size, int x) {
+  int lo = 0, hi = size;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (a[mid] <= x) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
     }
   }
-  out.range_count[id] = count;
-  out.column_count[id] = columns;
+  return lo;
+}
+
+__global__ void __launch_bounds__(32 * kConvertWarps)
+    ConvertKernel(const DeviceHeadPattern* patterns, int heads, int n, const int32_t* kept,
+                  IndexOut out) {
+  constexpr int kBlock = static_cast<int>(kBlockSize);
+  const int blocks = (n + kBlock - 1) / kBlock;
+  const int64_t id = int64_t{blockIdx.x} * kConvertWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (id >= int64_t{heads} * blocks) return;
+  const int head = static_cast<int>(id / blocks);
+  const int b = blocks - 1 - static_cast<int>(id % blocks);  // Long rows first.
+  const int64_t row = int64_t{head} * blocks + b;
+  const DeviceHeadPattern p = patterns[head];
+  if (p.kind == kBlockSparse) return;
+  RangeWriter writer{out.range_start + int64_t{head} * (int64_t{blocks} * (blocks + 1) / 2) +
+                     int64_t{b} * (b + 1) / 2};
+  int columns = 0;
+  if (p.kind == kDense || p.kind == kAShape) {
+    for (int kb0 = 0; kb0 <= b; kb0 += 32) {
+      const int kb = kb0 + lane;
+      const bool take =
+          kb <= b && (p.kind == kDense || kb < p.sink_blocks || kb > b - p.window_blocks);
+      writer.count = WarpAppend(writer.ranges, writer.count, take, kb * kBlock, lane);
+    }
+  } else {
+    const int q0 = b * kBlock, q1 = min(n, q0 + kBlock);
+    const int32_t* verticals = kept + int64_t{head} * n;          // Ascending.
+    const int32_t* slashes = kept + (int64_t{heads} + head) * n;  // Ascending: walked backwards.
+    // Offsets far to near give intervals [q0 - o, q1 - 1 - o] (clipped at 0) with ascending
+    // starts and ends. Offsets above q1 - 1 see no key. An offset opens a new merged interval
+    // when it is more than q1 - q0 below the one before it (with the clip at 0 that never
+    // happens: both then see key 0).
+    int walked = UpperBound(slashes, min(p.slash, n), q1 - 1);
+    int lo = 0, last = 0;  // The open interval's start; the previous offset walked.
+    bool open = false;
+    while (walked > 0) {
+      const int i = walked - 1 - lane;
+      const int o = i >= 0 ? slashes[i] : 0;
+      int before = __shfl_up_sync(~0u, o, 1);
+      if (lane == 0) before = last;
+      uint32_t starts =
+          __ballot_sync(~0u, i >= 0 && ((!open && lane == 0) || before - o > q1 - q0));
+      while (starts != 0) {
+        const int at = __ffs(starts) - 1;
+        starts &= starts - 1;
+        const int end_offset = at == 0 ? last : __shfl_sync(~0u, o, at - 1);
+        if (open) writer.Cover(lo, q1 - 1 - end_offset, lane);
+        lo = max(0, q0 - __shfl_sync(~0u, o, at));
+        open = true;
+      }
+      last = __shfl_sync(~0u, o, min(31, walked - 1));
+      walked -= 32;
+    }
+    if (open) writer.Cover(lo, q1 - 1 - last, lane);
+    __syncwarp();  // The ranges, read back below.
+    // Columns inside a range are dropped (the range computes them).
+    int32_t* column_out = out.column_index + row * out.max_columns;
+    const int num_verticals = min(p.vertical, n);
+    for (int i0 = 0; i0 < num_verticals; i0 += 32) {
+      const int i = i0 + lane;
+      const int col = i < num_verticals ? verticals[i] : INT_MAX;
+      bool take = col < q1;
+      if (take) {
+        const int r = UpperBound(writer.ranges, writer.count, col) - 1;  // Last start <= col.
+        take = r < 0 || writer.ranges[r] + kBlock <= col;
+      }
+      columns = WarpAppend(column_out, columns, take, col, lane);
+      if (__any_sync(~0u, col >= q1)) break;  // Ascending: the rest lie past the block.
+    }
+  }
+  if (lane == 0) {
+    out.range_count[row] = writer.count;
+    out.column_count[row] = columns;
+  }
 }
 
 // ---- Pairs of query blocks for the attention kernel: one thread per (head, pair) ----
@@ -487,12 +671,6 @@ __global__ void PoolKernel(SparseIndexArgs args, float* pooled_q, float* pooled_
   dst[d] = sum / static_cast<float>(r1 - r0);
 }
 
-// Order-preserving map of a float to an unsigned integer (larger float, larger integer).
-__device__ __forceinline__ uint32_t OrderedBits(float x) {
-  const uint32_t bits = __float_as_uint(x);
-  return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
-}
-
 __global__ void BlockSparseKernel(SparseIndexArgs args, const float* pooled_q,
                                   const float* pooled_k, float scale, IndexOut out) {
   const int head = blockIdx.y;
@@ -566,7 +744,7 @@ __global__ void BlockSparseKernel(SparseIndexArgs args, const float* pooled_q,
 
 template <int kHeadDim>
 absl::Status LaunchVerticalSlash(const SparseIndexArgs& args, const Layout& l,
-                                 VerticalSlashScratch s, void* workspace, cudaStream_t stream) {
+                                 VerticalSlashScratch s, cudaStream_t stream) {
   const int heads = static_cast<int>(l.heads), n = static_cast<int>(l.n);
   PrepareKernel<<<2 * heads, 256, 0, stream>>>(args.patterns, heads, n, s);
   RETURN_IF_LAUNCH_FAILED("PrepareKernel");
@@ -587,17 +765,17 @@ absl::Status LaunchVerticalSlash(const SparseIndexArgs& args, const Layout& l,
   RETURN_IF_LAUNCH_FAILED("LastQueryKernel<1>");
   ForceKernel<<<heads, kForcedSlashes, 0, stream>>>(args.patterns, heads, n, s);
   RETURN_IF_LAUNCH_FAILED("ForceKernel");
-  const int items = 2 * heads * n;
-  size_t temp_bytes = l.sort_temp_bytes;
-  CUDA_RETURN_IF_ERROR(cub::DeviceSegmentedRadixSort::SortPairsDescending(
-      At<void>(workspace, l.sort_temp), temp_bytes, s.scores, At<float>(workspace, l.sorted_scores),
-      s.order_in, At<int32_t>(workspace, l.order), items, 2 * heads, s.segment_begin, s.segment_end,
-      0, 32, stream));
-  temp_bytes = l.sort_temp_bytes;
-  CUDA_RETURN_IF_ERROR(cub::DeviceSegmentedRadixSort::SortKeys(
-      At<void>(workspace, l.sort_temp), temp_bytes, At<uint32_t>(workspace, l.order),
-      At<uint32_t>(workspace, l.kept), items, 2 * heads, s.segment_begin, s.kept_end, 0, EndBit(n),
-      stream));
+  const dim3 select_grid(static_cast<unsigned>(l.select_chunks), static_cast<unsigned>(2 * heads));
+  for (int pass = 0; pass < kSelectPasses; ++pass) {
+    DigitHistogramKernel<<<select_grid, kSelectThreads, 0, stream>>>(n, pass, s);
+    RETURN_IF_LAUNCH_FAILED("DigitHistogramKernel");
+    SelectDigitKernel<<<2 * heads, 32, 0, stream>>>(pass, s);
+    RETURN_IF_LAUNCH_FAILED("SelectDigitKernel");
+  }
+  CountKeptKernel<<<select_grid, kSelectThreads, 0, stream>>>(n, s);
+  RETURN_IF_LAUNCH_FAILED("CountKeptKernel");
+  WriteKeptKernel<<<select_grid, kSelectThreads, 0, stream>>>(n, s);
+  RETURN_IF_LAUNCH_FAILED("WriteKeptKernel");
   return absl::OkStatus();
 }
 
@@ -626,8 +804,7 @@ absl::StatusOr<DeviceHeadPattern> ToDevicePattern(const HeadPattern& pattern) {
 
 size_t SparseIndexWorkspaceBytes(const SparseIndexArgs& args) {
   if (args.host_patterns == nullptr) return 0;
-  absl::StatusOr<Layout> layout = MakeLayout(args);
-  return layout.ok() ? layout->total : 0;
+  return MakeLayout(args).total;
 }
 
 absl::Status BuildSparseIndex(const SparseIndexArgs& args, void* workspace, size_t workspace_bytes,
@@ -649,10 +826,7 @@ absl::Status BuildSparseIndex(const SparseIndexArgs& args, void* workspace, size
         absl::StrCat("BuildSparseIndex: bad shape tokens=", args.num_tokens,
                      " heads=", args.num_heads, " kv_heads=", args.num_kv_heads));
   }
-  ASSIGN_OR_RETURN(Layout l, MakeLayout(args));
-  if (2 * l.heads * l.n > INT_MAX) {
-    return absl::InvalidArgumentError("BuildSparseIndex: heads x tokens too large to sort");
-  }
+  const Layout l = MakeLayout(args);
   if (l.block_sparse && l.blocks > kMaxBlockSparseBlocks) {
     return absl::InvalidArgumentError(
         absl::StrCat("BuildSparseIndex: block-sparse heads support up to ",
@@ -669,16 +843,16 @@ absl::Status BuildSparseIndex(const SparseIndexArgs& args, void* workspace, size
   const int heads = static_cast<int>(l.heads), n = static_cast<int>(l.n);
   if (l.vertical_slash) {
     VerticalSlashScratch s{
-        At<float2>(workspace, l.partial_stats),  At<float2>(workspace, l.stats),
-        At<float>(workspace, l.scores),          At<int32_t>(workspace, l.order_in),
-        At<int32_t>(workspace, l.segment_begin), At<int32_t>(workspace, l.segment_end),
-        At<int32_t>(workspace, l.kept_end)};
-    RETURN_IF_ERROR(args.head_dim == 64 ? LaunchVerticalSlash<64>(args, l, s, workspace, stream)
-                                        : LaunchVerticalSlash<128>(args, l, s, workspace, stream));
+        At<float2>(workspace, l.partial_stats), At<float2>(workspace, l.stats),
+        At<float>(workspace, l.scores),         At<int32_t>(workspace, l.kept),
+        At<uint2>(workspace, l.select_state),   At<uint32_t>(workspace, l.digit_histogram),
+        At<uint32_t>(workspace, l.chunk_counts)};
+    RETURN_IF_ERROR(args.head_dim == 64 ? LaunchVerticalSlash<64>(args, l, s, stream)
+                                        : LaunchVerticalSlash<128>(args, l, s, stream));
   }
   const int64_t rows = l.heads * l.blocks;
-  ConvertKernel<<<static_cast<unsigned>(CeilDiv(rows, 128)), 128, 0, stream>>>(
-      args.patterns, heads, n, At<int32_t>(workspace, l.kept), out);
+  ConvertKernel<<<static_cast<unsigned>(CeilDiv(rows, kConvertWarps)), 32 * kConvertWarps, 0,
+                  stream>>>(args.patterns, heads, n, At<int32_t>(workspace, l.kept), out);
   RETURN_IF_LAUNCH_FAILED("ConvertKernel");
   if (l.block_sparse) {
     float* pooled_q = At<float>(workspace, l.pooled_q);

@@ -133,8 +133,12 @@ struct SparseTiles {
   }
 };
 
-// Thread block y takes query blocks [lo, hi]: the pair (2c, 2c + 1) clipped to the blocks the
-// call covers, last pairs (most keys) first.
+// Thread block i takes one head's query blocks [lo, hi]: the pair (2c, 2c + 1) clipped to the
+// blocks the call covers. Blocks run in order of i: one KV head's query heads at a time, the
+// heads that share it side by side on each pair, last pairs (most keys) first. Then the thread
+// blocks running at once read one KV head's keys around neighbouring pairs, which stay in L2;
+// with every head of a pair side by side, the KV heads' scattered slash ranges and columns
+// around those pairs did not fit (45% L2 hits at 128K, against 88% for the dense kernel).
 template <int kHeadDim, bool kWgmma>
 __global__ void __launch_bounds__(AttentionBlock<kHeadDim, kWgmma>::kThreads,
                                   AttentionBlock<kHeadDim, kWgmma>::kMinBlocksPerSm)
@@ -144,10 +148,14 @@ __global__ void __launch_bounds__(AttentionBlock<kHeadDim, kWgmma>::kThreads,
   extern __shared__ __align__(128) unsigned char shared[];
   __shared__ int2 tile_info[Tiles::kStages];
   const DeviceSparseIndex& index = args.index;
-  const int head = blockIdx.x;
-  const int kv_head = head / (x.num_heads / x.num_kv_heads);
+  const int group = x.num_heads / x.num_kv_heads;  // Query heads per KV head.
   const int64_t end_block = args.first_query_block + args.num_query_blocks;  // Exclusive.
-  const int64_t pair = (end_block - 1) / 2 - blockIdx.y;
+  const int64_t pairs = (end_block - 1) / 2 - args.first_query_block / 2 + 1;
+  const int64_t per_kv_head = pairs * group;
+  const int kv_head = static_cast<int>(blockIdx.x / per_kv_head);
+  const int64_t in_kv_head = blockIdx.x % per_kv_head;
+  const int head = kv_head * group + static_cast<int>(in_kv_head % group);
+  const int64_t pair = (end_block - 1) / 2 - in_kv_head / group;
   const int64_t lo = max(2 * pair, args.first_query_block);
   const int64_t hi = min(2 * pair + 1, end_block - 1);
   const int64_t blocks = index.num_query_blocks;
@@ -189,8 +197,8 @@ absl::Status Launch(const SparseAttentionArgs& args, cudaStream_t stream) {
   CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(SparseAttentionKernel<kHeadDim, kWgmma>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kShared));
   const int64_t end_block = args.first_query_block + args.num_query_blocks;
-  const dim3 grid(static_cast<unsigned>(args.operands.num_heads),
-                  static_cast<unsigned>((end_block - 1) / 2 - args.first_query_block / 2 + 1));
+  const int64_t pairs = (end_block - 1) / 2 - args.first_query_block / 2 + 1;
+  const dim3 grid(static_cast<unsigned>(args.operands.num_heads * pairs));
   const float scale_log2 = static_cast<float>(M_LOG2E / std::sqrt(double{kHeadDim}));
   SparseAttentionKernel<kHeadDim, kWgmma>
       <<<grid, Block::kThreads, kShared, stream>>>(args, scale_log2);

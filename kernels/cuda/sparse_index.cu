@@ -732,9 +732,7 @@ __global__ void BlockSparseKernel(SparseIndexArgs args, const float* pooled_q,
   for (int base = 0; base < candidates; base += 32) {
     const int kb = base + threadIdx.x;
     const bool take = kb < candidates && chosen[kb];
-    const uint32_t ballot = __ballot_sync(~0u, take);
-    if (take) ranges[count + __popc(ballot & ((1u << threadIdx.x) - 1))] = kb * kBlockSize;
-    count += __popc(ballot);
+    count = WarpAppend(ranges, count, take, kb * static_cast<int>(kBlockSize), threadIdx.x);
   }
   if (threadIdx.x == 0) {
     out.range_count[row] = count;

@@ -490,8 +490,9 @@ struct RangeWriter {
     const int start = max(lo, covered_until);
     if (start > hi) return;
     const int num = (hi - start) / static_cast<int>(kBlockSize) + 1;
-    for (int i = lane; i < num; i += 32)
+    for (int i = lane; i < num; i += 32) {
       ranges[count + i] = start + i * static_cast<int>(kBlockSize);
+    }
     count += num;
     covered_until = start + num * static_cast<int>(kBlockSize);
   }

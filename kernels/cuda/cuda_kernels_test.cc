@@ -112,7 +112,9 @@ TEST_F(CudaKernelsTest, RopeMatchesCpuWithLlama3Scaling) {
   struct Case {
     int64_t rows, heads, kv_heads, dim;
   };
-  for (const Case& c : {Case{37, 32, 8, 128}, Case{5, 4, 4, 64}, Case{9, 8, 1, 128}}) {
+  // head_dim 12: pairs not a multiple of 8, the element-by-element path.
+  for (const Case& c :
+       {Case{37, 32, 8, 128}, Case{5, 4, 4, 64}, Case{9, 8, 1, 128}, Case{6, 3, 1, 12}}) {
     const std::vector<float> inv_freq = RopeInverseFrequencies(c.dim, 500000.0, scaling);
     const int64_t stride = (c.heads + 2 * c.kv_heads) * c.dim;  // A fused [q | k | v] row.
     const std::vector<uint16_t> qkv = RandomBf16(c.rows * stride);
@@ -156,23 +158,26 @@ TEST_F(CudaKernelsTest, RopeMatchesCpuWithLlama3Scaling) {
 
 // bf16 output of an fp32 computation (expf vs std::exp differ by ulps): 1e-2.
 TEST_F(CudaKernelsTest, SwiGluMatchesCpuOnFusedRows) {
-  const int64_t rows = 13, width = 1000, stride = 2 * width;
-  const std::vector<uint16_t> gate_up = RandomBf16(rows * stride, 3.f);
-  ASSERT_OK_AND_ASSIGN(d_in, ToDevice(gate_up));
-  ASSERT_OK_AND_ASSIGN(d_out, DeviceBuffer::Allocate(rows * width * 2));
-  ASSERT_OK(d_out.Fill(kNanBytes));
-  const uint16_t* in = d_in.As<uint16_t>();
-  ASSERT_OK(SwiGlu(in, in + width, rows, width, stride, d_out.As<uint16_t>(), nullptr));
-  std::vector<float> gate(rows * width), up(rows * width), expected(rows * width);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t i = 0; i < width; ++i) {
-      gate[r * width + i] = FromBf16(gate_up[r * stride + i]);
-      up[r * width + i] = FromBf16(gate_up[r * stride + width + i]);
+  // Width 999: not a multiple of 8, the element-by-element path.
+  for (const int64_t width : {int64_t{1000}, int64_t{999}}) {
+    const int64_t rows = 13, stride = 2 * width;
+    const std::vector<uint16_t> gate_up = RandomBf16(rows * stride, 3.f);
+    ASSERT_OK_AND_ASSIGN(d_in, ToDevice(gate_up));
+    ASSERT_OK_AND_ASSIGN(d_out, DeviceBuffer::Allocate(rows * width * 2));
+    ASSERT_OK(d_out.Fill(kNanBytes));
+    const uint16_t* in = d_in.As<uint16_t>();
+    ASSERT_OK(SwiGlu(in, in + width, rows, width, stride, d_out.As<uint16_t>(), nullptr));
+    std::vector<float> gate(rows * width), up(rows * width), expected(rows * width);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t i = 0; i < width; ++i) {
+        gate[r * width + i] = FromBf16(gate_up[r * stride + i]);
+        up[r * width + i] = FromBf16(gate_up[r * stride + width + i]);
+      }
     }
+    SwiGluCpu(gate.data(), up.data(), rows * width, expected.data());
+    ASSERT_OK_AND_ASSIGN(out, ToHost<uint16_t>(d_out, rows * width));
+    ExpectClose(FromBf16(out), expected, 1e-2, "swiglu width " + std::to_string(width));
   }
-  SwiGluCpu(gate.data(), up.data(), rows * width, expected.data());
-  ASSERT_OK_AND_ASSIGN(out, ToHost<uint16_t>(d_out, rows * width));
-  ExpectClose(FromBf16(out), expected, 1e-2, "swiglu");
 }
 
 // Attention bounds: the kernel rounds the softmax weights P to bf16 before P V (relative

@@ -58,6 +58,14 @@ __device__ __forceinline__ uint64_t MatrixDescriptor(uint32_t address, uint32_t 
          uint64_t{(stride_bytes & 0x3FFFF) >> 4} << 32 | uint64_t{1} << 62;
 }
 
+// The descriptor of the operand `bytes` further on in shared memory. The start address field
+// (bits 0-13) cannot carry into the next: shared memory ends below 2^18 bytes. So the add is a
+// 32-bit one on the low word (a 64-bit add took three instructions per wgmma).
+__device__ __forceinline__ uint64_t MovedBy(uint64_t descriptor, uint32_t bytes) {
+  const uint32_t low = static_cast<uint32_t>(descriptor) + (bytes >> 4);
+  return (descriptor & 0xFFFFFFFF00000000ull) | low;
+}
+
 __device__ __forceinline__ void WgmmaFence() {
 #ifdef SPARSEACCEL_WGMMA
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -193,7 +201,7 @@ struct FlashWarpgroupState {
     return MatrixDescriptor(address, 16, kRowGroupBytes);
   }
   __device__ __forceinline__ static uint64_t AtColumn(uint64_t descriptor, int col) {
-    return descriptor + (((col / 64) * kHalfBytes + (col % 64) * 2) >> 4);
+    return MovedBy(descriptor, (col / 64) * kHalfBytes + (col % 64) * 2);
   }
 
   __device__ __forceinline__ void Step(const __nv_bfloat16* k_tile, const __nv_bfloat16* v_tile,
@@ -260,7 +268,7 @@ struct FlashWarpgroupState {
     WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
-      WgmmaRegisterShared(o, p[kk], v_desc + ((2 * kk * kRowGroupBytes) >> 4));
+      WgmmaRegisterShared(o, p[kk], MovedBy(v_desc, 2 * kk * kRowGroupBytes));
     }
     WgmmaCommit();
     // Done before the block's next barrier lets the loader overwrite this V tile.

@@ -75,11 +75,10 @@ struct SparseTiles {
       }
       const int key0 = merged_start + (tile % kTilesPerRange) * kKeys;
       if (threadIdx.x == 0) tile_info[tile % kStages] = make_int2(key0, merged_owners);
-      auto source_row = [&](int row) -> int64_t {
-        return key0 + row < num_tokens ? key0 + row : -1;
-      };
-      LoadTileRows<kHeadDim, kKeys, Block::kThreads>(k_dst, k, stride, source_row);
-      LoadTileRows<kHeadDim, kKeys, Block::kThreads>(v_dst, v, stride, source_row);
+      LoadTile<kHeadDim, kKeys, Block::kThreads>(k_dst, k + key0 * stride, stride,
+                                                 num_tokens - key0);
+      LoadTile<kHeadDim, kKeys, Block::kThreads>(v_dst, v + key0 * stride, stride,
+                                                 num_tokens - key0);
       return;
     }
     const int column0 = (tile - RangeTiles()) * kKeys;

@@ -10,6 +10,7 @@
 
 #include "model/llama_cuda.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -77,6 +78,23 @@ double NormRelativeError(const std::vector<float>& a, const std::vector<float>& 
     ref += double(b[i]) * b[i];
   }
   return std::sqrt(err / ref);
+}
+
+// The relative L2 error of each row (`width` consecutive values) of a against b.
+std::vector<double> RowRelativeErrors(const std::vector<float>& a, const std::vector<float>& b,
+                                      int64_t width) {
+  EXPECT_EQ(a.size(), b.size());
+  std::vector<double> errors;
+  for (size_t r0 = 0; r0 + width <= a.size() && r0 + width <= b.size(); r0 += width) {
+    errors.push_back(NormRelativeError(std::vector<float>(a.begin() + r0, a.begin() + r0 + width),
+                                       std::vector<float>(b.begin() + r0, b.begin() + r0 + width)));
+  }
+  return errors;
+}
+
+double FractionBelow(const std::vector<double>& errors, double bound) {
+  return std::count_if(errors.begin(), errors.end(), [&](double err) { return err < bound; }) /
+         static_cast<double>(errors.size());
 }
 
 struct Engines {
@@ -404,14 +422,32 @@ TEST_P(LlamaCudaTest, DataDependentSparsePrefillAndDispatch) {
   const std::vector<float> gpu = AllLogits(e.gpu.get(), tokens);
   const std::vector<float> cpu = AllLogits(e.cpu.get(), tokens);
   // Selection is discontinuous: where the GPU's bf16 Q/K and the CPU's fp32 rank two nearly
-  // tied candidates differently, one query block sees other keys and its rows differ by far
-  // more than bf16 noise (the largest element error has reached 0.75 on the tiny model). So
-  // the bound is on the error over all logits; the kernels' exactness on a given index is
+  // tied candidates differently, one head's query block sees other keys and its rows differ
+  // by far more than bf16 noise (such flips took the error over all logits to 0.22-0.27 in
+  // 2 of 66 runs on the H200, failing the bound of 0.1 this test had on it). So the bound is
+  // on how many rows (tokens) match to the dense bound: a wrong dispatch, index or chunk
+  // offset breaks most rows past the first blocks, a flip those of its block and, diluted,
+  // some later ones. Over 36 runs: 0.846 of the rows at worst (with a flip), 1.0 without;
+  // against dense attention 0.274. The kernels' exactness on a given index is
   // //kernels/cuda:sparse_attention_test's.
-  const double err = NormRelativeError(gpu, cpu);
-  std::printf("data_dependent_sparse_rel_error %s %.3e (largest element: %.3e)\n",
-              GetParam().name.c_str(), err, MaxRelativeError(gpu, cpu));
-  EXPECT_LT(err, 0.1);
+  const std::vector<double> rows = RowRelativeErrors(gpu, cpu, e.cpu->config().vocab_size);
+  const double matching = FractionBelow(rows, kBf16Bound);
+  std::printf(
+      "data_dependent_sparse_rel_error %s %.3e (largest element: %.3e, rows within %.0e: "
+      "%.3f)\n",
+      GetParam().name.c_str(), NormRelativeError(gpu, cpu), MaxRelativeError(gpu, cpu), kBf16Bound,
+      matching);
+  EXPECT_EQ(rows.size(), tokens.size());
+  EXPECT_GE(matching, 0.6);
+  // The criterion can fail: against dense attention most rows of these patterns differ.
+  e.cpu->SetAttentionOverride(nullptr);
+  const std::vector<double> dense_rows =
+      RowRelativeErrors(gpu, AllLogits(e.cpu.get(), tokens), e.cpu->config().vocab_size);
+  const double matching_dense = FractionBelow(dense_rows, kBf16Bound);
+  std::printf("data_dependent_sparse_rows_matching_dense %s %.3f\n", GetParam().name.c_str(),
+              matching_dense);
+  EXPECT_LT(matching_dense, 0.6);
+  e.cpu->SetAttentionOverride(sparse->get());
   EXPECT_EQ(e.gpu->SparseStats().sparse_prefills, 1);
 
   // Below the break-even length: dense on both (the CPU override declines too).

@@ -84,7 +84,7 @@ if wants sparse; then
   # dense_below_tokens: the break-even that bench/attention/sparse_attention_bench.py measures
   # for vertical-slash (v=1000, s=6096) against our dense kernel on structured inputs.
   sparse_lengths=16384,32768,65536,131072
-  dense_below=24576
+  dense_below="${DENSE_BELOW:-24576}"
   python3 bench/ttft/uniform_sparse_config.py --model "$big" --pattern vertical_slash \
     --vertical 1000 --slash 6096 --dense_below_tokens "$dense_below" > /tmp/gpe/vs.json
   python3 bench/ttft/uniform_sparse_config.py --model "$big" --pattern a_shape \

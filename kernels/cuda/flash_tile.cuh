@@ -434,6 +434,40 @@ struct FlashBlock {
   }
 };
 
+// Key tiles 0 .. count - 1 of one KV head, contiguous: the tile list of causal dense
+// attention for a FlashBlock `Block` (the dense kernel's, and the sparse kernel's for query
+// blocks that select every key).
+template <typename Block>
+struct CausalTiles {
+  static constexpr int kKeys = Block::kTileKeys;
+  static constexpr int kHeadDim = Block::kHeadDim;
+  const uint16_t* k;  // KV head's column, row 0.
+  const uint16_t* v;
+  int64_t stride;
+  int64_t n_kv;
+  int num_tiles;
+
+  __device__ __forceinline__ int count() const { return num_tiles; }
+  __device__ __forceinline__ void Load(int tile, __nv_bfloat16* k_dst, __nv_bfloat16* v_dst) const {
+    const int64_t key0 = int64_t{tile} * kKeys;
+    LoadTile<kHeadDim, kKeys, Block::kThreads>(k_dst, k + key0 * stride, stride, n_kv - key0);
+    LoadTile<kHeadDim, kKeys, Block::kThreads>(v_dst, v + key0 * stride, stride, n_kv - key0);
+  }
+  __device__ __forceinline__ bool Visible(int tile, int64_t group_pos0, TileMask* mask) const {
+    const int64_t key0 = int64_t{tile} * kKeys;
+    // Tiles entirely after this group's last row contribute nothing; a tile that straddles the
+    // diagonal is masked (key and row compare as int32 positions: n_kv <= 2^31).
+    if (key0 > group_pos0 + Block::kGroupRows - 1) return false;
+    *mask = TileMask{key0 + kKeys - 1 <= group_pos0,
+                     static_cast<int>(key0),
+                     nullptr,
+                     kKeys,
+                     static_cast<int>(group_pos0),
+                     0};
+    return true;
+  }
+};
+
 }  // namespace cuda
 }  // namespace sparseaccel
 

@@ -14,42 +14,8 @@ namespace sparseaccel {
 namespace cuda {
 namespace {
 
-// Key tiles 0 .. count - 1 of one KV head, contiguous.
 template <int kHeadDim, bool kWgmma>
 using DenseBlock = AttentionBlock<kHeadDim, kWgmma>;
-
-template <int kHeadDim, bool kWgmma>
-struct DenseTiles {
-  using Block = DenseBlock<kHeadDim, kWgmma>;
-  static constexpr int kKeys = Block::kTileKeys;
-  static constexpr int kGroupRows = Block::kGroupRows;
-  const uint16_t* k;  // KV head's column, row 0.
-  const uint16_t* v;
-  int64_t stride;
-  int64_t n_kv;
-  int num_tiles;
-
-  __device__ __forceinline__ int count() const { return num_tiles; }
-  __device__ __forceinline__ void Load(int tile, __nv_bfloat16* k_dst, __nv_bfloat16* v_dst) const {
-    constexpr int kThreads = Block::kThreads;
-    const int64_t key0 = int64_t{tile} * kKeys;
-    LoadTile<kHeadDim, kKeys, kThreads>(k_dst, k + key0 * stride, stride, n_kv - key0);
-    LoadTile<kHeadDim, kKeys, kThreads>(v_dst, v + key0 * stride, stride, n_kv - key0);
-  }
-  __device__ __forceinline__ bool Visible(int tile, int64_t group_pos0, TileMask* mask) const {
-    const int64_t key0 = int64_t{tile} * kKeys;
-    // Tiles entirely after this group's last row contribute nothing; a tile that straddles the
-    // diagonal is masked (key and row compare as int32 positions: n_kv <= 2^31).
-    if (key0 > group_pos0 + kGroupRows - 1) return false;
-    *mask = TileMask{key0 + kKeys - 1 <= group_pos0,
-                     static_cast<int>(key0),
-                     nullptr,
-                     kKeys,
-                     static_cast<int>(group_pos0),
-                     0};
-    return true;
-  }
-};
 
 template <int kHeadDim, bool kWgmma>
 __global__ void __launch_bounds__(DenseBlock<kHeadDim, kWgmma>::kThreads,
@@ -64,9 +30,8 @@ __global__ void __launch_bounds__(DenseBlock<kHeadDim, kWgmma>::kThreads,
   const int64_t q0 = (gridDim.y - 1 - blockIdx.y) * int64_t{Block::kQueryRows};
   const int64_t offset = args.n_kv - args.n;  // Position of query row 0.
   const int64_t last_pos = min(offset + q0 + Block::kQueryRows - 1, args.n_kv - 1);
-  DenseTiles<kHeadDim, kWgmma> tiles{x.k + kv_head * kHeadDim, x.v + kv_head * kHeadDim,
-                                     x.kv_stride, args.n_kv,
-                                     static_cast<int>(last_pos / Block::kTileKeys + 1)};
+  CausalTiles<Block> tiles{x.k + kv_head * kHeadDim, x.v + kv_head * kHeadDim, x.kv_stride,
+                           args.n_kv, static_cast<int>(last_pos / Block::kTileKeys + 1)};
   Block::Run(tiles, shared, x.q + q0 * x.q_stride + head * kHeadDim, x.q_stride, args.n - q0,
              offset + q0, scale_log2, x.out + q0 * x.out_stride + head * kHeadDim, x.out_stride);
 }

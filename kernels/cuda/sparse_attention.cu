@@ -7,7 +7,8 @@
 // BuildSparseIndex, each entry marked with the blocks that keep it) gathered a tile at a time.
 // A group folds in only what its own block selected (range tiles of its block, column entries
 // it keeps), so every query sees exactly its block's keys; both kinds go through the dense
-// kernel's FlashBlock pipeline and inner loop.
+// kernel's FlashBlock pipeline and inner loop. A pair whose blocks both select every key runs
+// the dense kernel's tile list (CausalTiles) instead.
 
 #include <climits>
 #include <cmath>

@@ -10,7 +10,6 @@
 // kernel's FlashBlock pipeline and inner loop. A pair whose blocks both select every key runs
 // the dense kernel's tile list (CausalTiles) instead.
 
-#include <climits>
 #include <cmath>
 
 #include "common/status_macros.h"
@@ -39,43 +38,30 @@ struct SparseTiles {
   int64_t stride;
   int num_tokens;
   int64_t first_pos;  // Position of the first query block's row 0.
-  // Per query block of the pair (the second may be empty): ascending range starts.
-  const int32_t* ranges[2];
-  int num_ranges[2];
-  int num_union;  // Distinct range starts of the two blocks.
+  // The pair's range starts, ascending, with owner bits (DeviceSparseIndex::pair_ranges), or
+  // for a pair clipped to one block that block's own starts with `range_owner` added.
+  const uint32_t* ranges;
+  uint32_t range_owner;
+  int num_ranges;
   // The union of the blocks' columns, with owner bits, and its span flags.
   const uint32_t* columns;
   int num_columns;
   const uint8_t* column_flags;
-  // Range tiles come from merging the two start lists in order; Load runs that merge (every
-  // thread the same, Load sees tiles 0, 1, 2, ... in order) and leaves each range tile's
-  // first key and owners (bit i: block i selected it) in shared memory for Visible, one slot
-  // per pipeline stage.
-  int next[2];   // First unmerged entry of each list...
-  int front[2];  // ...and its start (INT_MAX when the list is done).
-  int merged_start, merged_owners;
+  // Load leaves each range tile's first key and owners (bit i: block i selected it) in shared
+  // memory for Visible, one slot per pipeline stage.
   int2* tile_info;  // Shared [kStages].
 
-  __device__ __forceinline__ int RangeTiles() const { return num_union * kTilesPerRange; }
+  __device__ __forceinline__ int RangeTiles() const { return num_ranges * kTilesPerRange; }
   __device__ __forceinline__ int count() const {
     return RangeTiles() + (num_columns + kKeys - 1) / kKeys;
   }
 
-  __device__ __forceinline__ void Advance(int i) {
-    ++next[i];
-    front[i] = next[i] < num_ranges[i] ? ranges[i][next[i]] : INT_MAX;
-  }
-
   __device__ __forceinline__ void Load(int tile, __nv_bfloat16* k_dst, __nv_bfloat16* v_dst) {
     if (tile < RangeTiles()) {
-      if (tile % kTilesPerRange == 0) {
-        merged_start = min(front[0], front[1]);
-        merged_owners = (front[0] == merged_start ? 1 : 0) | (front[1] == merged_start ? 2 : 0);
-        if (merged_owners & 1) Advance(0);
-        if (merged_owners & 2) Advance(1);
-      }
-      const int key0 = merged_start + (tile % kTilesPerRange) * kKeys;
-      if (threadIdx.x == 0) tile_info[tile % kStages] = make_int2(key0, merged_owners);
+      const uint32_t entry = ranges[tile / kTilesPerRange] | range_owner;
+      const int key0 = static_cast<int>(entry & DeviceSparseIndex::kColumnKeyMask) +
+                       (tile % kTilesPerRange) * kKeys;
+      if (threadIdx.x == 0) tile_info[tile % kStages] = make_int2(key0, entry >> 30);
       LoadTile<kHeadDim, kKeys, Block::kThreads>(k_dst, k + key0 * stride, stride,
                                                  num_tokens - key0);
       LoadTile<kHeadDim, kKeys, Block::kThreads>(v_dst, v + key0 * stride, stride,
@@ -160,24 +146,32 @@ __global__ void __launch_bounds__(AttentionBlock<kHeadDim, kWgmma>::kThreads,
   const int64_t hi = min(2 * pair + 1, end_block - 1);
   const int64_t blocks = index.num_query_blocks;
   const int32_t* slots = index.range_start + head * (blocks * (blocks + 1) / 2);
+  const int32_t* block_ranges[2];
+  int block_range_count[2];
+  for (int i = 0; i < 2; ++i) {
+    const int64_t b = lo + i;
+    block_ranges[i] = slots + b * (b + 1) / 2;
+    block_range_count[i] = b <= hi ? index.range_count[head * blocks + b] : 0;
+  }
+  // Clipped pairs keep the whole pair's column union: each group takes the entries marked for
+  // its own block. Their ranges are the one block's own (the pair's union holds the other's).
+  const int64_t pair_id = head * index.NumPairs() + pair;
   Tiles tiles;
   tiles.k = x.k + kv_head * kHeadDim;
   tiles.v = x.v + kv_head * kHeadDim;
   tiles.stride = x.kv_stride;
   tiles.num_tokens = static_cast<int>(index.num_tokens);
   tiles.first_pos = lo * kBlockSize;
-  for (int i = 0; i < 2; ++i) {
-    const int64_t b = lo + i, row = head * blocks + b;
-    const bool present = b <= hi;
-    tiles.ranges[i] = slots + b * (b + 1) / 2;
-    tiles.num_ranges[i] = present ? index.range_count[row] : 0;
-    tiles.next[i] = 0;
-    tiles.front[i] = tiles.num_ranges[i] > 0 ? tiles.ranges[i][0] : INT_MAX;
+  if (hi > lo) {
+    tiles.ranges = index.pair_ranges + head * index.PairRangeSlotsPerHead() +
+                   DeviceSparseIndex::PairRangeOffset(pair);
+    tiles.range_owner = 0;
+    tiles.num_ranges = index.pair_range_count[pair_id];
+  } else {
+    tiles.ranges = reinterpret_cast<const uint32_t*>(block_ranges[0]);
+    tiles.range_owner = DeviceSparseIndex::kFirstBlockColumn;
+    tiles.num_ranges = block_range_count[0];
   }
-  // Clipped pairs keep the whole pair's column union: each group takes the entries marked for
-  // its own block.
-  const int64_t pair_id = head * index.NumPairs() + pair;
-  tiles.num_union = hi > lo ? index.pair_range_count[pair_id] : tiles.num_ranges[0];
   tiles.columns = index.pair_columns + pair_id * index.PairColumnSlots();
   tiles.num_columns = index.pair_column_count[pair_id];
   tiles.column_flags = index.pair_column_flags + pair_id * index.PairColumnFlagSlots();
@@ -193,10 +187,10 @@ __global__ void __launch_bounds__(AttentionBlock<kHeadDim, kWgmma>::kThreads,
   // kernel's tile list, the same keys without the range merge and ownership checks.
   bool selects_all = tiles.num_columns == 0;
   for (int i = 0; i < 2; ++i) {
-    const int64_t b = lo + i, n = tiles.num_ranges[i];
+    const int64_t b = lo + i, n = block_range_count[i];
     if (b <= hi) {
       selects_all &=
-          n == b + 1 && tiles.ranges[i][0] == 0 && tiles.ranges[i][n - 1] == b * kBlockSize;
+          n == b + 1 && block_ranges[i][0] == 0 && block_ranges[i][n - 1] == b * kBlockSize;
     }
   }
   using Block = typename Tiles::Block;

@@ -74,7 +74,11 @@ struct DeviceSparseIndex {
   // kFirstBlockColumn / kSecondBlockColumn set for the blocks that keep it. For every span of
   // kColumnFlagSpan entries, pair_column_flags (at (h * pairs + c) * PairColumnFlagSlots())
   // has bit i set if block i keeps every entry of the span, bit 2 + i if it keeps some.
+  // The union of the two blocks' range starts, ascending, each with kFirstBlockColumn /
+  // kSecondBlockColumn set for the blocks that select it: pair_range_count entries at
+  // pair_ranges + h * PairRangeSlotsPerHead() + PairRangeOffset(c).
   int32_t* pair_range_count = nullptr;
+  uint32_t* pair_ranges = nullptr;
   int32_t* pair_column_count = nullptr;
   uint32_t* pair_columns = nullptr;
   uint8_t* pair_column_flags = nullptr;
@@ -87,6 +91,13 @@ struct DeviceSparseIndex {
     return num_query_blocks * (num_query_blocks + 1) / 2;
   }
   SPARSEACCEL_HOST_DEVICE int64_t NumPairs() const { return (num_query_blocks + 1) / 2; }
+  // Pair c has at most (2c + 1) + (2c + 2) distinct starts; pairs 0 .. c - 1 take 2c^2 + c.
+  SPARSEACCEL_HOST_DEVICE static int64_t PairRangeOffset(int64_t pair) {
+    return 2 * pair * pair + pair;
+  }
+  SPARSEACCEL_HOST_DEVICE int64_t PairRangeSlotsPerHead() const {
+    return PairRangeOffset(NumPairs());
+  }
   SPARSEACCEL_HOST_DEVICE int64_t PairColumnSlots() const { return 2 * max_columns; }
   SPARSEACCEL_HOST_DEVICE int64_t PairColumnFlagSlots() const {
     return (PairColumnSlots() + kColumnFlagSpan - 1) / kColumnFlagSpan;

@@ -60,7 +60,8 @@ struct Layout {
   int64_t max_columns = 0;
   bool vertical_slash = false, block_sparse = false;
   size_t range_count = 0, range_start = 0, column_count = 0, column_index = 0;
-  size_t pair_range_count = 0, pair_column_count = 0, pair_columns = 0, pair_column_flags = 0;
+  size_t pair_range_count = 0, pair_ranges = 0, pair_column_count = 0, pair_columns = 0,
+         pair_column_flags = 0;
   // Vertical-slash scratch.
   int64_t select_chunks = 0;
   size_t partial_stats = 0, stats = 0, scores = 0, kept = 0, select_state = 0, digit_histogram = 0,
@@ -99,6 +100,8 @@ Layout MakeLayout(const SparseIndexArgs& args) {
   l.column_index = Take(&at, rows * l.max_columns * 4);
   const size_t pairs = static_cast<size_t>(l.heads * CeilDiv(l.blocks, 2));
   l.pair_range_count = Take(&at, pairs * 4);
+  l.pair_ranges = Take(&at, static_cast<size_t>(l.heads) *
+                                DeviceSparseIndex::PairRangeOffset(CeilDiv(l.blocks, 2)) * 4);
   l.pair_column_count = Take(&at, pairs * 4);
   l.pair_columns = Take(&at, pairs * 2 * l.max_columns * 4);
   l.pair_column_flags =
@@ -597,9 +600,32 @@ __global__ void __launch_bounds__(32 * kConvertWarps)
 
 // ---- Pairs of query blocks for the attention kernel: one thread per (head, pair) ----
 
-// Per (head, pair c): pair_range_count = |ranges of block 2c  U  ranges of block 2c + 1| (same
-// starts counted once), and the union of the two column lists with owner bits and span flags
-// (DeviceSparseIndex). The last pair of an odd count is block 2c alone.
+// Walks two ascending lists in order: emit(value, owners) once per distinct value, owners
+// bit 0 if `a` has it, bit 1 if `b` has it.
+template <typename Emit>
+__device__ void MergeAscending(const int32_t* a, int a_count, const int32_t* b, int b_count,
+                               const Emit& emit) {
+  int i = 0, j = 0;
+  while (i < a_count || j < b_count) {
+    const int32_t front_a = i < a_count ? a[i] : INT_MAX;
+    const int32_t front_b = j < b_count ? b[j] : INT_MAX;
+    const int32_t value = min(front_a, front_b);
+    const uint32_t owners = (front_a == value ? 1u : 0u) | (front_b == value ? 2u : 0u);
+    i += owners & 1;
+    j += owners >> 1;
+    emit(value, owners);
+  }
+}
+
+// Owner bits 0/1 as DeviceSparseIndex's entry bits.
+__device__ uint32_t OwnerBits(uint32_t owners) {
+  return (owners & 1 ? DeviceSparseIndex::kFirstBlockColumn : 0) |
+         (owners & 2 ? DeviceSparseIndex::kSecondBlockColumn : 0);
+}
+
+// Per (head, pair c): the union of the two blocks' range starts and of their column lists,
+// each entry with owner bits, and the columns' span flags (DeviceSparseIndex). The last pair
+// of an odd count is block 2c alone.
 __global__ void PairKernel(int heads, int blocks, DeviceSparseIndex index) {
   using Index = DeviceSparseIndex;
   const int pairs = (blocks + 1) / 2;
@@ -613,31 +639,23 @@ __global__ void PairKernel(int heads, int blocks, DeviceSparseIndex index) {
   const int32_t* second = slots + int64_t{b + 1} * (b + 2) / 2;
   const int first_count = index.range_count[row];
   const int second_count = single ? 0 : index.range_count[row + 1];
-  int i = 0, j = 0, common = 0;
-  while (i < first_count && j < second_count) {
-    const int32_t a = first[i], c = second[j];
-    common += a == c;
-    i += a <= c;
-    j += c <= a;
-  }
-  index.pair_range_count[id] = first_count + second_count - common;
+  uint32_t* merged =
+      index.pair_ranges + head * index.PairRangeSlotsPerHead() + Index::PairRangeOffset(b / 2);
+  int written_ranges = 0;
+  MergeAscending(first, first_count, second, second_count, [&](int32_t start, uint32_t owners) {
+    merged[written_ranges++] = static_cast<uint32_t>(start) | OwnerBits(owners);
+  });
+  index.pair_range_count[id] = written_ranges;
 
   const int32_t* columns[2] = {index.column_index + row * index.max_columns,
                                index.column_index + (row + 1) * index.max_columns};
   const int counts[2] = {index.column_count[row], single ? 0 : index.column_count[row + 1]};
   uint32_t* out = index.pair_columns + id * index.PairColumnSlots();
   uint8_t* flags = index.pair_column_flags + id * index.PairColumnFlagSlots();
-  int taken[2] = {0, 0}, written = 0;
+  int written = 0;
   uint32_t span_all = 3, span_any = 0;
-  while (taken[0] < counts[0] || taken[1] < counts[1]) {
-    const int32_t front0 = taken[0] < counts[0] ? columns[0][taken[0]] : INT_MAX;
-    const int32_t front1 = taken[1] < counts[1] ? columns[1][taken[1]] : INT_MAX;
-    const int32_t key = min(front0, front1);
-    const uint32_t owners = (front0 == key ? 1u : 0u) | (front1 == key ? 2u : 0u);
-    taken[0] += owners & 1;
-    taken[1] += owners >> 1;
-    out[written] = static_cast<uint32_t>(key) | (owners & 1 ? Index::kFirstBlockColumn : 0) |
-                   (owners & 2 ? Index::kSecondBlockColumn : 0);
+  MergeAscending(columns[0], counts[0], columns[1], counts[1], [&](int32_t key, uint32_t owners) {
+    out[written] = static_cast<uint32_t>(key) | OwnerBits(owners);
     span_all &= owners;
     span_any |= owners;
     ++written;
@@ -646,7 +664,7 @@ __global__ void PairKernel(int heads, int blocks, DeviceSparseIndex index) {
       span_all = 3;
       span_any = 0;
     }
-  }
+  });
   if (written % Index::kColumnFlagSpan != 0) {
     flags[written / Index::kColumnFlagSpan] = static_cast<uint8_t>(span_all | span_any << 2);
   }
@@ -878,6 +896,7 @@ absl::Status BuildSparseIndex(const SparseIndexArgs& args, void* workspace, size
   index->column_count = out.column_count;
   index->column_index = out.column_index;
   index->pair_range_count = At<int32_t>(workspace, l.pair_range_count);
+  index->pair_ranges = At<uint32_t>(workspace, l.pair_ranges);
   index->pair_column_count = At<int32_t>(workspace, l.pair_column_count);
   index->pair_columns = At<uint32_t>(workspace, l.pair_columns);
   index->pair_column_flags = At<uint8_t>(workspace, l.pair_column_flags);

@@ -251,13 +251,16 @@ TEST_F(SparseAttentionTest, IndicesEqualCpuOnPlantedHeads) {
 // Exactly tied scores across the top-k's chunks of 4096: with every key the same vector, all
 // the columns that every estimating query sees score the same, and each budget ends inside that
 // tie, so the smaller indices must be kept (the CPU rule) on both sides of a chunk boundary.
+// The same holds for block-sparse heads: every pooled key block is the same vector, so each
+// query block's candidates tie and the smallest blocks (with the diagonal) are kept.
 TEST_F(SparseAttentionTest, TiedScoresKeepTheSmallerIndices) {
   const int64_t n = 9000, dim = 128;
-  Layer l = RandomLayer(n, 2, 1, dim);
+  Layer l = RandomLayer(n, 4, 1, dim);
   const std::vector<uint16_t> key = RandomBf16(dim, 1.5f);
   for (int64_t r = 0; r < n; ++r) std::copy(key.begin(), key.end(), &l.k[r * dim]);
   ASSERT_OK(l.Upload());
-  const std::vector<HeadPattern> heads = {VerticalSlash(6000, 64), VerticalSlash(4100, 64, 16)};
+  const std::vector<HeadPattern> heads = {VerticalSlash(6000, 64), VerticalSlash(4100, 64, 16),
+                                          BlockSparse(50), BlockSparse(1)};
   ASSERT_OK_AND_ASSIGN(index, Build(l, heads));
   ASSERT_OK_AND_ASSIGN(gpu, CopyIndexToHost(index, nullptr));
   const std::vector<SparseIndex> cpu = CpuIndices(l, heads);

@@ -15,8 +15,9 @@
 //   6. ConvertKernel: one warp per (head, query block) runs Algorithm 2 over the kept offsets
 //      (far first) and columns, as ConvertVerticalSlash does.
 // block-sparse heads: PoolKernel (block means of Q and K), then BlockSparseKernel: one thread
-//   block per (head, query block) scores the causal key blocks, sorts them (bitonic, the
-//   diagonal forced first, ties to the smaller block) and keeps the top k in ascending order.
+//   block per (head, 4 query blocks) scores the causal key blocks (the diagonal forced to
+//   +inf) and keeps each query block's top k by radix select in shared memory (ties to the
+//   smaller block), in ascending order.
 // A-shape and dense heads: ConvertKernel writes their fixed ranges.
 
 #include <algorithm>
@@ -44,9 +45,15 @@ constexpr int kEstimateKeys = 64;   // Keys per tile.
 constexpr int kChunkKeys = 1024;    // Keys per thread block.
 constexpr int kForcedColumns = 4;   // As VerticalSlashIndex.
 constexpr int kForcedSlashes = 64;  // kBlockSize offsets.
-constexpr int kMaxBlockSparseBlocks =
-    8192;                         // 512K tokens: the bitonic sort lives in shared memory.
-constexpr int kConvertWarps = 4;  // Warps per thread block of ConvertKernel.
+// Block-sparse: query blocks per thread block (each pooled K row read serves all of them), and
+// the most blocks: their scores live in shared memory (4 x 8192 x 4 bytes, 512K tokens).
+constexpr int kBlockSparseRows = 4;
+constexpr int kBlockSparseWarps = 8;
+constexpr int kBlockSparseThreads = 32 * kBlockSparseWarps;
+constexpr int kMaxBlockSparseBlocks = 8192;
+constexpr int kConvertWarps = 4;    // Warps per thread block of ConvertKernel...
+constexpr int kConvertBatches = 4;  // ...and batches of 32 entries each warp reads at once.
+constexpr int kPairWarps = 4;       // Warps per thread block of PairKernel.
 // Radix select: 4 passes of 8-bit digits, most significant first; chunks of 4096 scores.
 constexpr int kDigitBits = 8, kDigits = 1 << kDigitBits, kSelectPasses = 32 / kDigitBits;
 constexpr int kSelectThreads = 256, kSelectPerThread = 16;
@@ -373,13 +380,11 @@ __global__ void __launch_bounds__(kSelectThreads)
   }
 }
 
-// One warp per segment: the digit of T at this pass, the largest digit d with at least k
-// scores at or above it, and how many scores equal to T's digits so far remain to be kept.
-__global__ void SelectDigitKernel(int pass, VerticalSlashScratch s) {
-  const int segment = blockIdx.x, segments = gridDim.x, lane = threadIdx.x;
-  uint2 state = s.select_state[segment];
-  if (state.y == 0) return;
-  const uint32_t* histogram = s.digit_histogram + (int64_t{pass} * segments + segment) * kDigits;
+// One warp, one top-k select: from the 256-bin `histogram` of this pass (global or shared
+// memory) and `state` (the digits of T found so far, how many scores equal to them remain to
+// be kept; y > 0), the next state, in every lane: T's digit at this pass (the largest digit d
+// with at least y scores at or above it) appended, and y less the scores above that digit.
+__device__ uint2 SelectDigit(const uint32_t* histogram, uint2 state, int lane) {
   constexpr int kPerLane = kDigits / 32;
   uint32_t bins[kPerLane], mine = 0;
 #pragma unroll
@@ -395,12 +400,27 @@ __global__ void SelectDigitKernel(int pass, VerticalSlashScratch s) {
     if (lane + delta < 32) at_or_above += other;
   }
   uint32_t above = at_or_above - mine;
-  if (!(above < state.y && state.y <= at_or_above)) return;  // One lane holds T's digit.
-  int e = kPerLane - 1;
-  for (; e > 0 && above + bins[e] < state.y; --e) above += bins[e];
-  state.x = state.x << kDigitBits | static_cast<uint32_t>(lane * kPerLane + e);
-  state.y -= above;
-  s.select_state[segment] = state;
+  const bool holds = above < state.y && state.y <= at_or_above;  // Exactly one lane does.
+  uint32_t digit = 0;
+  if (holds) {
+    int e = kPerLane - 1;
+    for (; e > 0 && above + bins[e] < state.y; --e) above += bins[e];
+    digit = static_cast<uint32_t>(lane * kPerLane + e);
+  }
+  const int holder = __ffs(__ballot_sync(~0u, holds)) - 1;
+  digit = __shfl_sync(~0u, digit, holder);
+  above = __shfl_sync(~0u, above, holder);
+  return make_uint2(state.x << kDigitBits | digit, state.y - above);
+}
+
+// One warp per segment: SelectDigit on the segment's histogram of this pass.
+__global__ void SelectDigitKernel(int pass, VerticalSlashScratch s) {
+  const int segment = blockIdx.x, segments = gridDim.x;
+  const uint2 state = s.select_state[segment];
+  if (state.y == 0) return;
+  const uint2 next = SelectDigit(
+      s.digit_histogram + (int64_t{pass} * segments + segment) * kDigits, state, threadIdx.x);
+  if (threadIdx.x == 0) s.select_state[segment] = next;
 }
 
 // Per thread, its kSelectPerThread consecutive scores of the chunk: above T << 16 | equal to T.
@@ -558,38 +578,66 @@ __global__ void __launch_bounds__(32 * kConvertWarps)
     int lo = 0, last = 0;  // The open interval's start; the previous offset walked.
     bool open = false;
     while (walked > 0) {
-      const int i = walked - 1 - lane;
-      const int o = i >= 0 ? slashes[i] : 0;
-      int before = __shfl_up_sync(~0u, o, 1);
-      if (lane == 0) before = last;
-      uint32_t starts =
-          __ballot_sync(~0u, i >= 0 && ((!open && lane == 0) || before - o > q1 - q0));
-      while (starts != 0) {
-        const int at = __ffs(starts) - 1;
-        starts &= starts - 1;
-        const int end_offset = at == 0 ? last : __shfl_sync(~0u, o, at - 1);
-        if (open) writer.Cover(lo, q1 - 1 - end_offset, lane);
-        lo = max(0, q0 - __shfl_sync(~0u, o, at));
-        open = true;
+      // kConvertBatches batches of 32 offsets read at once: their loads overlap.
+      int offsets[kConvertBatches];
+#pragma unroll
+      for (int j = 0; j < kConvertBatches; ++j) {
+        const int i = walked - 1 - lane - 32 * j;
+        offsets[j] = i >= 0 ? slashes[i] : 0;
       }
-      last = __shfl_sync(~0u, o, min(31, walked - 1));
-      walked -= 32;
+#pragma unroll
+      for (int j = 0; j < kConvertBatches; ++j) {
+        if (walked <= 0) break;
+        const int i = walked - 1 - lane;
+        const int o = offsets[j];
+        int before = __shfl_up_sync(~0u, o, 1);
+        if (lane == 0) before = last;
+        uint32_t starts =
+            __ballot_sync(~0u, i >= 0 && ((!open && lane == 0) || before - o > q1 - q0));
+        while (starts != 0) {
+          const int at = __ffs(starts) - 1;
+          starts &= starts - 1;
+          const int end_offset = at == 0 ? last : __shfl_sync(~0u, o, at - 1);
+          if (open) writer.Cover(lo, q1 - 1 - end_offset, lane);
+          lo = max(0, q0 - __shfl_sync(~0u, o, at));
+          open = true;
+        }
+        last = __shfl_sync(~0u, o, min(31, walked - 1));
+        walked -= 32;
+      }
     }
     if (open) writer.Cover(lo, q1 - 1 - last, lane);
     __syncwarp();  // The ranges, read back below.
     // Columns inside a range are dropped (the range computes them).
     int32_t* column_out = out.column_index + row * out.max_columns;
     const int num_verticals = min(p.vertical, n);
-    for (int i0 = 0; i0 < num_verticals; i0 += 32) {
-      const int i = i0 + lane;
-      const int col = i < num_verticals ? verticals[i] : INT_MAX;
-      bool take = col < q1;
-      if (take) {
-        const int r = UpperBound(writer.ranges, writer.count, col) - 1;  // Last start <= col.
-        take = r < 0 || writer.ranges[r] + kBlock <= col;
+    // Binary lifting over the ranges, kConvertBatches batches of columns interleaved so that
+    // their loads overlap (one search per lane and batch: the number of starts <= the column).
+    const int top_step = writer.count > 0 ? 1 << (31 - __clz(writer.count)) : 0;
+    for (int i0 = 0; i0 < num_verticals; i0 += 32 * kConvertBatches) {
+      int cols[kConvertBatches], at_or_below[kConvertBatches];
+#pragma unroll
+      for (int j = 0; j < kConvertBatches; ++j) {
+        const int i = i0 + 32 * j + lane;
+        cols[j] = i < num_verticals ? verticals[i] : INT_MAX;
+        at_or_below[j] = 0;
       }
-      columns = WarpAppend(column_out, columns, take, col, lane);
-      if (__any_sync(~0u, col >= q1)) break;  // Ascending: the rest lie past the block.
+      for (int step = top_step; step > 0; step >>= 1) {
+#pragma unroll
+        for (int j = 0; j < kConvertBatches; ++j) {
+          const int probe = at_or_below[j] + step;
+          if (probe <= writer.count && writer.ranges[probe - 1] <= cols[j]) at_or_below[j] = probe;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kConvertBatches; ++j) {
+        const int r = at_or_below[j] - 1;  // Last start <= the column.
+        const bool take =
+            cols[j] < q1 && (r < 0 || writer.ranges[r] + kBlock <= cols[j]);
+        columns = WarpAppend(column_out, columns, take, cols[j], lane);
+      }
+      // Ascending: the rest lie past the block.
+      if (__any_sync(~0u, cols[kConvertBatches - 1] >= q1)) break;
     }
   }
   if (lane == 0) {
@@ -598,23 +646,41 @@ __global__ void __launch_bounds__(32 * kConvertWarps)
   }
 }
 
-// ---- Pairs of query blocks for the attention kernel: one thread per (head, pair) ----
+// ---- Pairs of query blocks for the attention kernel: one warp per (head, pair) ----
 
-// Walks two ascending lists in order: emit(value, owners) once per distinct value, owners
-// bit 0 if `a` has it, bit 1 if `b` has it.
+// The union of two ascending lists without repeats, each value once at its place in the
+// ascending union: emit(position, value, owners), owners bit 0 if `a` has it, bit 1 if `b`
+// has it; returns the union's size. One warp: each value is placed by a binary search in the
+// other list (a serial merge per pair, one thread each, left most of the GPU idle).
 template <typename Emit>
-__device__ void MergeAscending(const int32_t* a, int a_count, const int32_t* b, int b_count,
-                               const Emit& emit) {
-  int i = 0, j = 0;
-  while (i < a_count || j < b_count) {
-    const int32_t front_a = i < a_count ? a[i] : INT_MAX;
-    const int32_t front_b = j < b_count ? b[j] : INT_MAX;
-    const int32_t value = min(front_a, front_b);
-    const uint32_t owners = (front_a == value ? 1u : 0u) | (front_b == value ? 2u : 0u);
-    i += owners & 1;
-    j += owners >> 1;
-    emit(value, owners);
+__device__ int WarpMergeAscending(const int32_t* a, int a_count, const int32_t* b, int b_count,
+                                  int lane, const Emit& emit) {
+  const uint32_t below_lane = (1u << lane) - 1;
+  // a[i] follows a's i smaller values and b's smaller values that a lacks; b's smaller values
+  // that a has are a's earlier values found in b.
+  int common = 0;
+  for (int i0 = 0; i0 < a_count; i0 += 32) {
+    const int i = i0 + lane;
+    const int32_t value = i < a_count ? a[i] : 0;
+    const int rank = i < a_count ? UpperBound(b, b_count, value - 1) : 0;  // b's below value.
+    const bool in_b = i < a_count && rank < b_count && b[rank] == value;
+    const uint32_t ballot = __ballot_sync(~0u, in_b);
+    if (i < a_count) emit(i + rank - common - __popc(ballot & below_lane), value, in_b ? 3u : 1u);
+    common += __popc(ballot);
   }
+  const int union_size = a_count + b_count - common;
+  // b[j] that a lacks follows a's smaller values and b's j earlier ones less those a has.
+  common = 0;
+  for (int j0 = 0; j0 < b_count; j0 += 32) {
+    const int j = j0 + lane;
+    const int32_t value = j < b_count ? b[j] : 0;
+    const int rank = j < b_count ? UpperBound(a, a_count, value - 1) : 0;  // a's below value.
+    const bool in_a = j < b_count && rank < a_count && a[rank] == value;
+    const uint32_t ballot = __ballot_sync(~0u, in_a);
+    if (j < b_count && !in_a) emit(j + rank - common - __popc(ballot & below_lane), value, 2u);
+    common += __popc(ballot);
+  }
+  return union_size;
 }
 
 // Owner bits 0/1 as DeviceSparseIndex's entry bits.
@@ -626,10 +692,13 @@ __device__ uint32_t OwnerBits(uint32_t owners) {
 // Per (head, pair c): the union of the two blocks' range starts and of their column lists,
 // each entry with owner bits, and the columns' span flags (DeviceSparseIndex). The last pair
 // of an odd count is block 2c alone.
-__global__ void PairKernel(int heads, int blocks, DeviceSparseIndex index) {
+__global__ void __launch_bounds__(32 * kPairWarps)
+    PairKernel(int heads, int blocks, DeviceSparseIndex index) {
   using Index = DeviceSparseIndex;
+  static_assert(Index::kColumnFlagSpan == 32, "a warp reads one span at a time");
   const int pairs = (blocks + 1) / 2;
-  const int64_t id = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  const int64_t id = int64_t{blockIdx.x} * kPairWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
   if (id >= int64_t{heads} * pairs) return;
   const int head = static_cast<int>(id / pairs), b = 2 * static_cast<int>(id % pairs);
   const bool single = b + 1 == blocks;
@@ -641,34 +710,39 @@ __global__ void PairKernel(int heads, int blocks, DeviceSparseIndex index) {
   const int second_count = single ? 0 : index.range_count[row + 1];
   uint32_t* merged =
       index.pair_ranges + head * index.PairRangeSlotsPerHead() + Index::PairRangeOffset(b / 2);
-  int written_ranges = 0;
-  MergeAscending(first, first_count, second, second_count, [&](int32_t start, uint32_t owners) {
-    merged[written_ranges++] = static_cast<uint32_t>(start) | OwnerBits(owners);
-  });
-  index.pair_range_count[id] = written_ranges;
+  const int num_ranges =
+      WarpMergeAscending(first, first_count, second, second_count, lane,
+                         [&](int at, int32_t start, uint32_t owners) {
+                           merged[at] = static_cast<uint32_t>(start) | OwnerBits(owners);
+                         });
 
   const int32_t* columns[2] = {index.column_index + row * index.max_columns,
                                index.column_index + (row + 1) * index.max_columns};
   const int counts[2] = {index.column_count[row], single ? 0 : index.column_count[row + 1]};
   uint32_t* out = index.pair_columns + id * index.PairColumnSlots();
   uint8_t* flags = index.pair_column_flags + id * index.PairColumnFlagSlots();
-  int written = 0;
-  uint32_t span_all = 3, span_any = 0;
-  MergeAscending(columns[0], counts[0], columns[1], counts[1], [&](int32_t key, uint32_t owners) {
-    out[written] = static_cast<uint32_t>(key) | OwnerBits(owners);
-    span_all &= owners;
-    span_any |= owners;
-    ++written;
-    if (written % Index::kColumnFlagSpan == 0) {
-      flags[written / Index::kColumnFlagSpan - 1] = static_cast<uint8_t>(span_all | span_any << 2);
-      span_all = 3;
-      span_any = 0;
+  const int num_columns =
+      WarpMergeAscending(columns[0], counts[0], columns[1], counts[1], lane,
+                         [&](int at, int32_t key, uint32_t owners) {
+                           out[at] = static_cast<uint32_t>(key) | OwnerBits(owners);
+                         });
+  __syncwarp();  // The merged columns, read back for their spans' flags.
+  for (int span0 = 0; span0 < num_columns; span0 += Index::kColumnFlagSpan) {
+    const int at = span0 + lane;
+    const uint32_t entry = at < num_columns ? out[at] : 0;
+    const uint32_t present = __ballot_sync(~0u, at < num_columns);
+    const uint32_t first_keeps = __ballot_sync(~0u, (entry & Index::kFirstBlockColumn) != 0);
+    const uint32_t second_keeps = __ballot_sync(~0u, (entry & Index::kSecondBlockColumn) != 0);
+    if (lane == 0) {
+      const uint32_t all = (first_keeps == present ? 1u : 0u) | (second_keeps == present ? 2u : 0u);
+      const uint32_t some = (first_keeps != 0 ? 1u : 0u) | (second_keeps != 0 ? 2u : 0u);
+      flags[span0 / Index::kColumnFlagSpan] = static_cast<uint8_t>(all | some << 2);
     }
-  });
-  if (written % Index::kColumnFlagSpan != 0) {
-    flags[written / Index::kColumnFlagSpan] = static_cast<uint8_t>(span_all | span_any << 2);
   }
-  index.pair_column_count[id] = written;
+  if (lane == 0) {
+    index.pair_range_count[id] = num_ranges;
+    index.pair_column_count[id] = num_columns;
+  }
 }
 
 // ---- Block-sparse ----
@@ -690,70 +764,112 @@ __global__ void PoolKernel(SparseIndexArgs args, float* pooled_q, float* pooled_
   dst[d] = sum / static_cast<float>(r1 - r0);
 }
 
-__global__ void BlockSparseKernel(SparseIndexArgs args, const float* pooled_q,
-                                  const float* pooled_k, float scale, IndexOut out) {
+// One thread block per (head, kBlockSparseRows consecutive query blocks). Scores: one warp per
+// candidate key block at a time reads its pooled K row once (coalesced) for all the thread
+// block's query blocks (with one thread per candidate reading whole rows, the kernel took 59 ms
+// at 128K). Then per query block the top k by radix select in shared memory, the rule of the
+// vertical-slash select (every score above the k-th largest T, then the first ones equal to
+// it: ties to the smaller block); the diagonal block scores +inf, so it is always kept.
+template <int kHeadDim>
+__global__ void __launch_bounds__(kBlockSparseThreads)
+    BlockSparseKernel(SparseIndexArgs args, const float* pooled_q, const float* pooled_k,
+                      float scale, IndexOut out) {
+  static_assert(kBlockSparseRows == 4 && kBlockSparseWarps == 2 * kBlockSparseRows,
+                "the reduction below hands one query block to each 8 lanes; two warps select "
+                "for each query block");
+  constexpr int kPerLane = kHeadDim / 32;
   const int head = blockIdx.y;
   const DeviceHeadPattern p = args.patterns[head];
   if (p.kind != kBlockSparse) return;
-  const int blocks = gridDim.x;
-  const int b = blocks - 1 - blockIdx.x;
-  const int candidates = b + 1;
-  int padded = 1;
-  while (padded < candidates) padded <<= 1;
-  extern __shared__ __align__(128) unsigned char shared[];
-  // Sort keys: ordered score in the high half, ~block in the low half, so a descending sort
-  // puts higher scores first and, among equal scores, the smaller block first.
-  uint64_t* keys = reinterpret_cast<uint64_t*>(shared);
-  unsigned char* chosen = reinterpret_cast<unsigned char*>(keys + padded);
-  const int d = static_cast<int>(args.head_dim);
+  const int blocks = static_cast<int>((args.num_tokens + kBlockSize - 1) / kBlockSize);
+  const int first_block = (gridDim.x - 1 - blockIdx.x) * kBlockSparseRows;  // Long rows first.
+  const int rows = min(kBlockSparseRows, blocks - first_block);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  extern __shared__ __align__(16) uint32_t keys[];  // [kBlockSparseRows][blocks]: OrderedBits.
+  __shared__ uint32_t histogram[kBlockSparseRows][kDigits];
+  __shared__ uint2 state[kBlockSparseRows];
+
+  // Lane l holds dimensions l + 32 e of each query block's pooled Q.
+  float q[kBlockSparseRows][kPerLane];
+#pragma unroll
+  for (int r = 0; r < kBlockSparseRows; ++r) {
+    const float* row = pooled_q + (int64_t{head} * blocks + first_block + min(r, rows - 1)) *
+                                      kHeadDim;
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) q[r][e] = row[lane + 32 * e];
+  }
   const int kv_head = head / static_cast<int>(args.num_heads / args.num_kv_heads);
-  const float* q = pooled_q + (int64_t{head} * blocks + b) * d;
-  for (int kb = threadIdx.x; kb < padded; kb += blockDim.x) {
-    uint64_t key = 0;
-    if (kb < candidates) {
-      const float* k = pooled_k + (int64_t{kv_head} * blocks + kb) * d;
-      float dot = 0;
-      for (int t = 0; t < d; ++t) dot += q[t] * k[t];
-      const float score = kb == b ? INFINITY : dot * scale;  // The diagonal block is forced.
-      key = (uint64_t{OrderedBits(score)} << 32) | (0xffffffffu - static_cast<uint32_t>(kb));
-      chosen[kb] = 0;
+  const float* k_rows = pooled_k + int64_t{kv_head} * blocks * kHeadDim;
+  // After the reduction lane l holds query block l / 8's score.
+  const int my_row = lane / 8, my_block = first_block + my_row;
+  for (int kb = warp; kb < first_block + rows; kb += kBlockSparseWarps) {
+    float dot[kBlockSparseRows] = {};
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) {
+      const float k = k_rows[int64_t{kb} * kHeadDim + lane + 32 * e];
+#pragma unroll
+      for (int r = 0; r < kBlockSparseRows; ++r) dot[r] += q[r][e] * k;
     }
-    keys[kb] = key;
+    // Sum the four partial dots over the warp with 7 shuffles instead of 20: each exchange
+    // halves the rows a lane keeps while it halves the lanes still to add.
+    const bool upper = (lane & 16) != 0, odd = (lane & 8) != 0;
+    const float keep0 = upper ? dot[2] : dot[0], keep1 = upper ? dot[3] : dot[1];
+    const float send0 = upper ? dot[0] : dot[2], send1 = upper ? dot[1] : dot[3];
+    const float half0 = keep0 + __shfl_xor_sync(~0u, send0, 16);
+    const float half1 = keep1 + __shfl_xor_sync(~0u, send1, 16);
+    float sum = (odd ? half1 : half0) + __shfl_xor_sync(~0u, odd ? half0 : half1, 8);
+    sum += __shfl_xor_sync(~0u, sum, 4);
+    sum += __shfl_xor_sync(~0u, sum, 2);
+    sum += __shfl_xor_sync(~0u, sum, 1);
+    if (lane % 8 == 0 && my_row < rows && kb <= my_block) {
+      keys[my_row * blocks + kb] = OrderedBits(kb == my_block ? INFINITY : sum * scale);
+    }
   }
-  __syncthreads();
-  for (int size = 2; size <= padded; size <<= 1) {
-    for (int stride = size / 2; stride > 0; stride /= 2) {
-      for (int i = threadIdx.x; i < padded; i += blockDim.x) {
-        const int partner = i ^ stride;
-        if (partner > i) {
-          const uint64_t a = keys[i], c = keys[partner];
-          const bool descending = (i & size) == 0;
-          if ((a < c) == descending) {
-            keys[i] = c;
-            keys[partner] = a;
-          }
-        }
+
+  // Warps 2r and 2r + 1 select for query block r (every warp runs every pass: the barriers).
+  const int r = warp / 2, t = threadIdx.x % 64;
+  const int b = first_block + r;
+  const int candidates = r < rows ? b + 1 : 0;
+  const uint32_t* row_keys = keys + r * blocks;
+  if (t == 0) state[r] = make_uint2(0, min(p.top_k, candidates));
+  for (int pass = 0; pass < kSelectPasses; ++pass) {
+    for (int i = t; i < kDigits; i += 64) histogram[r][i] = 0;
+    __syncthreads();  // The keys (pass 0), the zeroed bins and state.
+    const uint2 found = state[r];
+    const int shift = 32 - kDigitBits * (pass + 1);
+    for (int j = t; j < candidates; j += 64) {
+      const uint32_t key = row_keys[j];
+      // pass 0 has no decided digits (and a shift by 32 would be undefined).
+      if (pass == 0 || (key >> (shift + kDigitBits)) == found.x) {
+        atomicAdd(&histogram[r][(key >> shift) & 0xff], 1u);
       }
-      __syncthreads();
     }
+    __syncthreads();
+    if (warp % 2 == 0 && found.y > 0) {
+      const uint2 next = SelectDigit(histogram[r], found, lane);
+      if (lane == 0) state[r] = next;
+    }
+    __syncthreads();  // state; and the bins are read before the next pass zeroes them.
   }
-  const int keep = min(p.top_k, candidates);
-  for (int i = threadIdx.x; i < keep; i += blockDim.x) {
-    chosen[0xffffffffu - static_cast<uint32_t>(keys[i] & 0xffffffffu)] = 1;
-  }
-  __syncthreads();
-  if (threadIdx.x >= 32) return;
-  // Ascending compaction by one warp.
+  if (warp % 2 != 0 || candidates == 0) return;
+  // One warp writes the kept blocks ascending.
+  const uint2 threshold = state[r];
   const int64_t row = int64_t{head} * blocks + b;
   int32_t* ranges = out.range_start + int64_t{head} * (int64_t{blocks} * (blocks + 1) / 2) +
                     int64_t{b} * (b + 1) / 2;
   int count = 0;
+  uint32_t equal_before = 0;  // Scores equal to T in earlier chunks.
   for (int base = 0; base < candidates; base += 32) {
-    const int kb = base + threadIdx.x;
-    const bool take = kb < candidates && chosen[kb];
-    count = WarpAppend(ranges, count, take, kb * static_cast<int>(kBlockSize), threadIdx.x);
+    const int kb = base + lane;
+    const uint32_t key = kb < candidates ? row_keys[kb] : 0;
+    const bool equal = kb < candidates && key == threshold.x;
+    const uint32_t equal_ballot = __ballot_sync(~0u, equal);
+    const uint32_t equal_rank = equal_before + __popc(equal_ballot & ((1u << lane) - 1));
+    const bool take = kb < candidates && (key > threshold.x || (equal && equal_rank < threshold.y));
+    count = WarpAppend(ranges, count, take, kb * static_cast<int>(kBlockSize), lane);
+    equal_before += __popc(equal_ballot);
   }
-  if (threadIdx.x == 0) {
+  if (lane == 0) {
     out.range_count[row] = count;
     out.column_count[row] = 0;
   }
@@ -877,14 +993,21 @@ absl::Status BuildSparseIndex(const SparseIndexArgs& args, void* workspace, size
     PoolKernel<<<dim3(static_cast<unsigned>(l.blocks), static_cast<unsigned>(l.heads + l.kv_heads)),
                  static_cast<unsigned>(l.head_dim), 0, stream>>>(args, pooled_q, pooled_k);
     RETURN_IF_LAUNCH_FAILED("PoolKernel");
-    int padded = 1;
-    while (padded < l.blocks) padded <<= 1;
-    const int shared = padded * 8 + static_cast<int>(l.blocks);
-    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(BlockSparseKernel,
-                                              cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+    const int shared = static_cast<int>(kBlockSparseRows * l.blocks * 4);
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(l.head_dim)));
-    BlockSparseKernel<<<dim3(static_cast<unsigned>(l.blocks), static_cast<unsigned>(l.heads)), 128,
-                        shared, stream>>>(args, pooled_q, pooled_k, scale, out);
+    const dim3 grid(static_cast<unsigned>(CeilDiv(l.blocks, kBlockSparseRows)),
+                    static_cast<unsigned>(l.heads));
+    if (l.head_dim == 64) {
+      CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+          BlockSparseKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+      BlockSparseKernel<64><<<grid, kBlockSparseThreads, shared, stream>>>(args, pooled_q,
+                                                                           pooled_k, scale, out);
+    } else {
+      CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+          BlockSparseKernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+      BlockSparseKernel<128><<<grid, kBlockSparseThreads, shared, stream>>>(args, pooled_q,
+                                                                            pooled_k, scale, out);
+    }
     RETURN_IF_LAUNCH_FAILED("BlockSparseKernel");
   }
   index->num_heads = l.heads;
@@ -901,7 +1024,7 @@ absl::Status BuildSparseIndex(const SparseIndexArgs& args, void* workspace, size
   index->pair_columns = At<uint32_t>(workspace, l.pair_columns);
   index->pair_column_flags = At<uint8_t>(workspace, l.pair_column_flags);
   const int64_t pairs = l.heads * CeilDiv(l.blocks, 2);
-  PairKernel<<<static_cast<unsigned>(CeilDiv(pairs, 128)), 128, 0, stream>>>(
+  PairKernel<<<static_cast<unsigned>(CeilDiv(pairs, kPairWarps)), 32 * kPairWarps, 0, stream>>>(
       heads, static_cast<int>(l.blocks), *index);
   RETURN_IF_LAUNCH_FAILED("PairKernel");
   return absl::OkStatus();

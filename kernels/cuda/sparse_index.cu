@@ -418,8 +418,8 @@ __global__ void SelectDigitKernel(int pass, VerticalSlashScratch s) {
   const int segment = blockIdx.x, segments = gridDim.x;
   const uint2 state = s.select_state[segment];
   if (state.y == 0) return;
-  const uint2 next = SelectDigit(
-      s.digit_histogram + (int64_t{pass} * segments + segment) * kDigits, state, threadIdx.x);
+  const uint2 next = SelectDigit(s.digit_histogram + (int64_t{pass} * segments + segment) * kDigits,
+                                 state, threadIdx.x);
   if (threadIdx.x == 0) s.select_state[segment] = next;
 }
 
@@ -632,8 +632,7 @@ __global__ void __launch_bounds__(32 * kConvertWarps)
 #pragma unroll
       for (int j = 0; j < kConvertBatches; ++j) {
         const int r = at_or_below[j] - 1;  // Last start <= the column.
-        const bool take =
-            cols[j] < q1 && (r < 0 || writer.ranges[r] + kBlock <= cols[j]);
+        const bool take = cols[j] < q1 && (r < 0 || writer.ranges[r] + kBlock <= cols[j]);
         columns = WarpAppend(column_out, columns, take, cols[j], lane);
       }
       // Ascending: the rest lie past the block.
@@ -710,22 +709,21 @@ __global__ void __launch_bounds__(32 * kPairWarps)
   const int second_count = single ? 0 : index.range_count[row + 1];
   uint32_t* merged =
       index.pair_ranges + head * index.PairRangeSlotsPerHead() + Index::PairRangeOffset(b / 2);
-  const int num_ranges =
-      WarpMergeAscending(first, first_count, second, second_count, lane,
-                         [&](int at, int32_t start, uint32_t owners) {
-                           merged[at] = static_cast<uint32_t>(start) | OwnerBits(owners);
-                         });
+  const int num_ranges = WarpMergeAscending(
+      first, first_count, second, second_count, lane, [&](int at, int32_t start, uint32_t owners) {
+        merged[at] = static_cast<uint32_t>(start) | OwnerBits(owners);
+      });
 
   const int32_t* columns[2] = {index.column_index + row * index.max_columns,
                                index.column_index + (row + 1) * index.max_columns};
   const int counts[2] = {index.column_count[row], single ? 0 : index.column_count[row + 1]};
   uint32_t* out = index.pair_columns + id * index.PairColumnSlots();
   uint8_t* flags = index.pair_column_flags + id * index.PairColumnFlagSlots();
-  const int num_columns =
-      WarpMergeAscending(columns[0], counts[0], columns[1], counts[1], lane,
-                         [&](int at, int32_t key, uint32_t owners) {
-                           out[at] = static_cast<uint32_t>(key) | OwnerBits(owners);
-                         });
+  const int num_columns = WarpMergeAscending(columns[0], counts[0], columns[1], counts[1], lane,
+                                             [&](int at, int32_t key, uint32_t owners) {
+                                               out[at] =
+                                                   static_cast<uint32_t>(key) | OwnerBits(owners);
+                                             });
   __syncwarp();  // The merged columns, read back for their spans' flags.
   for (int span0 = 0; span0 < num_columns; span0 += Index::kColumnFlagSpan) {
     const int at = span0 + lane;
@@ -793,8 +791,8 @@ __global__ void __launch_bounds__(kBlockSparseThreads)
   float q[kBlockSparseRows][kPerLane];
 #pragma unroll
   for (int r = 0; r < kBlockSparseRows; ++r) {
-    const float* row = pooled_q + (int64_t{head} * blocks + first_block + min(r, rows - 1)) *
-                                      kHeadDim;
+    const float* row =
+        pooled_q + (int64_t{head} * blocks + first_block + min(r, rows - 1)) * kHeadDim;
 #pragma unroll
     for (int e = 0; e < kPerLane; ++e) q[r][e] = row[lane + 32 * e];
   }
@@ -1000,13 +998,13 @@ absl::Status BuildSparseIndex(const SparseIndexArgs& args, void* workspace, size
     if (l.head_dim == 64) {
       CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
           BlockSparseKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-      BlockSparseKernel<64><<<grid, kBlockSparseThreads, shared, stream>>>(args, pooled_q,
-                                                                           pooled_k, scale, out);
+      BlockSparseKernel<64>
+          <<<grid, kBlockSparseThreads, shared, stream>>>(args, pooled_q, pooled_k, scale, out);
     } else {
       CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
           BlockSparseKernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-      BlockSparseKernel<128><<<grid, kBlockSparseThreads, shared, stream>>>(args, pooled_q,
-                                                                            pooled_k, scale, out);
+      BlockSparseKernel<128>
+          <<<grid, kBlockSparseThreads, shared, stream>>>(args, pooled_q, pooled_k, scale, out);
     }
     RETURN_IF_LAUNCH_FAILED("BlockSparseKernel");
   }

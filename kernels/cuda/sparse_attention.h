@@ -22,16 +22,11 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/host_device.h"
 #include "kernels/cuda/attention_operands.h"
 #include "kernels/sparse/pattern_config.h"
 #include "kernels/sparse/sparse_index.h"
 
-// Members the kernels call too (empty outside nvcc: the header stays plain C++).
-#ifdef __CUDACC__
-#define SPARSEACCEL_HOST_DEVICE __host__ __device__
-#else
-#define SPARSEACCEL_HOST_DEVICE
-#endif
 
 namespace sparseaccel {
 namespace cuda {

@@ -645,6 +645,27 @@ __global__ void __launch_bounds__(32 * kConvertWarps)
   }
 }
 
+// ---- Blocks that keep nearly every tile take them all (KeepsNearlyEveryTile) ----
+
+// One warp per (head, query block), after every pattern's conversion.
+__global__ void __launch_bounds__(32 * kConvertWarps)
+    NearlyEveryTileKernel(int heads, int blocks, IndexOut out) {
+  const int64_t row = int64_t{blockIdx.x} * kConvertWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= int64_t{heads} * blocks) return;
+  const int head = static_cast<int>(row / blocks), b = static_cast<int>(row % blocks);
+  const int64_t tiles =
+      out.range_count[row] + (out.column_count[row] + kBlockSize - 1) / kBlockSize;
+  if (!KeepsNearlyEveryTile(tiles, b + 1)) return;
+  int32_t* ranges = out.range_start + int64_t{head} * (int64_t{blocks} * (blocks + 1) / 2) +
+                    int64_t{b} * (b + 1) / 2;
+  for (int kb = lane; kb <= b; kb += 32) ranges[kb] = kb * static_cast<int>(kBlockSize);
+  if (lane == 0) {
+    out.range_count[row] = b + 1;
+    out.column_count[row] = 0;
+  }
+}
+
 // ---- Pairs of query blocks for the attention kernel: one warp per (head, pair) ----
 
 // The union of two ascending lists without repeats, each value once at its place in the
@@ -1008,6 +1029,9 @@ absl::Status BuildSparseIndex(const SparseIndexArgs& args, void* workspace, size
     }
     RETURN_IF_LAUNCH_FAILED("BlockSparseKernel");
   }
+  NearlyEveryTileKernel<<<static_cast<unsigned>(CeilDiv(rows, kConvertWarps)), 32 * kConvertWarps,
+                          0, stream>>>(heads, static_cast<int>(l.blocks), out);
+  RETURN_IF_LAUNCH_FAILED("NearlyEveryTileKernel");
   index->num_heads = l.heads;
   index->num_tokens = l.n;
   index->num_query_blocks = l.blocks;

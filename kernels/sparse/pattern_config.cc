@@ -203,11 +203,12 @@ SparseIndex BuildIndex(const HeadPattern& pattern, const float* q, int64_t q_str
                        int64_t k_stride, int64_t n, int64_t d) {
   switch (pattern.kind) {
     case HeadPattern::Kind::kAShape:
-      return AShapeIndex(n, pattern.sink, pattern.window);
+      return FillNearlyFullBlocks(AShapeIndex(n, pattern.sink, pattern.window));
     case HeadPattern::Kind::kVerticalSlash:
-      return VerticalSlashIndex(q, q_stride, k, k_stride, n, d, pattern.vertical_slash);
+      return FillNearlyFullBlocks(
+          VerticalSlashIndex(q, q_stride, k, k_stride, n, d, pattern.vertical_slash));
     case HeadPattern::Kind::kBlockSparse:
-      return BlockSparseIndex(q, q_stride, k, k_stride, n, d, pattern.top_k);
+      return FillNearlyFullBlocks(BlockSparseIndex(q, q_stride, k, k_stride, n, d, pattern.top_k));
     case HeadPattern::Kind::kDense:
       break;
   }

@@ -44,7 +44,8 @@ absl::StatusOr<SparseConfig> ParseSparseConfig(absl::string_view json_text);
 absl::StatusOr<SparseConfig> LoadSparseConfig(const std::string& path);
 std::string SparseConfigToJson(const SparseConfig& config);
 
-// The index a head's pattern selects for this head's Q and K ([n][head_dim] rows with strides).
+// The index a head's pattern selects for this head's Q and K ([n][head_dim] rows with strides),
+// with the blocks that keep nearly every tile keeping all (FillNearlyFullBlocks).
 SparseIndex BuildIndex(const HeadPattern& pattern, const float* q, int64_t q_stride, const float* k,
                        int64_t k_stride, int64_t num_tokens, int64_t head_dim);
 

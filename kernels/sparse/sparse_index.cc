@@ -80,6 +80,24 @@ std::vector<int64_t> SparseIndex::KeysOfBlock(int64_t block) const {
   return keys;
 }
 
+SparseIndex FillNearlyFullBlocks(const SparseIndex& index) {
+  std::vector<std::vector<int32_t>> ranges(index.num_query_blocks), columns(index.num_query_blocks);
+  for (int64_t b = 0; b < index.num_query_blocks; ++b) {
+    const int64_t tiles =
+        index.range_count[b] + (index.column_count[b] + kBlockSize - 1) / kBlockSize;
+    if (KeepsNearlyEveryTile(tiles, b + 1)) {
+      for (int64_t kb = 0; kb <= b; ++kb)
+        ranges[b].push_back(static_cast<int32_t>(kb * kBlockSize));
+      continue;
+    }
+    const int32_t* range_start = &index.range_start[b * index.max_ranges];
+    const int32_t* column_index = &index.column_index[b * index.max_columns];
+    ranges[b].assign(range_start, range_start + index.range_count[b]);
+    columns[b].assign(column_index, column_index + index.column_count[b]);
+  }
+  return Pack(index.num_tokens, ranges, columns);
+}
+
 LayerSparseIndex PackLayerIndex(const std::vector<SparseIndex>& heads) {
   LayerSparseIndex layer;
   layer.num_heads = static_cast<int64_t>(heads.size());

@@ -22,10 +22,22 @@
 #include <vector>
 
 #include "absl/types/span.h"
+#include "common/host_device.h"
 
 namespace sparseaccel {
 
 constexpr int64_t kBlockSize = 64;
+
+// Whether a query block whose selection costs `tiles` key tiles (its ranges plus its started
+// groups of 64 columns) of its `causal_tiles` (b + 1 for block b) keeps nearly every tile: at
+// least 9 in 10. Such a block takes all of them instead (FillNearlyFullBlocks, and the GPU index
+// likewise): the sparse kernel's per-tile overhead leaves nothing to save on the few it would
+// skip, and the extra keys only bring the output closer to dense. Integer arithmetic, so that
+// the CPU and the GPU decide alike.
+inline constexpr int64_t kNearlyEveryTileTenths = 9;
+SPARSEACCEL_HOST_DEVICE constexpr bool KeepsNearlyEveryTile(int64_t tiles, int64_t causal_tiles) {
+  return 10 * tiles >= kNearlyEveryTileTenths * causal_tiles;
+}
 
 struct SparseIndex {
   int64_t num_tokens = 0;
@@ -57,6 +69,10 @@ struct LayerSparseIndex {
   std::vector<int32_t> column_count;  // [num_heads][num_query_blocks]
   std::vector<int32_t> column_index;  // [num_heads][num_query_blocks][max_columns]
 };
+
+// `index` with every query block that keeps nearly every tile (KeepsNearlyEveryTile) keeping
+// all of them: ranges 0, 64, .., 64 b and no columns.
+SparseIndex FillNearlyFullBlocks(const SparseIndex& index);
 
 // The heads' indices must share num_tokens.
 LayerSparseIndex PackLayerIndex(const std::vector<SparseIndex>& heads);

@@ -73,6 +73,34 @@ TEST(SparseIndexTest, VerticalSlashConversionMatchesTheDocumentedExample) {
   ExpectWellFormed(index);
 }
 
+// The documented example's blocks 2 and 3 cost 4 tiles each (3 ranges and a group of 4
+// columns) of their 3 and 4 causal tiles: they take all of them. Blocks 0 and 1 already keep
+// every tile. A block keeping 8 of its 10 tiles stays as it is, 9 of 10 takes all.
+TEST(SparseIndexTest, BlocksKeepingNearlyEveryTileKeepAll) {
+  std::vector<int64_t> slashes = {100};
+  for (int64_t o = 0; o < 64; ++o) slashes.push_back(o);
+  const SparseIndex filled =
+      FillNearlyFullBlocks(ConvertVerticalSlash(256, {150, 3, 2, 1, 0, 2, 300}, slashes));
+  EXPECT_EQ(filled.range_count, (std::vector<int32_t>{1, 2, 3, 4}));
+  EXPECT_EQ(filled.range_start,
+            (std::vector<int32_t>{0, -1, -1, -1, 0, 64, -1, -1, 0, 64, 128, -1, 0, 64, 128, 192}));
+  EXPECT_EQ(filled.column_count, (std::vector<int32_t>{0, 0, 0, 0}));
+  ExpectWellFormed(filled);
+
+  EXPECT_FALSE(KeepsNearlyEveryTile(8, 10));
+  EXPECT_TRUE(KeepsNearlyEveryTile(9, 10));
+  // A-shape over 10 blocks: block 9 keeps the sink block and a window of 7 (8 of 10 tiles),
+  // block 8 keeps 8 of 9 (under 9 in 10 too); both stay, as does every block that keeps all.
+  const SparseIndex a_shape = AShapeIndex(640, 64, 7 * 64);
+  const SparseIndex same = FillNearlyFullBlocks(a_shape);
+  EXPECT_EQ(same.range_count, a_shape.range_count);
+  EXPECT_EQ(same.range_start, a_shape.range_start);
+  // A window of 8 blocks: block 9 keeps 9 of 10 and takes all.
+  const SparseIndex wider = FillNearlyFullBlocks(AShapeIndex(640, 64, 8 * 64));
+  EXPECT_EQ(wider.range_count[9], 10);
+  EXPECT_EQ(wider.range_count[8], 9);
+}
+
 TEST(SparseIndexTest, LayerPackingKeepsEveryHeadsIndex) {
   std::mt19937 rng(25);
   const int64_t n = 333;

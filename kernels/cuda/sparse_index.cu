@@ -668,6 +668,27 @@ __global__ void __launch_bounds__(32 * kConvertWarps)
 
 // ---- Pairs of query blocks for the attention kernel: one warp per (head, pair) ----
 
+// One warp: for each value of ascending `list` (no repeats), place(position, value, in_other)
+// with `position` its place in the ascending union with `other` if taken from `list`: after
+// list's smaller values and other's smaller values that list lacks (those it has are list's
+// earlier values found in other). Returns how many values both lists have.
+template <typename Place>
+__device__ int PlaceInUnion(const int32_t* list, int count, const int32_t* other, int other_count,
+                            int lane, const Place& place) {
+  const uint32_t below_lane = (1u << lane) - 1;
+  int common = 0;
+  for (int i0 = 0; i0 < count; i0 += 32) {
+    const int i = i0 + lane;
+    const int32_t value = i < count ? list[i] : 0;
+    const int rank = i < count ? UpperBound(other, other_count, value - 1) : 0;  // Those below.
+    const bool in_other = i < count && rank < other_count && other[rank] == value;
+    const uint32_t ballot = __ballot_sync(~0u, in_other);
+    if (i < count) place(i + rank - common - __popc(ballot & below_lane), value, in_other);
+    common += __popc(ballot);
+  }
+  return common;
+}
+
 // The union of two ascending lists without repeats, each value once at its place in the
 // ascending union: emit(position, value, owners), owners bit 0 if `a` has it, bit 1 if `b`
 // has it; returns the union's size. One warp: each value is placed by a binary search in the
@@ -675,32 +696,13 @@ __global__ void __launch_bounds__(32 * kConvertWarps)
 template <typename Emit>
 __device__ int WarpMergeAscending(const int32_t* a, int a_count, const int32_t* b, int b_count,
                                   int lane, const Emit& emit) {
-  const uint32_t below_lane = (1u << lane) - 1;
-  // a[i] follows a's i smaller values and b's smaller values that a lacks; b's smaller values
-  // that a has are a's earlier values found in b.
-  int common = 0;
-  for (int i0 = 0; i0 < a_count; i0 += 32) {
-    const int i = i0 + lane;
-    const int32_t value = i < a_count ? a[i] : 0;
-    const int rank = i < a_count ? UpperBound(b, b_count, value - 1) : 0;  // b's below value.
-    const bool in_b = i < a_count && rank < b_count && b[rank] == value;
-    const uint32_t ballot = __ballot_sync(~0u, in_b);
-    if (i < a_count) emit(i + rank - common - __popc(ballot & below_lane), value, in_b ? 3u : 1u);
-    common += __popc(ballot);
-  }
-  const int union_size = a_count + b_count - common;
-  // b[j] that a lacks follows a's smaller values and b's j earlier ones less those a has.
-  common = 0;
-  for (int j0 = 0; j0 < b_count; j0 += 32) {
-    const int j = j0 + lane;
-    const int32_t value = j < b_count ? b[j] : 0;
-    const int rank = j < b_count ? UpperBound(a, a_count, value - 1) : 0;  // a's below value.
-    const bool in_a = j < b_count && rank < a_count && a[rank] == value;
-    const uint32_t ballot = __ballot_sync(~0u, in_a);
-    if (j < b_count && !in_a) emit(j + rank - common - __popc(ballot & below_lane), value, 2u);
-    common += __popc(ballot);
-  }
-  return union_size;
+  const int common =
+      PlaceInUnion(a, a_count, b, b_count, lane,
+                   [&](int at, int32_t value, bool in_b) { emit(at, value, in_b ? 3u : 1u); });
+  PlaceInUnion(b, b_count, a, a_count, lane, [&](int at, int32_t value, bool in_a) {
+    if (!in_a) emit(at, value, 2u);
+  });
+  return a_count + b_count - common;
 }
 
 // Owner bits 0/1 as DeviceSparseIndex's entry bits.

@@ -87,8 +87,10 @@ class SparseAttentionTest : public CudaTest {
     return l;
   }
 
-  // One planted head per (query head = KV head).
-  Layer PlantedLayer(int64_t n, int64_t dim, const std::vector<Planted>& kinds) {
+  // One planted head per (query head = KV head); kSlash heads at `slash_offsets` (or
+  // PlantedHead's default).
+  Layer PlantedLayer(int64_t n, int64_t dim, const std::vector<Planted>& kinds,
+                     const std::vector<int64_t>& slash_offsets = {}) {
     const int64_t heads = static_cast<int64_t>(kinds.size());
     Layer l{n, heads, heads, dim};
     l.q.resize(n * heads * dim);
@@ -96,7 +98,7 @@ class SparseAttentionTest : public CudaTest {
     l.v.resize(n * heads * dim);
     std::mt19937 rng(static_cast<uint32_t>(rng_()));
     for (int64_t h = 0; h < heads; ++h) {
-      const HeadSample s = PlantedHead(kinds[h], n, dim, &rng);
+      const HeadSample s = PlantedHead(kinds[h], n, dim, &rng, 10.0, slash_offsets);
       for (int64_t r = 0; r < n; ++r) {
         for (int64_t t = 0; t < dim; ++t) {
           const int64_t at = (r * heads + h) * dim + t;
@@ -244,6 +246,43 @@ TEST_F(SparseAttentionTest, IndicesEqualCpuOnPlantedHeads) {
                         "dim " + std::to_string(dim) + " n " + std::to_string(n) + " head " +
                             std::to_string(h) + " seed " + std::to_string(seed_));
       }
+    }
+  }
+}
+
+// Planted diagonals 63, 64 and 65 apart and far apart: full query blocks see runs of offsets
+// that merge, split, and end at the block's last visible offset (the conversion takes whole
+// runs); the last, partial block (n = 64 * 62 + 32) walks its offsets one by one. One layer has
+// fixed offsets, one offsets drawn with gaps around 64.
+TEST_F(SparseAttentionTest, SlashRunsEqualCpu) {
+  const int64_t n = 4000, dim = 128;
+  std::vector<int64_t> drawn = {0};
+  for (int64_t o = 200 + rng_() % 64; drawn.size() < 7; o += 58 + rng_() % 13) {
+    drawn.push_back(o);
+    if (rng_() % 3 == 0) o += 500;
+  }
+  for (const std::vector<int64_t>& offsets :
+       {std::vector<int64_t>{0, 300, 363, 427, 492, 1500, 2900}, drawn}) {
+    Layer l = PlantedLayer(n, dim, {Planted::kSlash, Planted::kSlash}, offsets);
+    ASSERT_OK(l.Upload());
+    // Forced offsets 0 .. 63 and the 6 planted beyond them.
+    const std::vector<HeadPattern> heads = {VerticalSlash(4, 64 + 6), VerticalSlash(4, 64 + 6, 32)};
+    ASSERT_OK_AND_ASSIGN(index, Build(l, heads));
+    ASSERT_OK_AND_ASSIGN(gpu, CopyIndexToHost(index, nullptr));
+    const std::vector<SparseIndex> cpu = CpuIndices(l, heads);
+    std::string planted;
+    for (int64_t o : offsets) planted += " " + std::to_string(o);
+    for (int64_t h = 0; h < l.heads; ++h) {
+      // The budget ends at the planted diagonals: the last full block keeps each.
+      const int64_t last_full = n / kBlockSize - 1;
+      const std::vector<int64_t> keys = cpu[h].KeysOfBlock(last_full);
+      for (int64_t o : offsets) {
+        EXPECT_TRUE(std::binary_search(keys.begin(), keys.end(), last_full * kBlockSize - o))
+            << "planted offset " << o << " not kept, offsets" << planted << " seed " << seed_;
+      }
+      ExpectSameIndex(
+          gpu[h], cpu[h],
+          "offsets" + planted + " head " + std::to_string(h) + " seed " + std::to_string(seed_));
     }
   }
 }

@@ -12,8 +12,12 @@
 //      CountKeptKernel and WriteKeptKernel then keep every score above T and the first ones
 //      equal to T, written in ascending index order. That is the CPU rule (larger first, ties
 //      to the smaller index) without sorting.
-//   6. ConvertKernel: one warp per (head, query block) runs Algorithm 2 over the kept offsets
-//      (far first) and columns, as ConvertVerticalSlash does.
+//   6. SlashRunsKernel: per head, where the kept offsets (ascending) break into runs: an offset
+//      more than 64 above the one before it starts a run. Every full query block's merged
+//      slash intervals are these runs (those of its visible offsets).
+//   7. ConvertKernel: one warp per (head, query block) runs Algorithm 2, as ConvertVerticalSlash
+//      does: a full block covers its visible runs (far first), the last partial block walks
+//      its offsets; then the columns outside the ranges.
 // block-sparse heads: PoolKernel (block means of Q and K), then BlockSparseKernel: one thread
 //   block per (head, 4 query blocks) scores the causal key blocks (the diagonal forced to
 //   +inf) and keeps each query block's top k by radix select in shared memory (ties to the
@@ -54,6 +58,7 @@ constexpr int kMaxBlockSparseBlocks = 8192;
 constexpr int kConvertWarps = 4;    // Warps per thread block of ConvertKernel...
 constexpr int kConvertBatches = 4;  // ...and batches of 32 entries each warp reads at once.
 constexpr int kPairWarps = 4;       // Warps per thread block of PairKernel.
+constexpr int kRunThreads = 256, kRunItems = 8;  // SlashRunsKernel: offsets per thread, per pass.
 // Radix select: 4 passes of 8-bit digits, most significant first; chunks of 4096 scores.
 constexpr int kDigitBits = 8, kDigits = 1 << kDigitBits, kSelectPasses = 32 / kDigitBits;
 constexpr int kSelectThreads = 256, kSelectPerThread = 16;
@@ -72,7 +77,7 @@ struct Layout {
   // Vertical-slash scratch.
   int64_t select_chunks = 0;
   size_t partial_stats = 0, stats = 0, scores = 0, kept = 0, select_state = 0, digit_histogram = 0,
-         chunk_counts = 0;
+         chunk_counts = 0, run_starts = 0, run_count = 0;
   // Block-sparse scratch.
   size_t pooled_q = 0, pooled_k = 0;
   size_t total = 0;
@@ -123,6 +128,8 @@ Layout MakeLayout(const SparseIndexArgs& args) {
     l.select_state = Take(&at, segments * 8);
     l.digit_histogram = Take(&at, kSelectPasses * segments * kDigits * 4);
     l.chunk_counts = Take(&at, segments * l.select_chunks * 4);
+    l.run_starts = Take(&at, static_cast<size_t>(l.heads * l.n) * 4);
+    l.run_count = Take(&at, static_cast<size_t>(l.heads) * 4);
   }
   if (l.block_sparse) {
     l.pooled_q = Take(&at, static_cast<size_t>(l.heads * l.blocks * l.head_dim) * 4);
@@ -155,6 +162,8 @@ struct VerticalSlashScratch {
                               // are still to keep); k = 0 for heads of other patterns.
   uint32_t* digit_histogram;  // [passes][2 heads][256]
   uint32_t* chunk_counts;     // [2 heads][select chunks]: above T << 16 | equal to T.
+  int32_t* run_starts;        // [heads][n]: SlashRunsKernel's run starts (indices into the kept
+  int32_t* run_count;         // offsets, ascending), and [heads] how many.
 };
 
 __global__ void PrepareKernel(const DeviceHeadPattern* patterns, int heads, int n,
@@ -492,6 +501,43 @@ __global__ void __launch_bounds__(kSelectThreads) WriteKeptKernel(int n, Vertica
   }
 }
 
+// ---- Runs of kept offsets: one thread block per head ----
+
+// An offset more than kBlockSize above the previous kept one starts a run. For a full query
+// block, offsets within kBlockSize of each other give overlapping or touching key intervals,
+// so its merged intervals are exactly the runs of the offsets it sees.
+__global__ void __launch_bounds__(kRunThreads)
+    SlashRunsKernel(const DeviceHeadPattern* patterns, int heads, int n, VerticalSlashScratch s) {
+  const int head = blockIdx.x;
+  const DeviceHeadPattern p = patterns[head];
+  if (p.kind != kVerticalSlash) return;
+  const int32_t* slashes = s.kept + (int64_t{heads} + head) * n;
+  int32_t* starts = s.run_starts + int64_t{head} * n;
+  const int count = min(p.slash, n);
+  using RunScan = cub::BlockScan<int, kRunThreads>;
+  __shared__ typename RunScan::TempStorage scan;
+  int runs = 0;
+  for (int i0 = 0; i0 < count; i0 += kRunThreads * kRunItems) {
+    const int first = i0 + threadIdx.x * kRunItems;
+    int starts_here[kRunItems], rank[kRunItems];
+#pragma unroll
+    for (int j = 0; j < kRunItems; ++j) {
+      const int i = first + j;
+      starts_here[j] =
+          i < count && (i == 0 || slashes[i] - slashes[i - 1] > static_cast<int>(kBlockSize));
+    }
+    int total;
+    RunScan(scan).ExclusiveSum(starts_here, rank, total);
+#pragma unroll
+    for (int j = 0; j < kRunItems; ++j) {
+      if (starts_here[j]) starts[runs + rank[j]] = first + j;
+    }
+    runs += total;
+    __syncthreads();  // The scan's storage is reused.
+  }
+  if (threadIdx.x == 0) s.run_count[head] = runs;
+}
+
 // ---- Index conversion: one warp per (head, query block) ----
 
 struct IndexOut {
@@ -543,9 +589,71 @@ __device__ int UpperBound(const int32_t* a, int size, int x) {
   return lo;
 }
 
+// Offsets far to near give a query block [q0, q1) the key intervals [q0 - o, q1 - 1 - o]
+// (clipped at 0), with ascending starts and ends; offsets above q1 - 1 see no key. An offset
+// opens a new merged interval when it is more than q1 - q0 below the one before it (with the
+// clip at 0 that never happens: both then see key 0). These cover the merged intervals of the
+// `visible` first kept offsets (ascending), far first, each with RangeWriter::Cover.
+
+// A full block's merged intervals are the runs (SlashRunsKernel) that start among the visible
+// offsets, the farthest of them ending at the last visible offset. 32 runs read at once.
+__device__ void CoverSlashRuns(const int32_t* slashes, int visible, const int32_t* run_starts,
+                               int run_count, int q0, int q1, RangeWriter* writer, int lane) {
+  const int runs = UpperBound(run_starts, run_count, visible - 1);
+  for (int k0 = runs - 1; k0 >= 0; k0 -= 32) {
+    const int k = k0 - lane;
+    int lo = 0, hi = 0;
+    if (k >= 0) {
+      lo = max(0, q0 - slashes[k == runs - 1 ? visible - 1 : run_starts[k + 1] - 1]);
+      hi = q1 - 1 - slashes[run_starts[k]];
+    }
+    for (int j = 0; j < min(32, k0 + 1); ++j) {
+      writer->Cover(__shfl_sync(~0u, lo, j), __shfl_sync(~0u, hi, j), lane);
+    }
+  }
+}
+
+// Any block (the last may be partial): walks the offsets, kConvertBatches batches of 32 read
+// at once so that their loads overlap.
+__device__ void CoverSlashOffsets(const int32_t* slashes, int visible, int q0, int q1,
+                                  RangeWriter* writer, int lane) {
+  int walked = visible;
+  int lo = 0, last = 0;  // The open interval's start; the previous offset walked.
+  bool open = false;
+  while (walked > 0) {
+    int offsets[kConvertBatches];
+#pragma unroll
+    for (int j = 0; j < kConvertBatches; ++j) {
+      const int i = walked - 1 - lane - 32 * j;
+      offsets[j] = i >= 0 ? slashes[i] : 0;
+    }
+#pragma unroll
+    for (int j = 0; j < kConvertBatches; ++j) {
+      if (walked <= 0) break;
+      const int i = walked - 1 - lane;
+      const int o = offsets[j];
+      int before = __shfl_up_sync(~0u, o, 1);
+      if (lane == 0) before = last;
+      uint32_t starts =
+          __ballot_sync(~0u, i >= 0 && ((!open && lane == 0) || before - o > q1 - q0));
+      while (starts != 0) {
+        const int at = __ffs(starts) - 1;
+        starts &= starts - 1;
+        const int end_offset = at == 0 ? last : __shfl_sync(~0u, o, at - 1);
+        if (open) writer->Cover(lo, q1 - 1 - end_offset, lane);
+        lo = max(0, q0 - __shfl_sync(~0u, o, at));
+        open = true;
+      }
+      last = __shfl_sync(~0u, o, min(31, walked - 1));
+      walked -= 32;
+    }
+  }
+  if (open) writer->Cover(lo, q1 - 1 - last, lane);
+}
+
 __global__ void __launch_bounds__(32 * kConvertWarps)
     ConvertKernel(const DeviceHeadPattern* patterns, int heads, int n, const int32_t* kept,
-                  IndexOut out) {
+                  const int32_t* run_starts, const int32_t* run_count, IndexOut out) {
   constexpr int kBlock = static_cast<int>(kBlockSize);
   const int blocks = (n + kBlock - 1) / kBlock;
   const int64_t id = int64_t{blockIdx.x} * kConvertWarps + threadIdx.x / 32;
@@ -570,43 +678,13 @@ __global__ void __launch_bounds__(32 * kConvertWarps)
     const int q0 = b * kBlock, q1 = min(n, q0 + kBlock);
     const int32_t* verticals = kept + int64_t{head} * n;          // Ascending.
     const int32_t* slashes = kept + (int64_t{heads} + head) * n;  // Ascending: walked backwards.
-    // Offsets far to near give intervals [q0 - o, q1 - 1 - o] (clipped at 0) with ascending
-    // starts and ends. Offsets above q1 - 1 see no key. An offset opens a new merged interval
-    // when it is more than q1 - q0 below the one before it (with the clip at 0 that never
-    // happens: both then see key 0).
-    int walked = UpperBound(slashes, min(p.slash, n), q1 - 1);
-    int lo = 0, last = 0;  // The open interval's start; the previous offset walked.
-    bool open = false;
-    while (walked > 0) {
-      // kConvertBatches batches of 32 offsets read at once: their loads overlap.
-      int offsets[kConvertBatches];
-#pragma unroll
-      for (int j = 0; j < kConvertBatches; ++j) {
-        const int i = walked - 1 - lane - 32 * j;
-        offsets[j] = i >= 0 ? slashes[i] : 0;
-      }
-#pragma unroll
-      for (int j = 0; j < kConvertBatches; ++j) {
-        if (walked <= 0) break;
-        const int i = walked - 1 - lane;
-        const int o = offsets[j];
-        int before = __shfl_up_sync(~0u, o, 1);
-        if (lane == 0) before = last;
-        uint32_t starts =
-            __ballot_sync(~0u, i >= 0 && ((!open && lane == 0) || before - o > q1 - q0));
-        while (starts != 0) {
-          const int at = __ffs(starts) - 1;
-          starts &= starts - 1;
-          const int end_offset = at == 0 ? last : __shfl_sync(~0u, o, at - 1);
-          if (open) writer.Cover(lo, q1 - 1 - end_offset, lane);
-          lo = max(0, q0 - __shfl_sync(~0u, o, at));
-          open = true;
-        }
-        last = __shfl_sync(~0u, o, min(31, walked - 1));
-        walked -= 32;
-      }
+    const int visible = UpperBound(slashes, min(p.slash, n), q1 - 1);  // Offsets <= q1 - 1.
+    if (q1 - q0 == kBlock) {
+      CoverSlashRuns(slashes, visible, run_starts + int64_t{head} * n, run_count[head], q0, q1,
+                     &writer, lane);
+    } else {
+      CoverSlashOffsets(slashes, visible, q0, q1, &writer, lane);
     }
-    if (open) writer.Cover(lo, q1 - 1 - last, lane);
     __syncwarp();  // The ranges, read back below.
     // Columns inside a range are dropped (the range computes them).
     int32_t* column_out = out.column_index + row * out.max_columns;
@@ -930,6 +1008,8 @@ absl::Status LaunchVerticalSlash(const SparseIndexArgs& args, const Layout& l,
   RETURN_IF_LAUNCH_FAILED("CountKeptKernel");
   WriteKeptKernel<<<select_grid, kSelectThreads, 0, stream>>>(n, s);
   RETURN_IF_LAUNCH_FAILED("WriteKeptKernel");
+  SlashRunsKernel<<<heads, kRunThreads, 0, stream>>>(args.patterns, heads, n, s);
+  RETURN_IF_LAUNCH_FAILED("SlashRunsKernel");
   return absl::OkStatus();
 }
 
@@ -997,16 +1077,19 @@ absl::Status BuildSparseIndex(const SparseIndexArgs& args, void* workspace, size
   const int heads = static_cast<int>(l.heads), n = static_cast<int>(l.n);
   if (l.vertical_slash) {
     VerticalSlashScratch s{
-        At<float2>(workspace, l.partial_stats), At<float2>(workspace, l.stats),
-        At<float>(workspace, l.scores),         At<int32_t>(workspace, l.kept),
-        At<uint2>(workspace, l.select_state),   At<uint32_t>(workspace, l.digit_histogram),
-        At<uint32_t>(workspace, l.chunk_counts)};
+        At<float2>(workspace, l.partial_stats),  At<float2>(workspace, l.stats),
+        At<float>(workspace, l.scores),          At<int32_t>(workspace, l.kept),
+        At<uint2>(workspace, l.select_state),    At<uint32_t>(workspace, l.digit_histogram),
+        At<uint32_t>(workspace, l.chunk_counts), At<int32_t>(workspace, l.run_starts),
+        At<int32_t>(workspace, l.run_count)};
     RETURN_IF_ERROR(args.head_dim == 64 ? LaunchVerticalSlash<64>(args, l, s, stream)
                                         : LaunchVerticalSlash<128>(args, l, s, stream));
   }
   const int64_t rows = l.heads * l.blocks;
   ConvertKernel<<<static_cast<unsigned>(CeilDiv(rows, kConvertWarps)), 32 * kConvertWarps, 0,
-                  stream>>>(args.patterns, heads, n, At<int32_t>(workspace, l.kept), out);
+                  stream>>>(args.patterns, heads, n, At<int32_t>(workspace, l.kept),
+                            At<int32_t>(workspace, l.run_starts),
+                            At<int32_t>(workspace, l.run_count), out);
   RETURN_IF_LAUNCH_FAILED("ConvertKernel");
   if (l.block_sparse) {
     float* pooled_q = At<float>(workspace, l.pooled_q);

@@ -20,9 +20,11 @@ enum class Planted { kNone, kSinkLocal, kVertical, kSlash, kBlock };
 // chunks.
 constexpr int64_t kLocalChunk = 64;
 
-// `strength`: the planted scores' margin over the background, in softmax units.
+// `strength`: the planted scores' margin over the background, in softmax units. kSlash plants
+// the diagonals at `slash_offsets` (default 0, n/5 + 3, n/2 + 1); each query's codes add to its
+// background scores' spread, so a few suffice.
 inline HeadSample PlantedHead(Planted kind, int64_t n, int64_t d, std::mt19937* rng,
-                              double strength = 10.0) {
+                              double strength = 10.0, std::vector<int64_t> slash_offsets = {}) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
   HeadSample s;
   s.num_tokens = n;
@@ -80,8 +82,9 @@ inline HeadSample PlantedHead(Planted kind, int64_t n, int64_t d, std::mt19937* 
       std::vector<std::vector<float>> code(n);
       for (auto& c : code) c = unit();
       for (int64_t j = 0; j < n; ++j) add(&s.k, j, code[j], amplitude);
+      if (slash_offsets.empty()) slash_offsets = {0, n / 5 + 3, n / 2 + 1};
       for (int64_t i = 0; i < n; ++i) {
-        for (int64_t o : {int64_t{0}, n / 5 + 3, n / 2 + 1}) {
+        for (int64_t o : slash_offsets) {
           if (i - o >= 0) add(&s.q, i, code[i - o], amplitude);
         }
       }

@@ -144,6 +144,20 @@ T* At(void* base, size_t offset) {
   return reinterpret_cast<T*>(static_cast<unsigned char*>(base) + offset);
 }
 
+// Sums 2 kHalf values over lane pairs that differ in lane bit `bit`, halving what each keeps:
+// the lower lane keeps the sums of values[0, kHalf), the upper those of values[kHalf, 2 kHalf),
+// both into values[0, kHalf). Each fold halves the values a lane holds while it halves the
+// lanes still to add: a warp's transposed reduction in fewer shuffles than reducing each.
+template <int kHalf>
+__device__ __forceinline__ void FoldAcrossLanes(float* values, int bit, int lane) {
+  const bool upper = (lane >> bit) & 1;
+#pragma unroll
+  for (int j = 0; j < kHalf; ++j) {
+    const float other = __shfl_xor_sync(~0u, upper ? values[j] : values[j + kHalf], 1 << bit);
+    values[j] = (upper ? values[j + kHalf] : values[j]) + other;
+  }
+}
+
 // ---- Vertical-slash estimation ----
 
 // Order-preserving map of a float to an unsigned integer (larger float, larger integer).
@@ -185,11 +199,12 @@ __global__ void PrepareKernel(const DeviceHeadPattern* patterns, int heads, int 
   for (int j = threadIdx.x; j < n; j += blockDim.x) s.scores[int64_t{segment} * n + j] = 0;
 }
 
-// Pass 0: per chunk of keys and estimating query, (max, exp-sum) of the scaled scores.
-// Pass 1: probabilities exp(score - max) / sum, summed into columns and diagonals.
+// Pass 0: per chunk of keys and estimating query, (max, exp-sum) of the scaled scores, in
+// base 2 (scale_log2 = log2(e) / sqrt(head_dim): exp2 of these is the softmax's exp).
+// Pass 1: probabilities exp2(score - max) / sum, summed into columns and diagonals.
 template <int kHeadDim, int kPass>
 __global__ void __launch_bounds__(kEstimateThreads)
-    LastQueryKernel(SparseIndexArgs args, VerticalSlashScratch s, float scale) {
+    LastQueryKernel(SparseIndexArgs args, VerticalSlashScratch s, float scale_log2) {
   const int head = blockIdx.y;
   const DeviceHeadPattern p = args.patterns[head];
   if (p.kind != kVerticalSlash) return;
@@ -206,8 +221,10 @@ __global__ void __launch_bounds__(kEstimateThreads)
   // Pass 1: probabilities of the tile [row][key] (padded row) and this chunk's diagonal sums,
   // offset o at o - o_min.
   constexpr int kProbStride = kEstimateKeys + 1;
+  constexpr int kWarps = kEstimateThreads / 32;
   float* probs = reinterpret_cast<float*>(k_tile + kEstimateKeys * kHeadDim);
   float* diagonal_sums = probs + kMaxLastQ * kProbStride;
+  float2* column_parts = reinterpret_cast<float2*>(diagonal_sums + kChunkKeys + kMaxLastQ);
   const int o_min = q_pos0 - (c0 + kChunkKeys - 1);
 
   LoadTileRows<kHeadDim, kMaxLastQ, kEstimateThreads>(
@@ -222,7 +239,7 @@ __global__ void __launch_bounds__(kEstimateThreads)
   FlashWarpState<kHeadDim, 1, kEstimateKeys> state;
   state.Init(q_tile, warp * 16);
   // This lane's two rows of the warp: r = 16 warp + lane/4 + 8 i.
-  float row_max[2], row_sum[2];
+  float row_max[2], row_sum[2];  // Pass 1: the row's max and 1 / sum.
   for (int i = 0; i < 2; ++i) {
     const int r = warp * 16 + lane / 4 + 8 * i;
     if (kPass == 0 || r >= last_q) {
@@ -231,7 +248,7 @@ __global__ void __launch_bounds__(kEstimateThreads)
     } else {
       const float2 st = s.stats[head * kMaxLastQ + r];
       row_max[i] = st.x;
-      row_sum[i] = st.y;
+      row_sum[i] = 1.f / st.y;
     }
   }
   for (int j0 = c0; j0 < c1; j0 += kEstimateKeys) {
@@ -242,48 +259,73 @@ __global__ void __launch_bounds__(kEstimateThreads)
     __syncthreads();
     float sc[1][kEstimateKeys / 8][4];
     state.Scores(k_tile, sc);
+#pragma unroll
+    for (int t = 0; t < kEstimateKeys / 8; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[0][t][e] *= scale_log2;
+    }
+    // Only tiles with keys past the first estimating query or past n, or unused rows, mask.
+    if (last_q < kMaxLastQ || j0 + kEstimateKeys - 1 > q_pos0 || j0 + kEstimateKeys > n) {
+#pragma unroll
+      for (int t = 0; t < kEstimateKeys / 8; ++t) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = warp * 16 + lane / 4 + 8 * (e / 2);
+          const int key = j0 + t * 8 + 2 * (lane % 4) + e % 2;
+          if (r >= last_q || key >= n || key > q_pos0 + r) sc[0][t][e] = -INFINITY;
+        }
+      }
+    }
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int t = 0; t < kEstimateKeys / 8; ++t) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = warp * 16 + lane / 4 + 8 * (e / 2);
-        const int key = j0 + t * 8 + 2 * (lane % 4) + e % 2;
-        const bool visible = r < last_q && key < n && key <= q_pos0 + r;
-        sc[0][t][e] = visible ? sc[0][t][e] * scale : -INFINITY;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], sc[0][t][e]);
-      }
+      for (int e = 0; e < 4; ++e) tile_max[e / 2] = fmaxf(tile_max[e / 2], sc[0][t][e]);
     }
     if (kPass == 0) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const float new_max = fmaxf(row_max[i], tile_max[i]);
         if (new_max == -INFINITY) continue;
-        float sum = row_sum[i] * expf(row_max[i] - new_max);
+        float sum = row_sum[i] * exp2f(row_max[i] - new_max);
 #pragma unroll
         for (int t = 0; t < kEstimateKeys / 8; ++t) {
-          sum += expf(sc[0][t][2 * i] - new_max) + expf(sc[0][t][2 * i + 1] - new_max);
+          sum += exp2f(sc[0][t][2 * i] - new_max) + exp2f(sc[0][t][2 * i + 1] - new_max);
         }
         row_max[i] = new_max;
         row_sum[i] = sum;
       }
     } else {
+      // Column c = 8 t + 2 (lane % 4) + e % 2 of the tile: this lane's two rows' sum, q = 2 t +
+      // e % 2 of its 16.
+      float column[16];
 #pragma unroll
       for (int t = 0; t < kEstimateKeys / 8; ++t) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = warp * 16 + lane / 4 + 8 * (e / 2);
           const float x = sc[0][t][e];
-          probs[r * kProbStride + t * 8 + 2 * (lane % 4) + e % 2] =
-              x == -INFINITY ? 0.f : expf(x - row_max[e / 2]) / row_sum[e / 2];
+          sc[0][t][e] = x == -INFINITY ? 0.f : exp2f(x - row_max[e / 2]) * row_sum[e / 2];
+          probs[r * kProbStride + t * 8 + 2 * (lane % 4) + e % 2] = sc[0][t][e];
         }
+        column[2 * t] = sc[0][t][0] + sc[0][t][2];
+        column[2 * t + 1] = sc[0][t][1] + sc[0][t][3];
       }
+      // The 8 lanes of equal lane % 4 hold the same columns: folds over lane bits 4, 3, 2
+      // leave this lane the warp's sums of columns 2 lane and 2 lane + 1 (q = 2 (lane / 4) +
+      // {0, 1}), in a fixed order.
+      FoldAcrossLanes<8>(column, 4, lane);
+      FoldAcrossLanes<4>(column, 3, lane);
+      FoldAcrossLanes<2>(column, 2, lane);
+      column_parts[warp * 32 + lane] = make_float2(column[0], column[1]);
       __syncthreads();
       const int t = threadIdx.x;
       if (t < kEstimateKeys && j0 + t < n) {
-        float column = 0;
-        for (int r = 0; r < last_q; ++r) column += probs[r * kProbStride + t];
-        s.scores[int64_t{head} * n + j0 + t] = column;
+        const float* parts = reinterpret_cast<const float*>(column_parts);
+        float sum = 0;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) sum += parts[w * kEstimateKeys + t];
+        s.scores[int64_t{head} * n + j0 + t] = sum;
       }
       // Diagonal d = r - key_in_tile (-63 .. 63) is offset q_pos0 + d - j0.
       if (t < 2 * kEstimateKeys - 1) {
@@ -307,7 +349,7 @@ __global__ void __launch_bounds__(kEstimateThreads)
         const float new_max = fmaxf(row_max[i], other_max);
         if (new_max != -INFINITY) {
           row_sum[i] =
-              row_sum[i] * expf(row_max[i] - new_max) + other_sum * expf(other_max - new_max);
+              row_sum[i] * exp2f(row_max[i] - new_max) + other_sum * exp2f(other_max - new_max);
           row_max[i] = new_max;
         }
       }
@@ -339,7 +381,7 @@ __global__ void CombineStatsKernel(const DeviceHeadPattern* patterns, int n, int
   float sum = 0;
   for (int c = 0; c < chunks; ++c) {
     const float2 st = partial[c * kMaxLastQ];
-    if (st.x != -INFINITY) sum += st.y * expf(st.x - row_max);
+    if (st.x != -INFINITY) sum += st.y * exp2f(st.x - row_max);
   }
   s.stats[head * kMaxLastQ + r] = make_float2(row_max, sum);
 }
@@ -909,15 +951,10 @@ __global__ void __launch_bounds__(kBlockSparseThreads)
 #pragma unroll
       for (int r = 0; r < kBlockSparseRows; ++r) dot[r] += q[r][e] * k;
     }
-    // Sum the four partial dots over the warp with 7 shuffles instead of 20: each exchange
-    // halves the rows a lane keeps while it halves the lanes still to add.
-    const bool upper = (lane & 16) != 0, odd = (lane & 8) != 0;
-    const float keep0 = upper ? dot[2] : dot[0], keep1 = upper ? dot[3] : dot[1];
-    const float send0 = upper ? dot[0] : dot[2], send1 = upper ? dot[1] : dot[3];
-    const float half0 = keep0 + __shfl_xor_sync(~0u, send0, 16);
-    const float half1 = keep1 + __shfl_xor_sync(~0u, send1, 16);
-    float sum = (odd ? half1 : half0) + __shfl_xor_sync(~0u, odd ? half0 : half1, 8);
-    sum += __shfl_xor_sync(~0u, sum, 4);
+    // Sum the four partial dots over the warp with 7 shuffles instead of 20.
+    FoldAcrossLanes<2>(dot, 4, lane);
+    FoldAcrossLanes<1>(dot, 3, lane);
+    float sum = dot[0] + __shfl_xor_sync(~0u, dot[0], 4);
     sum += __shfl_xor_sync(~0u, sum, 2);
     sum += __shfl_xor_sync(~0u, sum, 1);
     if (lane % 8 == 0 && my_row < rows && kb <= my_block) {
@@ -980,20 +1017,21 @@ absl::Status LaunchVerticalSlash(const SparseIndexArgs& args, const Layout& l,
   const int heads = static_cast<int>(l.heads), n = static_cast<int>(l.n);
   PrepareKernel<<<2 * heads, 256, 0, stream>>>(args.patterns, heads, n, s);
   RETURN_IF_LAUNCH_FAILED("PrepareKernel");
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(kHeadDim)));
+  const float scale_log2 = static_cast<float>(M_LOG2E / std::sqrt(static_cast<double>(kHeadDim)));
   const dim3 grid(static_cast<unsigned>(l.chunks), static_cast<unsigned>(heads));
-  constexpr int kShared = (kMaxLastQ + kEstimateKeys) * kHeadDim * 2 +
-                          (kMaxLastQ * (kEstimateKeys + 1) + kChunkKeys + kMaxLastQ) * 4;
+  constexpr int kShared =
+      (kMaxLastQ + kEstimateKeys) * kHeadDim * 2 +
+      (kMaxLastQ * (kEstimateKeys + 1) + kChunkKeys + kMaxLastQ + kEstimateThreads / 32 * 64) * 4;
   CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(LastQueryKernel<kHeadDim, 0>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kShared));
   CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(LastQueryKernel<kHeadDim, 1>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kShared));
-  LastQueryKernel<kHeadDim, 0><<<grid, kEstimateThreads, kShared, stream>>>(args, s, scale);
+  LastQueryKernel<kHeadDim, 0><<<grid, kEstimateThreads, kShared, stream>>>(args, s, scale_log2);
   RETURN_IF_LAUNCH_FAILED("LastQueryKernel<0>");
   CombineStatsKernel<<<heads, kMaxLastQ, 0, stream>>>(args.patterns, n, static_cast<int>(l.chunks),
                                                       s);
   RETURN_IF_LAUNCH_FAILED("CombineStatsKernel");
-  LastQueryKernel<kHeadDim, 1><<<grid, kEstimateThreads, kShared, stream>>>(args, s, scale);
+  LastQueryKernel<kHeadDim, 1><<<grid, kEstimateThreads, kShared, stream>>>(args, s, scale_log2);
   RETURN_IF_LAUNCH_FAILED("LastQueryKernel<1>");
   ForceKernel<<<heads, kForcedSlashes, 0, stream>>>(args.patterns, heads, n, s);
   RETURN_IF_LAUNCH_FAILED("ForceKernel");

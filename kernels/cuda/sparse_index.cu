@@ -728,9 +728,10 @@ __global__ void __launch_bounds__(32 * kConvertWarps)
       CoverSlashOffsets(slashes, visible, q0, q1, &writer, lane);
     }
     __syncwarp();  // The ranges, read back below.
-    // Columns inside a range are dropped (the range computes them).
+    // Columns inside a range are dropped (the range computes them). A block whose ranges alone
+    // keep nearly every tile takes all of them (NearlyEveryTileKernel) whatever its columns.
     int32_t* column_out = out.column_index + row * out.max_columns;
-    const int num_verticals = min(p.vertical, n);
+    const int num_verticals = KeepsNearlyEveryTile(writer.count, b + 1) ? 0 : min(p.vertical, n);
     // Binary lifting over the ranges, kConvertBatches batches of columns interleaved so that
     // their loads overlap (one search per lane and batch: the number of starts <= the column).
     const int top_step = writer.count > 0 ? 1 << (31 - __clz(writer.count)) : 0;

@@ -27,7 +27,6 @@
 #include "kernels/sparse/pattern_config.h"
 #include "kernels/sparse/sparse_index.h"
 
-
 namespace sparseaccel {
 namespace cuda {
 

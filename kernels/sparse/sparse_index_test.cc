@@ -112,7 +112,7 @@ TEST(SparseIndexTest, LayerPackingKeepsEveryHeadsIndex) {
   const LayerSparseIndex layer = PackLayerIndex(heads);
   ASSERT_EQ(layer.num_heads, 4);
   ASSERT_EQ(layer.num_query_blocks, 6);
-  EXPECT_EQ(layer.max_ranges, 6);  // The dense head's last block.
+  EXPECT_EQ(layer.max_ranges, 6);   // The dense head's last block.
   EXPECT_GT(layer.max_columns, 0);  // The planted columns outside the ranges.
   for (int64_t h = 0; h < layer.num_heads; ++h) {
     for (int64_t b = 0; b < layer.num_query_blocks; ++b) {

@@ -189,6 +189,14 @@ class SparseAttentionTest : public CudaTest {
     return out;
   }
 
+  // The layer's index built on the GPU (Build), copied to the host per head.
+  absl::StatusOr<std::vector<SparseIndex>> GpuIndices(const Layer& l,
+                                                      const std::vector<HeadPattern>& heads) {
+    absl::StatusOr<DeviceSparseIndex> index = Build(l, heads);
+    if (!index.ok()) return index.status();
+    return CopyIndexToHost(*index, nullptr);
+  }
+
   std::vector<SparseIndex> CpuIndices(const Layer& l, const std::vector<HeadPattern>& heads) {
     std::vector<SparseIndex> out;
     for (int64_t h = 0; h < l.heads; ++h) {
@@ -238,8 +246,7 @@ TEST_F(SparseAttentionTest, IndicesEqualCpuOnPlantedHeads) {
                                               VerticalSlash(4 + planted_columns, 64, 32),
                                               BlockSparse(2),
                                               AShape(0, 64)};
-      ASSERT_OK_AND_ASSIGN(index, Build(l, heads));
-      ASSERT_OK_AND_ASSIGN(gpu, CopyIndexToHost(index, nullptr));
+      ASSERT_OK_AND_ASSIGN(gpu, GpuIndices(l, heads));
       const std::vector<SparseIndex> cpu = CpuIndices(l, heads);
       for (int64_t h = 0; h < l.heads; ++h) {
         ExpectSameIndex(gpu[h], cpu[h],
@@ -267,8 +274,7 @@ TEST_F(SparseAttentionTest, SlashRunsEqualCpu) {
     ASSERT_OK(l.Upload());
     // Forced offsets 0 .. 63 and the 6 planted beyond them.
     const std::vector<HeadPattern> heads = {VerticalSlash(4, 64 + 6), VerticalSlash(4, 64 + 6, 32)};
-    ASSERT_OK_AND_ASSIGN(index, Build(l, heads));
-    ASSERT_OK_AND_ASSIGN(gpu, CopyIndexToHost(index, nullptr));
+    ASSERT_OK_AND_ASSIGN(gpu, GpuIndices(l, heads));
     const std::vector<SparseIndex> cpu = CpuIndices(l, heads);
     std::string planted;
     for (int64_t o : offsets) planted += " " + std::to_string(o);
@@ -300,8 +306,7 @@ TEST_F(SparseAttentionTest, TiedScoresKeepTheSmallerIndices) {
   ASSERT_OK(l.Upload());
   const std::vector<HeadPattern> heads = {VerticalSlash(6000, 64), VerticalSlash(4100, 64, 16),
                                           BlockSparse(50), BlockSparse(1)};
-  ASSERT_OK_AND_ASSIGN(index, Build(l, heads));
-  ASSERT_OK_AND_ASSIGN(gpu, CopyIndexToHost(index, nullptr));
+  ASSERT_OK_AND_ASSIGN(gpu, GpuIndices(l, heads));
   const std::vector<SparseIndex> cpu = CpuIndices(l, heads);
   for (int64_t h = 0; h < l.heads; ++h) {
     ExpectSameIndex(gpu[h], cpu[h], "head " + std::to_string(h) + " seed " + std::to_string(seed_));
@@ -315,8 +320,7 @@ TEST_F(SparseAttentionTest, IndicesAgreeWithCpuOnRandomHeads) {
   ASSERT_OK(l.Upload());
   const std::vector<HeadPattern> heads = {VerticalSlash(100, 300), VerticalSlash(30, 64, 16),
                                           BlockSparse(5), BlockSparse(1)};
-  ASSERT_OK_AND_ASSIGN(index, Build(l, heads));
-  ASSERT_OK_AND_ASSIGN(gpu, CopyIndexToHost(index, nullptr));
+  ASSERT_OK_AND_ASSIGN(gpu, GpuIndices(l, heads));
   const std::vector<SparseIndex> cpu = CpuIndices(l, heads);
   for (int64_t h = 0; h < l.heads; ++h) {
     int64_t common = 0, total = 0;

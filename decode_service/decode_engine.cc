@@ -147,6 +147,10 @@ absl::Status DecodeEngine::WriteKv(DecodeSequence* sequence, int64_t layer, int6
   return model_->WriteKv(sequence->id_, layer, first, count, dtype, k, v);
 }
 
+absl::Status DecodeEngine::FinishImport(DecodeSequence* sequence) {
+  return model_->FinishImport(sequence->id_);
+}
+
 void DecodeEngine::Start(std::shared_ptr<DecodeSequence> sequence, int32_t last_token,
                          const SamplingParams& sampling, int64_t max_new_tokens) {
   sequence->last_token_ = last_token;

@@ -97,6 +97,9 @@ class DecodeEngine {
   absl::Status WriteKv(DecodeSequence* sequence, int64_t layer, int64_t first, int64_t count,
                        KvDtype dtype, const void* k, const void* v);
 
+  // Returns once the rows of every WriteKv call are in the pool (SequenceModel::FinishImport).
+  absl::Status FinishImport(DecodeSequence* sequence);
+
   // Begins decoding after the prompt: `last_token` (the first generated token) follows it; up
   // to `max_new_tokens` more tokens are produced.
   void Start(std::shared_ptr<DecodeSequence> sequence, int32_t last_token,

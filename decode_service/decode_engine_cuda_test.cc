@@ -87,6 +87,7 @@ std::vector<int32_t> ThroughEngine(LlamaCuda& model, DecodeEngine& engine,
                              f32 ? static_cast<const void*>(view.VRow(0)) : v.data())
                     .ok());
   }
+  EXPECT_TRUE(engine.FinishImport(sequence->get()).ok());
   std::vector<int32_t> out = {first};
   engine.Start(*sequence, first, SamplingParams{}, count - 1);
   while (true) {

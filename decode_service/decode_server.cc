@@ -10,7 +10,6 @@
 #include "common/log.h"
 #include "common/metrics.h"
 #include "common/status_macros.h"
-#include "prefill_service/prefill_engine.h"
 #include "proto/sampling.h"
 
 namespace sparseaccel {
@@ -98,19 +97,13 @@ class TextStream {
 
 }  // namespace
 
-struct DecodeServer::Prefilled {
-  int32_t first_token = 0;
-  double prefill_seconds = 0;
-  double kv_seconds = 0;
-  int64_t kv_bytes = 0;
-  std::string address;
-};
-
 DecodeServer::DecodeServer(DecodeEngine* engine, const ModelConfig& config,
                            DecodeServerOptions options, prometheus::Registry* registry)
     : engine_(engine),
       config_(config),
       options_(std::move(options)),
+      prefill_(RemotePrefillOptions{options_.prefill_addresses, options_.model_fingerprint,
+                                    options_.kv_streams}),
       requests_(prometheus::BuildCounter()
                     .Name("sparseaccel_generate_requests_total")
                     .Help("Generate requests by outcome (gRPC code) and finish reason.")
@@ -153,19 +146,20 @@ DecodeServer::DecodeServer(DecodeEngine* engine, const ModelConfig& config,
                    .Help("Sequences in the continuous batch.")
                    .Register(*registry)
                    .Add({})),
+      pool_bytes_(prometheus::BuildGauge()
+                      .Name("sparseaccel_kv_pool_bytes")
+                      .Help("Paged KV pool bytes by state (used, free).")
+                      .Register(*registry)),
       host_memory_(prometheus::BuildGauge()
                        .Name("sparseaccel_host_memory_bytes")
                        .Help("Resident host memory of the process.")
                        .Register(*registry)
-                       .Add({{"service", "decode"}})) {
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(64 << 20);
-  // An address that resolves to several prefill pods (a headless Service) spreads over all.
-  args.SetLoadBalancingPolicyName("round_robin");
-  for (const std::string& address : options_.prefill_addresses) {
-    prefill_stubs_.push_back(v1::PrefillService::NewStub(
-        grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args)));
-  }
+                       .Add({{"service", "decode"}})),
+      gpu_memory_(prometheus::BuildGauge()
+                      .Name("sparseaccel_gpu_memory_used_bytes")
+                      .Help("GPU memory in use on the service's device (all processes).")
+                      .Register(*registry)
+                      .Add({{"service", "decode"}})) {
   UpdateGauges();
 }
 
@@ -174,9 +168,16 @@ void DecodeServer::UpdateGauges() {
   pool_blocks_.Add({{"state", "free"}}).Set(static_cast<double>(free_blocks));
   pool_blocks_.Add({{"state", "used"}})
       .Set(static_cast<double>(engine_->num_blocks() - free_blocks));
+  const double block_bytes = static_cast<double>(engine_->model().kv_block_bytes());
+  pool_bytes_.Add({{"state", "free"}}).Set(block_bytes * static_cast<double>(free_blocks));
+  pool_bytes_.Add({{"state", "used"}})
+      .Set(block_bytes * static_cast<double>(engine_->num_blocks() - free_blocks));
   queue_depth_.Set(static_cast<double>(engine_->waiting()));
   running_.Set(static_cast<double>(engine_->running()));
   host_memory_.Set(static_cast<double>(HostResidentBytes()));
+  if (const std::optional<DeviceMemoryStats> memory = engine_->model().DeviceMemory()) {
+    gpu_memory_.Set(static_cast<double>(memory->used));
+  }
 }
 
 absl::StatusOr<std::vector<int32_t>> DecodeServer::PromptTokens(
@@ -242,122 +243,6 @@ absl::StatusOr<std::vector<int32_t>> DecodeServer::PromptTokens(
   return prompt;
 }
 
-absl::StatusOr<DecodeServer::Prefilled> DecodeServer::RemotePrefill(
-    grpc::ServerContext* context, const std::string& request_id, const std::vector<int32_t>& prompt,
-    const v1::SamplingParams& sampling, DecodeSequence* sequence) {
-  if (prefill_stubs_.empty()) return absl::UnavailableError("no prefill service configured");
-  const size_t index = next_prefill_++ % prefill_stubs_.size();
-  Prefilled result;
-  result.address = options_.prefill_addresses[index];
-  grpc::ClientContext call;
-  call.set_deadline(context->deadline());
-  v1::PrefillRequest request;
-  request.set_request_id(request_id);
-  *request.mutable_token_ids() = {prompt.begin(), prompt.end()};
-  *request.mutable_sampling() = sampling;
-  request.set_expected_model_fingerprint(options_.model_fingerprint);
-  std::unique_ptr<grpc::ClientReader<v1::PrefillResponse>> reader =
-      prefill_stubs_[index]->Prefill(&call, request);
-
-  const KvShape shape = engine_->model().kv_shape();
-  // Set by the header: the prefill side sends fp32 (CPU engine) or bf16 (GPU engine) rows.
-  KvDtype dtype = KvDtype::kF32;
-  int64_t row_bytes = 0;
-  bool have_header = false, have_trailer = false;
-  int64_t rows_received = 0;
-  Clock::time_point first_byte;
-  absl::Status failure;
-  v1::PrefillResponse message;
-  while (failure.ok() && reader->Read(&message)) {
-    if (context->IsCancelled()) {
-      failure = absl::CancelledError("client went away during prefill");
-      break;
-    }
-    switch (message.kind_case()) {
-      case v1::PrefillResponse::kHeader: {
-        const v1::PrefillHeader& header = message.header();
-        const v1::KvLayout& layout = header.layout();
-        if (header.model_fingerprint() != options_.model_fingerprint) {
-          failure = absl::FailedPreconditionError(absl::StrCat(
-              "prefill service ", result.address, " serves model ", header.model_fingerprint(),
-              ", this service ", options_.model_fingerprint));
-        } else if (layout.num_layers() != shape.num_layers ||
-                   layout.num_kv_heads() != shape.num_kv_heads ||
-                   layout.head_dim() != shape.head_dim ||
-                   (layout.dtype() != v1::KV_DTYPE_F32 && layout.dtype() != v1::KV_DTYPE_BF16)) {
-          failure = absl::FailedPreconditionError(absl::StrCat("KV layout from ", result.address,
-                                                               " (", layout.ShortDebugString(),
-                                                               ") does not match this service's"));
-        } else if (header.num_tokens() != static_cast<int64_t>(prompt.size())) {
-          failure = absl::DataLossError("prefill header announces a different token count");
-        }
-        dtype = layout.dtype() == v1::KV_DTYPE_BF16 ? KvDtype::kBf16 : KvDtype::kF32;
-        row_bytes = shape.RowSize() * static_cast<int64_t>(KvDtypeBytes(dtype));
-        have_header = true;
-        first_byte = Clock::now();
-        break;
-      }
-      case v1::PrefillResponse::kKv: {
-        const v1::KvChunk& chunk = message.kv();
-        if (!have_header) {
-          failure = absl::DataLossError("KV chunk before the prefill header");
-        } else if (KvChunkCrc(chunk.k(), chunk.v()) != chunk.crc32()) {
-          failure =
-              absl::DataLossError(absl::StrCat("KV chunk of layer ", chunk.layer(), " at position ",
-                                               chunk.first_position(), " failed its checksum"));
-        } else if (static_cast<int64_t>(chunk.k().size()) != chunk.num_positions() * row_bytes ||
-                   chunk.v().size() != chunk.k().size() || chunk.first_position() < 0 ||
-                   chunk.first_position() + chunk.num_positions() >
-                       static_cast<int64_t>(prompt.size())) {
-          failure = absl::DataLossError("KV chunk with inconsistent size or positions");
-        } else {
-          failure = engine_->WriteKv(sequence, chunk.layer(), chunk.first_position(),
-                                     chunk.num_positions(), dtype, chunk.k().data(),
-                                     chunk.v().data());
-          if (!failure.ok()) failure = absl::DataLossError(failure.message());
-          rows_received += chunk.num_positions();
-          result.kv_bytes += static_cast<int64_t>(chunk.k().size() + chunk.v().size());
-        }
-        break;
-      }
-      case v1::PrefillResponse::kTrailer:
-        result.first_token = message.trailer().first_token();
-        result.prefill_seconds = message.trailer().prefill_seconds();
-        have_trailer = true;
-        break;
-      default:
-        failure = absl::DataLossError("unknown prefill message");
-    }
-  }
-  if (!failure.ok()) {
-    call.TryCancel();
-    reader->Finish();
-    return failure;
-  }
-  grpc::Status status = reader->Finish();
-  if (!status.ok()) {
-    absl::Status remote = FromGrpcStatus(status);
-    if (context->IsCancelled()) return absl::CancelledError("client went away during prefill");
-    // Request errors pass through; transport failures become UNAVAILABLE.
-    if (remote.code() == absl::StatusCode::kInvalidArgument ||
-        remote.code() == absl::StatusCode::kFailedPrecondition ||
-        remote.code() == absl::StatusCode::kDeadlineExceeded) {
-      return remote;
-    }
-    return absl::UnavailableError(
-        absl::StrCat("prefill service ", result.address, " failed: ", remote.ToString()));
-  }
-  if (!have_trailer || rows_received != shape.num_layers * static_cast<int64_t>(prompt.size())) {
-    return absl::UnavailableError(
-        absl::StrCat("prefill stream from ", result.address, " ended early"));
-  }
-  if (result.first_token < 0 || result.first_token >= config_.vocab_size) {
-    return absl::DataLossError("prefill returned an invalid first token");
-  }
-  result.kv_seconds = SecondsSince(first_byte);
-  return result;
-}
-
 grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
                                     const v1::GenerateRequest* request,
                                     grpc::ServerWriter<v1::GenerateResponse>* writer) {
@@ -394,8 +279,8 @@ grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
   if (!sequence.ok()) return finish_request(sequence.status());
   UpdateGauges();
 
-  absl::StatusOr<Prefilled> prefilled =
-      RemotePrefill(context, request_id, *prompt, request->sampling(), sequence->get());
+  absl::StatusOr<RemotePrefillResult> prefilled =
+      prefill_.Run(context, request_id, *prompt, request->sampling(), engine_, sequence->get());
   if (!prefilled.ok()) return finish_request(prefilled.status());
 
   std::unordered_set<int32_t> stop_ids(request->stop_token_ids().begin(),

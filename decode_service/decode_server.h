@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "decode_service/decode_engine.h"
+#include "decode_service/remote_prefill.h"
 #include "model/tokenizer.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
@@ -25,6 +26,8 @@ namespace sparseaccel {
 struct DecodeServerOptions {
   // Prefill services, used round robin.
   std::vector<std::string> prefill_addresses;
+  // Streams (connections) each prompt's KV cache is read over.
+  int32_t kv_streams = 4;
   // Fingerprint of the local model; the prefill side must match it.
   std::string model_fingerprint;
   int64_t max_prompt_tokens = 131072;
@@ -47,21 +50,12 @@ class DecodeServer final : public v1::DecodeService::Service {
   void UpdateGauges();
 
  private:
-  struct Prefilled;
   // The prompt's token ids (text and chat prompts encoded), checked against the limits.
   absl::StatusOr<std::vector<int32_t>> PromptTokens(const v1::GenerateRequest& request) const;
-  // Streams the prompt's KV cache from a prefill service into `sequence`.
-  absl::StatusOr<Prefilled> RemotePrefill(grpc::ServerContext* context,
-                                          const std::string& request_id,
-                                          const std::vector<int32_t>& prompt,
-                                          const v1::SamplingParams& sampling,
-                                          DecodeSequence* sequence);
-
   DecodeEngine* engine_;
   const ModelConfig config_;
   const DecodeServerOptions options_;
-  std::vector<std::unique_ptr<v1::PrefillService::Stub>> prefill_stubs_;
-  std::atomic<uint64_t> next_prefill_{0};
+  RemotePrefillClient prefill_;
   std::atomic<uint64_t> next_request_id_{0};
   std::atomic<int64_t> active_{0};
 
@@ -75,7 +69,9 @@ class DecodeServer final : public v1::DecodeService::Service {
   prometheus::Family<prometheus::Gauge>& pool_blocks_;
   prometheus::Gauge& queue_depth_;
   prometheus::Gauge& running_;
+  prometheus::Family<prometheus::Gauge>& pool_bytes_;
   prometheus::Gauge& host_memory_;
+  prometheus::Gauge& gpu_memory_;
 };
 
 }  // namespace sparseaccel

@@ -25,6 +25,8 @@ ABSL_FLAG(std::string, listen, "0.0.0.0:50052", "gRPC listen address.");
 ABSL_FLAG(int32_t, metrics_port, 9465, "Port of the Prometheus /metrics endpoint (0: any).");
 ABSL_FLAG(std::string, prefill_addresses, "127.0.0.1:50051",
           "Comma-separated prefill service addresses, used round robin.");
+ABSL_FLAG(int32_t, kv_streams, 4,
+          "Streams (each on its own connection) a prompt's KV cache is read over.");
 ABSL_FLAG(std::string, device, "cpu", "Compute backend: cpu, or cuda in builds with nvcc.");
 ABSL_FLAG(int64_t, kv_block_tokens, 16, "Positions per paged KV block.");
 ABSL_FLAG(int64_t, kv_blocks, 4096,
@@ -73,6 +75,7 @@ int Run() {
   options.prefill_addresses =
       absl::StrSplit(absl::GetFlag(FLAGS_prefill_addresses), ',', absl::SkipEmpty());
   options.model_fingerprint = *fingerprint;
+  options.kv_streams = absl::GetFlag(FLAGS_kv_streams);
   options.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
   options.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
   options.tokenizer = tokenizer.get();

@@ -57,6 +57,14 @@ absl::StatusOr<std::unique_ptr<LanguageModel>> LoadLanguageModel(
   return absl::InvalidArgumentError(absl::StrCat("unknown --device '", device, "' (cpu, cuda)"));
 }
 
+std::unique_ptr<HostMemoryPinner> NewHostMemoryPinner(const std::string& device) {
+#ifdef SPARSEACCEL_WITH_CUDA
+  if (device == "cuda") return LlamaCuda::NewHostMemoryPinner();
+#endif
+  (void)device;
+  return nullptr;
+}
+
 absl::StatusOr<std::unique_ptr<SequenceModel>> LoadSequenceModel(
     const std::string& device, const std::string& model_dir, const SequencePoolOptions& options) {
   if (options.block_tokens <= 0 || options.num_blocks <= 0 || options.max_batch <= 0) {

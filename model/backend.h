@@ -24,6 +24,10 @@ absl::StatusOr<std::unique_ptr<LanguageModel>> LoadLanguageModel(
     const std::string& device, const std::string& model_dir,
     std::optional<SparseConfig> sparse = std::nullopt);
 
+// What page-locks the host buffers of exported K/V for `device`: null for "cpu" (pageable
+// memory is as good there).
+std::unique_ptr<HostMemoryPinner> NewHostMemoryPinner(const std::string& device);
+
 // The decode service's K/V pool and batch.
 struct SequencePoolOptions {
   int64_t block_tokens = 16;

@@ -5,6 +5,7 @@
 // (kernels/kv_view.h). Implementations: a paged pool (decode), a one-layer
 // scratch buffer streamed away after each layer (prefill service), a contiguous cache (tests).
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -16,6 +17,20 @@
 #include "kernels/kv_view.h"
 
 namespace sparseaccel {
+
+// Element type of K/V rows outside the engines (SequenceModel::WriteKv, KvExporter, the wire).
+enum class KvDtype { kF32, kBf16 };
+
+inline size_t KvDtypeBytes(KvDtype dtype) { return dtype == KvDtype::kF32 ? 4 : 2; }
+
+// Device memory of a GPU engine, bytes: `used` is the device's total minus free (every process
+// and the CUDA context included), `peak_used` its high-water mark since the last reset,
+// `kv_pool` the paged K/V pool's share.
+struct DeviceMemoryStats {
+  int64_t used = 0;
+  int64_t peak_used = 0;
+  int64_t kv_pool = 0;
+};
 
 struct KvShape {
   int64_t num_layers = 0;

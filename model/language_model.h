@@ -1,15 +1,17 @@
 #ifndef SPARSEACCEL_MODEL_LANGUAGE_MODEL_H_
 #define SPARSEACCEL_MODEL_LANGUAGE_MODEL_H_
 
-// What the serving engines need from a model backend (the CPU reference engine today; a GPU
-// engine implements the same): run batches of sequence chunks against their KV stores.
+// What the serving engines need from a model backend (LlamaCpu, LlamaCuda): run batches of
+// sequence chunks against their KV stores, and prefill a prompt exporting its K/V.
 
+#include <optional>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/types/span.h"
 #include "model/config.h"
 #include "model/kv_cache.h"
+#include "model/kv_export.h"
 
 namespace sparseaccel {
 
@@ -35,6 +37,19 @@ class LanguageModel {
   // beyond max_position_embeddings; errors from a KvStore are returned as they are.
   virtual absl::Status Forward(absl::Span<const SequenceChunk> batch,
                                std::vector<float>* logits) = 0;
+
+  // Prefills `tokens` from position 0, handing each layer's K/V to `exporter` as soon as the
+  // layer is computed, and writes the last position's logits (fp32, vocab_size) to
+  // `last_logits`. Returns when the compute is done; published slots may still be in flight.
+  // This default runs Forward over a one-layer host store (kv_export.cc); the GPU engine
+  // copies from the device beside its compute.
+  virtual absl::Status PrefillExport(absl::Span<const int32_t> tokens, KvExporter* exporter,
+                                     std::vector<float>* last_logits);
+
+  // Device memory of the engine; nullopt for host engines. ResetDevicePeak starts a new
+  // high-water mark (per request).
+  virtual std::optional<DeviceMemoryStats> DeviceMemory() const { return std::nullopt; }
+  virtual void ResetDevicePeak() {}
 };
 
 }  // namespace sparseaccel

@@ -14,6 +14,7 @@
 #include "model/cuda/cuda_util.cuh"
 #include "model/cuda/gemm.cuh"
 #include "model/cuda/kv_copy.cuh"
+#include "model/cuda/kv_transfer.cuh"
 #include "model/llama_cuda.h"
 #include "model/safetensors.h"
 
@@ -74,7 +75,7 @@ struct LlamaCuda::State {
   cudaStream_t stream = nullptr;
   std::unique_ptr<LtGemm> gemm;
   int64_t weight_bytes = 0;
-  int64_t peak_device_used = 0;
+  std::atomic<int64_t> peak_device_used{0};  // Read without `mu` (metrics scrapes).
 
   DeviceBuffer embed, lm_head, final_norm, inv_freq;
   std::vector<LayerWeights> layers;
@@ -89,9 +90,24 @@ struct LlamaCuda::State {
   DeviceBuffer gate_up;           // uint16_t [chunk][2 * intermediate]
   DeviceBuffer act;               // uint16_t [chunk][intermediate]
   DeviceBuffer k_layer, v_layer;  // uint16_t [tokens][kv_width]: one layer's K/V.
-  DeviceBuffer kv_f32;            // fp32 staging for host KvStores.
-  DeviceBuffer logits;            // fp32 [rows][vocab]
-  DeviceBuffer slots;             // int32 pool rows of a prefill.
+  // PrefillExport alternates k_layer/v_layer with these, so a layer computes while the previous
+  // one is copied to the host; each pair's event marks the end of the copies out of it.
+  DeviceBuffer k_spare, v_spare;
+  cudaEvent_t layer_copied = nullptr, spare_copied = nullptr;
+  cudaEvent_t layer_computed = nullptr;
+  cudaStream_t copy_stream = nullptr;  // Device -> host K/V copies of PrefillExport.
+  // Imported sequences (ImportSequence until FinishImport): their blocks, read by WriteKv
+  // without `mu`, so received K/V upload while decode steps run.
+  KvUploader uploader;
+  absl::Mutex import_mu;
+  struct Import {
+    std::vector<int32_t> blocks;
+    int64_t length = 0;
+  };
+  std::map<int64_t, Import> import_blocks ABSL_GUARDED_BY(import_mu);
+  DeviceBuffer kv_f32;       // fp32 staging for host KvStores.
+  DeviceBuffer logits;       // fp32 [rows][vocab]
+  DeviceBuffer slots;        // int32 pool rows of a prefill.
   DeviceBuffer decode_meta;  // int32 per DecodeStep: tokens, positions, slots, lengths, tables.
   DeviceBuffer decode_workspace;
   DeviceBuffer sample_workspace;
@@ -112,6 +128,10 @@ struct LlamaCuda::State {
   int64_t next_sequence_id = 1;
 
   ~State() {
+    for (cudaEvent_t event : {layer_copied, spare_copied, layer_computed}) {
+      if (event) cudaEventDestroy(event);
+    }
+    if (copy_stream) cudaStreamDestroy(copy_stream);
     if (stream) cudaStreamDestroy(stream);
   }
 
@@ -126,8 +146,10 @@ struct LlamaCuda::State {
   void SampleDeviceMemory() {
     size_t free_bytes = 0, total_bytes = 0;
     if (cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
-      peak_device_used =
-          std::max<int64_t>(peak_device_used, static_cast<int64_t>(total_bytes - free_bytes));
+      const int64_t used = static_cast<int64_t>(total_bytes - free_bytes);
+      int64_t peak = peak_device_used.load();
+      while (used > peak && !peak_device_used.compare_exchange_weak(peak, used)) {
+      }
     }
   }
 
@@ -501,6 +523,11 @@ absl::StatusOr<std::unique_ptr<LlamaCuda>> LlamaCuda::Load(const std::string& mo
   s.kv_width = c.num_key_value_heads * c.head_dim;
   s.qkv_width = s.q_width + 2 * s.kv_width;
   CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
+  CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&s.copy_stream, cudaStreamNonBlocking));
+  for (cudaEvent_t* event : {&s.layer_copied, &s.spare_copied, &s.layer_computed}) {
+    CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(event, cudaEventDisableTiming));
+  }
+  RETURN_IF_ERROR(s.uploader.Init());
   ASSIGN_OR_RETURN(s.gemm, LtGemm::Create());
 
   const int64_t h = c.hidden_size, inter = c.intermediate_size;
@@ -635,6 +662,56 @@ absl::Status LlamaCuda::Prefill(absl::Span<const int32_t> tokens, const LayerKvS
   return absl::OkStatus();
 }
 
+absl::Status LlamaCuda::PrefillExport(absl::Span<const int32_t> tokens, KvExporter* exporter,
+                                      std::vector<float>* last_logits) {
+  State& s = *state_;
+  absl::MutexLock lock(&s.mu);
+  if (tokens.empty()) return absl::InvalidArgumentError("empty prompt");
+  if (exporter->dtype() != KvDtype::kBf16) {
+    return absl::InvalidArgumentError("the GPU engine exports bf16 K/V only");
+  }
+  RETURN_IF_ERROR(s.CheckTokens(tokens, 0));
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  RETURN_IF_ERROR(s.k_spare.Reserve(s.Bf16Bytes(n * s.kv_width)));
+  RETURN_IF_ERROR(s.v_spare.Reserve(s.Bf16Bytes(n * s.kv_width)));
+  auto before = [&](int64_t layer) -> absl::Status {
+    if (layer > 0) {
+      std::swap(s.k_layer, s.k_spare);
+      std::swap(s.v_layer, s.v_spare);
+      std::swap(s.layer_copied, s.spare_copied);
+    }
+    // The copies out of this pair (two layers ago, or of the previous prompt) must be done
+    // before the layer overwrites it.
+    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(s.stream, s.layer_copied, 0));
+    return absl::OkStatus();
+  };
+  auto after = [&](int64_t layer) {
+    return ExportLayerRows(layer, s.k_layer.as<uint16_t>(), s.v_layer.as<uint16_t>(), n, s.kv_width,
+                           s.stream, s.copy_stream, s.layer_computed, s.layer_copied, exporter);
+  };
+  RETURN_IF_ERROR(s.RunSequence(tokens, 0, before, after));
+  last_logits->clear();
+  return s.Logits(n - 1, 1, last_logits);
+}
+
+std::unique_ptr<HostMemoryPinner> LlamaCuda::NewHostMemoryPinner() {
+  return std::make_unique<CudaHostPinner>();
+}
+
+std::optional<DeviceMemoryStats> LlamaCuda::DeviceMemory() const {
+  const State& s = *state_;
+  DeviceMemoryStats stats;
+  size_t free_bytes = 0, total_bytes = 0;
+  if (cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
+    stats.used = static_cast<int64_t>(total_bytes - free_bytes);
+  }
+  stats.peak_used = std::max(stats.used, s.peak_device_used.load());
+  stats.kv_pool = static_cast<int64_t>(s.k_pool.bytes() + s.v_pool.bytes());
+  return stats;
+}
+
+void LlamaCuda::ResetDevicePeak() { state_->peak_device_used = 0; }
+
 absl::Status LlamaCuda::ObservePrefill(absl::Span<const int32_t> tokens,
                                        const LayerQkvObserver& observer) {
   State& s = *state_;
@@ -737,6 +814,8 @@ absl::Status LlamaCuda::State::RunDecode(absl::Span<const int64_t> ids,
   if (blocks_needed > static_cast<int64_t>(s.free_blocks.size())) {
     return absl::ResourceExhaustedError("device KV pool full");
   }
+  // Imported K/V still uploading land before the step reads the pool.
+  RETURN_IF_ERROR(s.uploader.OrderBefore(s.stream));
   // Host layout of decode_meta: tokens, positions, slots, lengths [batch] each, then tables.
   std::vector<int32_t> meta(4 * batch + batch * table_stride, 0);
   for (int64_t i = 0; i < batch; ++i) {
@@ -843,9 +922,16 @@ absl::Status LlamaCuda::EndSequence(int64_t id) {
   absl::MutexLock lock(&s.mu);
   auto it = s.sequences.find(id);
   if (it == s.sequences.end()) return absl::NotFoundError(absl::StrCat("no sequence ", id));
+  bool importing = false;
+  {
+    absl::MutexLock imports(&s.import_mu);
+    importing = s.import_blocks.erase(id) > 0;
+  }
+  // An abandoned import's uploads must land before its blocks go to another sequence.
+  const absl::Status uploaded = importing ? s.uploader.Synchronize() : absl::OkStatus();
   s.free_blocks.insert(s.free_blocks.end(), it->second.blocks.begin(), it->second.blocks.end());
   s.sequences.erase(it);
-  return absl::OkStatus();
+  return uploaded;
 }
 
 int64_t LlamaCuda::SequenceLength(int64_t id) const {
@@ -866,7 +952,7 @@ CudaMemoryStats LlamaCuda::MemoryStats() const {
   if (cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
     stats.device_used = static_cast<int64_t>(total_bytes - free_bytes);
   }
-  stats.peak_device_used = s.peak_device_used;
+  stats.peak_device_used = s.peak_device_used.load();
   return stats;
 }
 
@@ -904,58 +990,49 @@ absl::StatusOr<int64_t> LlamaCuda::ImportSequence(int64_t length) {
     return absl::InvalidArgumentError(absl::StrCat("sequence length ", length, " outside [0, ",
                                                    s.config.max_position_embeddings, "]"));
   }
-  return s.NewSequence(length);
+  ASSIGN_OR_RETURN(int64_t id, s.NewSequence(length));
+  absl::MutexLock imports(&s.import_mu);
+  s.import_blocks[id] = State::Import{s.sequences[id].blocks, length};
+  return id;
+}
+
+absl::Status LlamaCuda::FinishImport(int64_t id) {
+  State& s = *state_;
+  {
+    absl::MutexLock imports(&s.import_mu);
+    if (s.import_blocks.erase(id) == 0) {
+      return absl::NotFoundError(absl::StrCat("no sequence ", id, " being imported"));
+    }
+  }
+  return s.uploader.Synchronize();
 }
 
 absl::Status LlamaCuda::WriteKv(int64_t id, int64_t layer, int64_t first, int64_t count,
                                 KvDtype dtype, const void* k, const void* v) {
   State& s = *state_;
-  absl::MutexLock lock(&s.mu);
-  auto it = s.sequences.find(id);
-  if (it == s.sequences.end()) return absl::NotFoundError(absl::StrCat("no sequence ", id));
-  const DeviceSequence& seq = it->second;
-  if (layer < 0 || layer >= s.config.num_hidden_layers || first < 0 || count < 0 ||
-      first + count > seq.length) {
-    return absl::InvalidArgumentError(absl::StrCat("KV rows out of range: layer ", layer,
-                                                   " positions ", first, "+", count,
-                                                   " of a sequence of ", seq.length));
-  }
-  if (count == 0) return absl::OkStatus();
-  const int64_t w = s.kv_width;
   const int64_t bt = s.options.kv_block_tokens;
-  std::vector<int32_t> slots(count);
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t p = first + i;
-    slots[i] = static_cast<int32_t>(seq.blocks[p / bt] * bt + p % bt);
-  }
-  RETURN_IF_ERROR(s.slots.Reserve(count * sizeof(int32_t)));
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s.slots.as<int32_t>(), slots.data(), count * sizeof(int32_t),
-                                       cudaMemcpyHostToDevice, s.stream));
-  // The rows arrive contiguous, the pool is paged: stage them as bf16 in the (otherwise idle)
-  // one-layer K/V buffers, then scatter into the sequence's blocks.
-  RETURN_IF_ERROR(s.k_layer.Reserve(s.Bf16Bytes(count * w)));
-  RETURN_IF_ERROR(s.v_layer.Reserve(s.Bf16Bytes(count * w)));
-  if (dtype == KvDtype::kF32) {
-    RETURN_IF_ERROR(s.kv_f32.Reserve(static_cast<size_t>(count * w) * sizeof(float)));
-  }
-  const std::pair<const void*, uint16_t*> parts[] = {{k, s.k_layer.as<uint16_t>()},
-                                                     {v, s.v_layer.as<uint16_t>()}};
-  for (const auto& [rows, staging] : parts) {
-    if (dtype == KvDtype::kBf16) {
-      CUDA_RETURN_IF_ERROR(
-          cudaMemcpyAsync(staging, rows, s.Bf16Bytes(count * w), cudaMemcpyHostToDevice, s.stream));
-    } else {
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s.kv_f32.as<float>(), rows, count * w * sizeof(float),
-                                           cudaMemcpyHostToDevice, s.stream));
-      RETURN_IF_ERROR(cuda::F32ToBf16(s.kv_f32.as<float>(), count * w, staging, s.stream));
+  std::vector<int32_t> slots(std::max<int64_t>(count, 0));
+  {
+    absl::MutexLock imports(&s.import_mu);
+    auto it = s.import_blocks.find(id);
+    if (it == s.import_blocks.end()) {
+      return absl::NotFoundError(absl::StrCat("no sequence ", id, " being imported"));
+    }
+    const std::vector<int32_t>& blocks = it->second.blocks;
+    const int64_t length = it->second.length;
+    if (layer < 0 || layer >= s.config.num_hidden_layers || first < 0 || count < 0 ||
+        first + count > length) {
+      return absl::InvalidArgumentError(absl::StrCat("KV rows out of range: layer ", layer,
+                                                     " positions ", first, "+", count,
+                                                     " of a sequence of ", length));
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t p = first + i;
+      slots[i] = static_cast<int32_t>(blocks[p / bt] * bt + p % bt);
     }
   }
-  RETURN_IF_ERROR(CopyRows(s.k_layer.as<uint16_t>(), w, nullptr, s.PoolK(layer), w,
-                           s.slots.as<int32_t>(), count, w, s.stream));
-  RETURN_IF_ERROR(CopyRows(s.v_layer.as<uint16_t>(), w, nullptr, s.PoolV(layer), w,
-                           s.slots.as<int32_t>(), count, w, s.stream));
-  // The caller's rows may go away on return.
-  return CudaStatus(cudaStreamSynchronize(s.stream), "KV import");
+  return s.uploader.Upload(k, v, dtype, slots.data(), count, s.kv_width, s.PoolK(layer),
+                           s.PoolV(layer));
 }
 
 }  // namespace sparseaccel

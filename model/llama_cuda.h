@@ -99,6 +99,14 @@ class LlamaCuda : public LanguageModel, public SequenceModel {
   absl::Status Prefill(absl::Span<const int32_t> tokens, const LayerKvSink& sink,
                        std::vector<float>* last_logits);
 
+  // LanguageModel::PrefillExport beside the compute: each layer's K/V (bf16, the exporter's
+  // dtype must be bf16) is copied to the exporter's slots on a copy stream while the next
+  // layer computes in the other of two one-layer buffers.
+  absl::Status PrefillExport(absl::Span<const int32_t> tokens, KvExporter* exporter,
+                             std::vector<float>* last_logits) override;
+  // What page-locks exporter memory for this engine's copies (cudaHostRegister).
+  static std::unique_ptr<HostMemoryPinner> NewHostMemoryPinner();
+
   // One layer's prompt Q (after RoPE), K and V on the device, bf16, row p at position p: Q rows
   // of [heads][head_dim] at q_stride, K/V rows of [kv_heads][head_dim] at kv_stride, as the
   // kernels of kernels/cuda/ read them. Valid during the call; work on other streams must
@@ -140,6 +148,9 @@ class LlamaCuda : public LanguageModel, public SequenceModel {
   int64_t SequenceLength(int64_t id) const;
 
   CudaMemoryStats MemoryStats() const;
+  // Lock-free (a scrape during a prefill does not wait for it).
+  std::optional<DeviceMemoryStats> DeviceMemory() const override;
+  void ResetDevicePeak() override;
   SparsePrefillStats SparseStats() const;
   void ResetPeakMemory();
   // Waits for queued device work (for timing).
@@ -152,9 +163,12 @@ class LlamaCuda : public LanguageModel, public SequenceModel {
   // A sequence of `length` positions whose K/V WriteKv fills, e.g. from a prefill service.
   absl::StatusOr<int64_t> ImportSequence(int64_t length) override;
   // bf16 rows go to the pool as they are; fp32 rows are rounded to bf16 (nearest even) on the
-  // device.
+  // device. Thread-safe without the engine lock: rows are staged in page-locked memory and
+  // uploaded on a stream of their own while decode steps run (a step waits, on the device,
+  // for the uploads queued before it). Only between ImportSequence and FinishImport.
   absl::Status WriteKv(int64_t id, int64_t layer, int64_t first, int64_t count, KvDtype dtype,
                        const void* k, const void* v) override;
+  absl::Status FinishImport(int64_t id) override;
 
  private:
   struct State;

@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -19,11 +20,6 @@
 #include "model/kv_cache.h"
 
 namespace sparseaccel {
-
-// Element type of K/V rows handed to WriteKv (and of the KV wire format).
-enum class KvDtype { kF32, kBf16 };
-
-inline size_t KvDtypeBytes(KvDtype dtype) { return dtype == KvDtype::kF32 ? 4 : 2; }
 
 class SequenceModel {
  public:
@@ -55,6 +51,16 @@ class SequenceModel {
                                        absl::Span<const SamplingParams> params,
                                        absl::Span<const uint64_t> steps,
                                        std::vector<int32_t>* next) = 0;
+
+  // Called once every WriteKv of the sequence has been made: returns when the rows are in the
+  // pool (the GPU engine's uploads run asynchronously).
+  virtual absl::Status FinishImport(int64_t id) {
+    (void)id;
+    return absl::OkStatus();
+  }
+
+  // Device memory of the engine; nullopt for host engines.
+  virtual std::optional<DeviceMemoryStats> DeviceMemory() const { return std::nullopt; }
 
   // Returns the sequence's blocks to the pool.
   virtual absl::Status EndSequence(int64_t id) = 0;

@@ -23,6 +23,11 @@ ABSL_FLAG(int32_t, metrics_port, 9464, "Port of the Prometheus /metrics endpoint
 ABSL_FLAG(std::string, device, "cpu", "Compute backend: cpu, or cuda in builds with nvcc.");
 ABSL_FLAG(int64_t, max_prompt_tokens, 131072, "Longest prompt accepted.");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 30, "How long SIGTERM waits for running requests.");
+ABSL_FLAG(int64_t, kv_chunk_bytes, 4 << 20, "Bytes of K and V per KV chunk message.");
+ABSL_FLAG(int64_t, kv_host_buffer_bytes, 1LL << 30,
+          "Host memory (page-locked on cuda) for KV chunks waiting for the network, all requests "
+          "together: a slow receiver stalls the prefill once it is full.");
+ABSL_FLAG(int32_t, max_kv_streams, 8, "Most streams one request's KV chunks are spread over.");
 ABSL_FLAG(std::string, sparse_config, "",
           "Per-head sparse attention config (from pattern_search). Empty: the model directory's "
           "sparse_config.json when there is one, else dense prefill; 'none': dense prefill.");
@@ -69,13 +74,24 @@ int Run() {
   }
   PrefillEngineOptions options;
   options.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
+  options.chunk_bytes = absl::GetFlag(FLAGS_kv_chunk_bytes);
+  options.host_buffer_bytes = absl::GetFlag(FLAGS_kv_host_buffer_bytes);
+  options.max_kv_streams = absl::GetFlag(FLAGS_max_kv_streams);
   // The GPU engine's K/V are bf16: shipping them as bf16 halves the bytes and loses nothing.
   if (absl::GetFlag(FLAGS_device) == "cuda") options.kv_dtype = KvDtype::kBf16;
-  PrefillEngine engine(model->get(), *fingerprint, options);
+  const std::unique_ptr<HostMemoryPinner> pinner =
+      NewHostMemoryPinner(absl::GetFlag(FLAGS_device));
+  absl::StatusOr<std::unique_ptr<PrefillEngine>> engine =
+      PrefillEngine::Create(model->get(), *fingerprint, options, pinner.get());
+  if (!engine.ok()) {
+    LogError("prefill.start_failed", {{"error", engine.status().ToString()}});
+    return 1;
+  }
   auto registry = std::make_shared<prometheus::Registry>();
-  PrefillServer service(&engine, registry.get());
+  PrefillServer service(engine->get(), registry.get());
   absl::StatusOr<std::unique_ptr<MetricsServer>> metrics =
-      MetricsServer::Start("0.0.0.0", absl::GetFlag(FLAGS_metrics_port), registry);
+      MetricsServer::Start("0.0.0.0", absl::GetFlag(FLAGS_metrics_port), registry,
+                           [&service] { service.UpdateGauges(); });
   if (!metrics.ok()) {
     LogError("prefill.start_failed", {{"error", metrics.status().ToString()}});
     return 1;
@@ -88,7 +104,8 @@ int Run() {
                             {"port", port},
                             {"metrics_port", (*metrics)->port()},
                             {"model", model_dir},
-                            {"fingerprint", *fingerprint}});
+                            {"fingerprint", *fingerprint},
+                            {"kv_host_buffer_bytes", options.host_buffer_bytes}});
   const int signal = WaitForTerminationSignal();
   LogInfo("prefill.draining", {{"signal", signal}, {"active", service.active_requests()}});
   ShutdownGracefully(server.get(), absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds)));

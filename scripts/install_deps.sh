@@ -5,7 +5,7 @@ export DEBIAN_FRONTEND=noninteractive
 packages=(
   bazel-bootstrap bazel-rules-java pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
-  libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev libssl-dev libre2-dev
+  libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev libxxhash-dev libssl-dev libre2-dev
   prometheus-cpp-dev libcpp-httplib-dev nlohmann-json3-dev libopenblas-dev
   python3 python3-grpcio python3-protobuf python3-numpy python3-yaml curl
 )

@@ -17,6 +17,7 @@
 #include "gtest/gtest.h"
 #include "httplib.h"
 #include "kernels/sampling.h"
+#include "kv_stream/kv_stream.h"
 #include "model/checkpoint_maker.h"
 #include "model/fingerprint.h"
 #include "model/host_sequence_model.h"
@@ -116,6 +117,7 @@ struct ServiceOptions {
   std::string decode_fingerprint;          // Empty: the model's.
   LanguageModel* prefill_model = nullptr;  // Null: the shared model.
   const Tokenizer* tokenizer = nullptr;    // Null: token-id prompts only.
+  int32_t kv_streams = 3;                  // Streams the decode side reads KV over.
 };
 
 // Both services on loopback ports; `prefill_front` optionally stands between them.
@@ -123,9 +125,9 @@ class ServicePair {
  public:
   explicit ServicePair(ServiceOptions options = {}, grpc::Service* prefill_front = nullptr) {
     Model& model = SharedModel();
-    prefill_engine_ = std::make_unique<PrefillEngine>(
-        options.prefill_model ? options.prefill_model : model.llama.get(), model.fingerprint,
-        options.prefill);
+    prefill_engine_ =
+        *PrefillEngine::Create(options.prefill_model ? options.prefill_model : model.llama.get(),
+                               model.fingerprint, options.prefill, /*pinner=*/nullptr);
     prefill_service_ = std::make_unique<PrefillServer>(prefill_engine_.get(), &prefill_registry_);
     if (options.start_prefill) {
       prefill_server_ = StartGrpcServer("127.0.0.1:0", prefill_service_.get(), &prefill_port_);
@@ -147,6 +149,7 @@ class ServicePair {
     decode_options.max_prompt_tokens = 1000;
     decode_options.max_new_tokens = 64;
     decode_options.tokenizer = options.tokenizer;
+    decode_options.kv_streams = options.kv_streams;
     decode_service_ = std::make_unique<DecodeServer>(decode_engine_.get(), model.llama->config(),
                                                      decode_options, &decode_registry_);
     decode_server_ = StartGrpcServer("127.0.0.1:0", decode_service_.get(), &decode_port_);
@@ -184,8 +187,8 @@ class ServicePair {
     for (int i = 0; i < 500; ++i) {
       if (decode_engine_->free_blocks() == decode_engine_->num_blocks() &&
           decode_model_->free_blocks() == decode_model_->kv_pool_blocks() &&
-          decode_engine_->running() == 0 &&
-          prefill_service_->active_requests() == 0 && decode_service_->active_requests() == 0) {
+          decode_engine_->running() == 0 && prefill_service_->active_requests() == 0 &&
+          decode_service_->active_requests() == 0) {
         return true;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -607,7 +610,10 @@ class FaultyPrefill final : public v1::PrefillService::Service {
     auto stub = v1::PrefillService::NewStub(grpc::CreateChannel(
         "127.0.0.1:" + std::to_string(target_port), grpc::InsecureChannelCredentials()));
     grpc::ClientContext upstream;
-    auto reader = stub->Prefill(&upstream, *request);
+    // Every chunk on this one stream (a proxy of the Prefill method only).
+    v1::PrefillRequest one_stream = *request;
+    one_stream.set_kv_streams(1);
+    auto reader = stub->Prefill(&upstream, one_stream);
     v1::PrefillResponse message;
     int sent = 0, chunks = 0;
     while (reader->Read(&message)) {
@@ -658,7 +664,8 @@ TEST(ServiceTest, PrefillDyingMidStreamIsUnavailable) {
 
 TEST(ServiceTest, ReceiverLeavingMidTransferStopsThePrefill) {
   ServiceOptions options;
-  options.prefill.chunk_bytes = 256;  // Many small chunks per layer.
+  options.prefill.chunk_bytes = 256;         // Many small chunks per layer,
+  options.prefill.host_buffer_bytes = 4096;  // and few may wait for the network.
   ServicePair services(options);
   auto stub = v1::PrefillService::NewStub(grpc::CreateChannel(
       "127.0.0.1:" + std::to_string(services.prefill_port()), grpc::InsecureChannelCredentials()));
@@ -680,6 +687,46 @@ TEST(ServiceTest, ReceiverLeavingMidTransferStopsThePrefill) {
   EXPECT_NE(text.find("sparseaccel_prefill_requests_total{outcome=\"cancelled\"} 1"),
             std::string::npos)
       << text;
+}
+
+// A KV wire version 1 caller (no kv_streams, no kv_checksum) gets every chunk on the Prefill
+// stream with zlib CRC-32, as before; FetchKv of an unknown transfer is NOT_FOUND.
+TEST(ServiceTest, Version1CallerGetsCrc32ChunksOnOneStream) {
+  ServicePair services;
+  auto stub = v1::PrefillService::NewStub(grpc::CreateChannel(
+      "127.0.0.1:" + std::to_string(services.prefill_port()), grpc::InsecureChannelCredentials()));
+  std::mt19937 rng(std::random_device{}());
+  v1::PrefillRequest request;
+  for (int32_t t : RandomPrompt(40, &rng)) request.add_token_ids(t);
+  grpc::ClientContext context;
+  auto reader = stub->Prefill(&context, request);
+  v1::PrefillResponse message;
+  ASSERT_TRUE(reader->Read(&message));
+  ASSERT_TRUE(message.has_header());
+  EXPECT_TRUE(message.header().kv_transfer_id().empty());
+  EXPECT_EQ(message.header().kv_streams(), 1);
+  EXPECT_EQ(message.header().layout().checksum(), v1::KV_CHECKSUM_CRC32);
+  int64_t rows = 0;
+  bool trailer = false;
+  while (reader->Read(&message)) {
+    if (message.has_kv()) {
+      EXPECT_EQ(message.kv().crc32(), KvChunkCrc32(message.kv().k(), message.kv().v()));
+      EXPECT_EQ(message.kv().checksum(), 0u);
+      rows += message.kv().num_positions();
+    }
+    trailer = trailer || message.has_trailer();
+  }
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_TRUE(trailer);
+  EXPECT_EQ(rows, 40 * SharedModel().llama->kv_shape().num_layers);
+
+  grpc::ClientContext fetch_context;
+  v1::KvFetchRequest fetch;
+  fetch.set_kv_transfer_id("0123456789abcdef0123456789abcdef");
+  auto fetched = stub->FetchKv(&fetch_context, fetch);
+  EXPECT_FALSE(fetched->Read(&message));
+  EXPECT_EQ(fetched->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_TRUE(services.Drained());
 }
 
 TEST(ServiceTest, ClientCancellingMidDecodeFreesEverything) {

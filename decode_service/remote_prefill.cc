@@ -1,0 +1,195 @@
+#include "decode_service/remote_prefill.h"
+
+#include <chrono>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "common/grpc_util.h"
+#include "common/status_macros.h"
+#include "kv_stream/kv_stream.h"
+
+namespace sparseaccel {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// The calls of one transfer: the first failure wins and cancels every call.
+class CallGroup {
+ public:
+  explicit CallGroup(grpc::ServerContext* client) : client_(client) {}
+
+  grpc::ClientContext* NewCall() {
+    absl::MutexLock lock(&mu_);
+    calls_.push_back(std::make_unique<grpc::ClientContext>());
+    calls_.back()->set_deadline(client_->deadline());
+    if (!failure_.ok()) calls_.back()->TryCancel();
+    return calls_.back().get();
+  }
+  void Fail(absl::Status status) {
+    absl::MutexLock lock(&mu_);
+    if (failure_.ok()) failure_ = std::move(status);
+    for (const auto& call : calls_) call->TryCancel();
+  }
+  // Fails the group (Cancelled) once the client has gone; false then.
+  bool ClientStillThere() {
+    if (!client_->IsCancelled()) return true;
+    Fail(absl::CancelledError("client went away during prefill"));
+    return false;
+  }
+  absl::Status failure() {
+    absl::MutexLock lock(&mu_);
+    return failure_;
+  }
+
+ private:
+  grpc::ServerContext* const client_;
+  absl::Mutex mu_;
+  std::vector<std::unique_ptr<grpc::ClientContext>> calls_ ABSL_GUARDED_BY(mu_);
+  absl::Status failure_ ABSL_GUARDED_BY(mu_);
+};
+
+// Reads one FetchKv stream of the transfer into `kv` until it ends.
+void ReadFetchStream(v1::PrefillService::Stub* stub, const std::string& transfer_id,
+                     const std::string& address, KvStreamReader* kv, CallGroup* group) {
+  v1::KvFetchRequest request;
+  request.set_kv_transfer_id(transfer_id);
+  std::unique_ptr<grpc::ClientReader<v1::PrefillResponse>> reader =
+      stub->FetchKv(group->NewCall(), request);
+  v1::PrefillResponse message;
+  while (reader->Read(&message) && group->ClientStillThere()) {
+    const absl::Status status = message.has_kv()
+                                    ? kv->OnChunk(message.kv())
+                                    : absl::DataLossError("FetchKv sent something else than KV");
+    if (!status.ok()) {
+      group->Fail(status);
+      break;
+    }
+  }
+  const grpc::Status finished = reader->Finish();
+  // NOT_FOUND: the transfer was over before this stream joined, or the call reached another
+  // replica behind the same address; the other streams carry the chunks (Complete checks).
+  if (!finished.ok() && finished.error_code() != grpc::StatusCode::NOT_FOUND) {
+    group->Fail(absl::UnavailableError(absl::StrCat("KV stream from prefill service ", address,
+                                                    " failed: ", finished.error_message())));
+  }
+}
+
+absl::Status WithAddress(const absl::Status& status, const std::string& address) {
+  if (status.ok()) return status;
+  return absl::Status(status.code(),
+                      absl::StrCat("prefill service ", address, ": ", status.message()));
+}
+
+// How a failed Prefill call ends the request: request errors pass through, transport failures
+// become UNAVAILABLE.
+absl::Status PrefillCallFailure(const grpc::Status& status, grpc::ServerContext* client,
+                                const std::string& address) {
+  absl::Status remote = FromGrpcStatus(status);
+  if (client->IsCancelled()) return absl::CancelledError("client went away during prefill");
+  if (remote.code() == absl::StatusCode::kInvalidArgument ||
+      remote.code() == absl::StatusCode::kFailedPrecondition ||
+      remote.code() == absl::StatusCode::kDeadlineExceeded) {
+    return remote;
+  }
+  return absl::UnavailableError(
+      absl::StrCat("prefill service ", address, " failed: ", remote.ToString()));
+}
+
+}  // namespace
+
+RemotePrefillClient::RemotePrefillClient(RemotePrefillOptions options)
+    : options_(std::move(options)) {
+  for (const std::string& address : options_.addresses) {
+    Target target{address, {}};
+    for (int32_t i = 0; i < std::max(1, options_.kv_streams); ++i) {
+      grpc::ChannelArguments args;
+      args.SetMaxReceiveMessageSize(64 << 20);
+      // An address that resolves to several prefill pods (a headless Service) spreads over all.
+      args.SetLoadBalancingPolicyName("round_robin");
+      // A connection of its own per stream: one TCP connection tops out below what the
+      // streams together carry.
+      args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+      target.stubs.push_back(v1::PrefillService::NewStub(
+          grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args)));
+    }
+    targets_.push_back(std::move(target));
+  }
+}
+
+absl::StatusOr<RemotePrefillResult> RemotePrefillClient::Run(
+    grpc::ServerContext* client, const std::string& request_id, const std::vector<int32_t>& prompt,
+    const v1::SamplingParams& sampling, DecodeEngine* engine, DecodeSequence* sequence) {
+  if (targets_.empty()) return absl::UnavailableError("no prefill service configured");
+  const Target& target = targets_[next_++ % targets_.size()];
+  RemotePrefillResult result;
+  result.address = target.address;
+  CallGroup group(client);
+  KvStreamReader kv(engine->model().kv_shape(), static_cast<int64_t>(prompt.size()),
+                    options_.model_fingerprint,
+                    [engine, sequence](int64_t layer, int64_t first, int64_t count, KvDtype dtype,
+                                       const void* k, const void* v) {
+                      return engine->WriteKv(sequence, layer, first, count, dtype, k, v);
+                    });
+  v1::PrefillRequest request;
+  request.set_request_id(request_id);
+  *request.mutable_token_ids() = {prompt.begin(), prompt.end()};
+  *request.mutable_sampling() = sampling;
+  request.set_expected_model_fingerprint(options_.model_fingerprint);
+  request.set_kv_streams(static_cast<int32_t>(target.stubs.size()));
+  request.set_kv_checksum(v1::KV_CHECKSUM_XXH3_64);
+  std::unique_ptr<grpc::ClientReader<v1::PrefillResponse>> reader =
+      target.stubs[0]->Prefill(group.NewCall(), request);
+
+  std::vector<std::thread> fetchers;
+  bool have_trailer = false;
+  Clock::time_point header_at = Clock::now();
+  // Handles one message of the Prefill stream.
+  auto handle = [&](const v1::PrefillResponse& message) -> absl::Status {
+    switch (message.kind_case()) {
+      case v1::PrefillResponse::kHeader: {
+        RETURN_IF_ERROR(WithAddress(kv.OnHeader(message.header()), target.address));
+        header_at = Clock::now();
+        const int32_t streams =
+            std::min<int32_t>(message.header().kv_streams(), target.stubs.size());
+        for (int32_t i = 1; i < streams && !message.header().kv_transfer_id().empty(); ++i) {
+          fetchers.emplace_back(ReadFetchStream, target.stubs[i].get(),
+                                message.header().kv_transfer_id(), target.address, &kv, &group);
+        }
+        return absl::OkStatus();
+      }
+      case v1::PrefillResponse::kKv:
+        return kv.OnChunk(message.kv());
+      case v1::PrefillResponse::kTrailer:
+        result.first_token = message.trailer().first_token();
+        result.prefill_seconds = message.trailer().prefill_seconds();
+        result.peak_gpu_bytes = message.trailer().peak_gpu_memory_bytes();
+        have_trailer = true;
+        return absl::OkStatus();
+      default:
+        return absl::DataLossError("unknown prefill message");
+    }
+  };
+  v1::PrefillResponse message;
+  while (group.failure().ok() && reader->Read(&message) && group.ClientStillThere()) {
+    if (absl::Status handled = handle(message); !handled.ok()) group.Fail(handled);
+  }
+  const grpc::Status status = reader->Finish();
+  for (std::thread& fetcher : fetchers) fetcher.join();
+  RETURN_IF_ERROR(group.failure());
+  if (!status.ok()) return PrefillCallFailure(status, client, target.address);
+  if (!have_trailer) {
+    return absl::UnavailableError(
+        absl::StrCat("prefill stream from ", target.address, " ended early"));
+  }
+  RETURN_IF_ERROR(WithAddress(kv.Complete(), target.address));
+  if (result.first_token < 0 || result.first_token >= engine->model().config().vocab_size) {
+    return absl::DataLossError("prefill returned an invalid first token");
+  }
+  RETURN_IF_ERROR(engine->FinishImport(sequence));
+  result.kv_seconds = std::chrono::duration<double>(Clock::now() - header_at).count();
+  result.kv_bytes = kv.bytes();
+  return result;
+}
+
+}  // namespace sparseaccel

@@ -1,0 +1,138 @@
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "common/status_macros.h"
+#include "kernels/cuda/cuda_kernels.h"
+#include "model/cuda/kv_copy.cuh"
+#include "model/cuda/kv_transfer.cuh"
+
+namespace sparseaccel {
+namespace {
+
+using SharedEvent = std::shared_ptr<std::remove_pointer_t<cudaEvent_t>>;
+
+absl::StatusOr<SharedEvent> RecordedEvent(cudaStream_t stream) {
+  cudaEvent_t event = nullptr;
+  CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  SharedEvent shared(event, [](cudaEvent_t e) { cudaEventDestroy(e); });
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(event, stream));
+  return shared;
+}
+
+}  // namespace
+
+absl::Status CudaHostPinner::Pin(void* data, size_t bytes) {
+  return CudaStatus(cudaHostRegister(data, bytes, cudaHostRegisterDefault), "cudaHostRegister");
+}
+
+void CudaHostPinner::Unpin(void* data) { cudaHostUnregister(data); }
+
+absl::Status ExportLayerRows(int64_t layer, const uint16_t* k, const uint16_t* v, int64_t n,
+                             int64_t row, cudaStream_t compute, cudaStream_t copy,
+                             cudaEvent_t computed, cudaEvent_t copied, KvExporter* exporter) {
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(computed, compute));
+  CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(copy, computed, 0));
+  const int64_t step = std::max<int64_t>(1, exporter->rows_per_slot());
+  const size_t row_bytes = static_cast<size_t>(row) * sizeof(uint16_t);
+  for (int64_t first = 0; first < n; first += step) {
+    const int64_t count = std::min(step, n - first);
+    ASSIGN_OR_RETURN(KvExportSlot slot, exporter->Acquire(layer, first, count));
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(slot.k, k + first * row, count * row_bytes, cudaMemcpyDeviceToHost, copy));
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(slot.v, v + first * row, count * row_bytes, cudaMemcpyDeviceToHost, copy));
+    ASSIGN_OR_RETURN(SharedEvent done, RecordedEvent(copy));
+    RETURN_IF_ERROR(exporter->Publish(slot, [done] {
+      return CudaStatus(cudaEventSynchronize(done.get()), "K/V copy to the host");
+    }));
+  }
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(copied, copy));
+  return absl::OkStatus();
+}
+
+KvUploader::~KvUploader() {
+  if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  for (Slot& slot : slots_) {
+    absl::MutexLock lock(&slot.mu);
+    if (slot.host != nullptr) cudaFreeHost(slot.host);
+    if (slot.done != nullptr) cudaEventDestroy(slot.done);
+  }
+  if (tail_ != nullptr) cudaEventDestroy(tail_);
+  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+}
+
+absl::Status KvUploader::Init() {
+  CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&tail_, cudaEventDisableTiming));
+  for (Slot& slot : slots_) {
+    CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&slot.done, cudaEventDisableTiming));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KvUploader::Stage(Slot& slot, const void* k, const void* v, size_t rows_bytes,
+                               const int32_t* slots, int64_t count) {
+  // The slot's previous upload has left its staging memory.
+  CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.done));
+  const size_t bytes = 2 * rows_bytes + count * sizeof(int32_t);
+  if (slot.host_bytes < bytes) {
+    if (slot.host != nullptr) CUDA_RETURN_IF_ERROR(cudaFreeHost(slot.host));
+    slot.host = nullptr;
+    slot.host_bytes = 0;
+    CUDA_RETURN_IF_ERROR(cudaHostAlloc(&slot.host, bytes, cudaHostAllocDefault));
+    slot.host_bytes = bytes;
+  }
+  char* host = static_cast<char*>(slot.host);
+  std::memcpy(host, k, rows_bytes);
+  std::memcpy(host + rows_bytes, v, rows_bytes);
+  std::memcpy(host + 2 * rows_bytes, slots, count * sizeof(int32_t));
+  return absl::OkStatus();
+}
+
+absl::Status KvUploader::Upload(const void* k, const void* v, KvDtype dtype, const int32_t* slots,
+                                int64_t count, int64_t row, uint16_t* pool_k, uint16_t* pool_v) {
+  if (count == 0) return absl::OkStatus();
+  Slot& slot = slots_[next_++ % kSlots];
+  absl::MutexLock lock(&slot.mu);
+  const size_t rows_bytes = static_cast<size_t>(count * row) * KvDtypeBytes(dtype);
+  RETURN_IF_ERROR(Stage(slot, k, v, rows_bytes, slots, count));
+  // Device layout: K rows, V rows, pool slots, then (fp32 input) the bf16 K and V.
+  const size_t slots_at = 2 * rows_bytes;
+  const size_t bf16_at = (slots_at + count * sizeof(int32_t) + 255) / 256 * 256;
+  const size_t bf16_bytes = static_cast<size_t>(count * row) * sizeof(uint16_t);
+  RETURN_IF_ERROR(slot.device.Reserve(bf16_at + 2 * bf16_bytes));
+  char* device = slot.device.as<char>();
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device, slot.host, slots_at + count * sizeof(int32_t),
+                                       cudaMemcpyHostToDevice, stream_));
+  const uint16_t* k_rows = reinterpret_cast<const uint16_t*>(device);
+  const uint16_t* v_rows = reinterpret_cast<const uint16_t*>(device + rows_bytes);
+  if (dtype == KvDtype::kF32) {
+    uint16_t* k_bf16 = reinterpret_cast<uint16_t*>(device + bf16_at);
+    uint16_t* v_bf16 = reinterpret_cast<uint16_t*>(device + bf16_at + bf16_bytes);
+    RETURN_IF_ERROR(
+        cuda::F32ToBf16(reinterpret_cast<const float*>(k_rows), count * row, k_bf16, stream_));
+    RETURN_IF_ERROR(
+        cuda::F32ToBf16(reinterpret_cast<const float*>(v_rows), count * row, v_bf16, stream_));
+    k_rows = k_bf16;
+    v_rows = v_bf16;
+  }
+  const int32_t* pool_slots = reinterpret_cast<const int32_t*>(device + slots_at);
+  RETURN_IF_ERROR(CopyRows(k_rows, row, nullptr, pool_k, row, pool_slots, count, row, stream_));
+  RETURN_IF_ERROR(CopyRows(v_rows, row, nullptr, pool_v, row, pool_slots, count, row, stream_));
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, stream_));
+  absl::MutexLock tail(&tail_mu_);
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(tail_, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status KvUploader::OrderBefore(cudaStream_t stream) {
+  absl::MutexLock tail(&tail_mu_);
+  return CudaStatus(cudaStreamWaitEvent(stream, tail_, 0), "waiting for K/V uploads");
+}
+
+absl::Status KvUploader::Synchronize() {
+  return CudaStatus(cudaStreamSynchronize(stream_), "K/V upload");
+}
+
+}  // namespace sparseaccel

@@ -27,7 +27,7 @@ struct DecodeServerOptions {
   // Prefill services, used round robin.
   std::vector<std::string> prefill_addresses;
   // Streams (connections) each prompt's KV cache is read over.
-  int32_t kv_streams = 4;
+  int32_t kv_streams = 8;
   // Fingerprint of the local model; the prefill side must match it.
   std::string model_fingerprint;
   int64_t max_prompt_tokens = 131072;

@@ -25,7 +25,7 @@ ABSL_FLAG(std::string, listen, "0.0.0.0:50052", "gRPC listen address.");
 ABSL_FLAG(int32_t, metrics_port, 9465, "Port of the Prometheus /metrics endpoint (0: any).");
 ABSL_FLAG(std::string, prefill_addresses, "127.0.0.1:50051",
           "Comma-separated prefill service addresses, used round robin.");
-ABSL_FLAG(int32_t, kv_streams, 4,
+ABSL_FLAG(int32_t, kv_streams, 8,
           "Streams (each on its own connection) a prompt's KV cache is read over.");
 ABSL_FLAG(std::string, device, "cpu", "Compute backend: cpu, or cuda in builds with nvcc.");
 ABSL_FLAG(int64_t, kv_block_tokens, 16, "Positions per paged KV block.");

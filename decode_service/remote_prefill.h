@@ -24,7 +24,7 @@ struct RemotePrefillOptions {
   // Fingerprint of the local model; the prefill side must match it.
   std::string model_fingerprint;
   // Streams (and connections) one transfer is read from; the prefill side may grant fewer.
-  int32_t kv_streams = 4;
+  int32_t kv_streams = 8;
 };
 
 struct RemotePrefillResult {

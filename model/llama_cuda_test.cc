@@ -13,11 +13,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <deque>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "common/status_macros.h"
 #include "gtest/gtest.h"
+#include "kernels/cuda/device_memory.h"
 #include "kernels/sampling.h"
 #include "model/checkpoint_maker.h"
 #include "model/llama_cpu.h"
@@ -354,6 +357,79 @@ std::vector<float> AllLogits(LanguageModel* model, const std::vector<int32_t>& t
 // A-shape heads select the same keys on both engines whatever the rounding, so the sparse
 // prefill must match the CPU engine's sparse prefill to the dense bound. 600 tokens (10 query
 // blocks, the last one partial) in chunks of 100 (rounded down to 64 on the sparse path).
+// An exporter over plain host vectors, few rows per slot: what the prefill hands out, kept.
+class RecordingExporter : public KvExporter {
+ public:
+  explicit RecordingExporter(int64_t row) : row_(row) {}
+  KvDtype dtype() const override { return KvDtype::kBf16; }
+  int64_t rows_per_slot() const override { return 37; }
+  absl::StatusOr<KvExportSlot> Acquire(int64_t layer, int64_t first, int64_t count) override {
+    auto& part = parts_.emplace_back();
+    part.first.resize(count * row_);
+    part.second.resize(count * row_);
+    return KvExportSlot{layer,
+                        first,
+                        count,
+                        part.first.data(),
+                        part.second.data(),
+                        static_cast<int64_t>(parts_.size() - 1)};
+  }
+  absl::Status Publish(const KvExportSlot& slot, std::function<absl::Status()> written) override {
+    published_.push_back({slot, std::move(written)});
+    return absl::OkStatus();
+  }
+  // Waits for every slot; K (or V) of `layer` as [tokens][row] bf16 bits.
+  std::vector<uint16_t> Layer(int64_t layer, int64_t tokens, bool v) {
+    std::vector<uint16_t> rows(tokens * row_, 0);
+    for (auto& [slot, written] : published_) {
+      EXPECT_TRUE(!written || written().ok());
+      if (slot.layer != layer) continue;
+      const auto& part = parts_[slot.handle];
+      std::copy((v ? part.second : part.first).begin(), (v ? part.second : part.first).end(),
+                rows.begin() + slot.first * row_);
+    }
+    return rows;
+  }
+
+ private:
+  const int64_t row_;
+  std::deque<std::pair<std::vector<uint16_t>, std::vector<uint16_t>>> parts_;
+  std::vector<std::pair<KvExportSlot, std::function<absl::Status()>>> published_;
+};
+
+// PrefillExport (copies beside the compute, two alternating layer buffers) exports exactly the
+// K/V that Prefill's sink sees on the device, and the same logits; twice in a row, with a
+// longer prompt second, dense and sparse.
+TEST_P(LlamaCudaTest, PrefillExportEqualsPrefill) {
+  LlamaCudaOptions options;
+  options.prefill_chunk_tokens = 64;
+  options.sparse = SparseConfigFor(
+      GetParam(), {AShape(64, 128), HeadPattern{}, AShape(128, 192), AShape(64, 64)}, 256);
+  Engines e = Load(GetParam(), options);
+  ASSERT_TRUE(e.gpu);
+  std::mt19937 rng(std::random_device{}());
+  const KvShape shape = e.gpu->kv_shape();
+  for (int64_t n : {200, 300}) {  // Dense below 256 tokens, sparse above.
+    const std::vector<int32_t> tokens = RandomTokens(n, e.gpu->config().vocab_size, &rng);
+    std::vector<std::vector<uint16_t>> k(shape.num_layers), v(shape.num_layers);
+    auto sink = [&](const LlamaCuda::DeviceLayerKv& kv) -> absl::Status {
+      k[kv.layer].resize(n * shape.RowSize());
+      v[kv.layer].resize(n * shape.RowSize());
+      RETURN_IF_ERROR(cuda::CopyDeviceToHost(kv.k, k[kv.layer].data(), k[kv.layer].size() * 2));
+      return cuda::CopyDeviceToHost(kv.v, v[kv.layer].data(), v[kv.layer].size() * 2);
+    };
+    std::vector<float> reference, exported;
+    ASSERT_TRUE(e.gpu->Prefill(tokens, sink, &reference).ok());
+    RecordingExporter exporter(shape.RowSize());
+    ASSERT_TRUE(e.gpu->PrefillExport(tokens, &exporter, &exported).ok());
+    EXPECT_EQ(exported, reference);
+    for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
+      EXPECT_EQ(exporter.Layer(layer, n, false), k[layer]) << "layer " << layer << " n " << n;
+      EXPECT_EQ(exporter.Layer(layer, n, true), v[layer]) << "layer " << layer << " n " << n;
+    }
+  }
+}
+
 TEST_P(LlamaCudaTest, SparsePrefillMatchesCpuSparsePrefill) {
   const SparseConfig config = SparseConfigFor(
       GetParam(), {AShape(64, 128), HeadPattern{}, AShape(128, 192), AShape(64, 64)}, 256);

@@ -94,8 +94,8 @@ absl::StatusOr<std::shared_ptr<DecodeSequence>> DecodeEngine::Admit(
   const int64_t pool_blocks = model_->kv_pool_blocks();
   const int64_t blocks = (total_tokens + block_tokens - 1) / block_tokens;
   if (blocks > pool_blocks) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        total_tokens, " tokens need ", blocks, " KV blocks; the pool has ", pool_blocks));
+    return absl::ResourceExhaustedError(absl::StrCat(total_tokens, " tokens need ", blocks,
+                                                     " KV blocks; the pool has ", pool_blocks));
   }
   {
     absl::MutexLock lock(&mu_);

@@ -88,8 +88,7 @@ class DecodeEngine {
   // until `cancelled()` is true. ResourceExhausted when the queue is full or the request could
   // never fit; DeadlineExceeded / Cancelled otherwise.
   absl::StatusOr<std::shared_ptr<DecodeSequence>> Admit(int64_t prompt_tokens,
-                                                        int64_t max_new_tokens,
-                                                        absl::Time deadline,
+                                                        int64_t max_new_tokens, absl::Time deadline,
                                                         const std::function<bool()>& cancelled);
 
   // Writes received K/V rows of positions [first, first + count) of `layer` of the prompt into

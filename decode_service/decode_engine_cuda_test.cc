@@ -137,10 +137,11 @@ TEST(DecodeEngineCudaTest, ConcurrentSequencesShareTheDevicePool) {
   DecodeEngineOptions options;
   options.max_batch = 4;
   DecodeEngine engine(model.get(), options);
-  EXPECT_EQ(engine.Admit(kPoolBlocks * kBlockTokens, 1, absl::InfiniteFuture(), [] {
-                  return false;
-                }).status().code(),
-            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(
+      engine.Admit(kPoolBlocks * kBlockTokens, 1, absl::InfiniteFuture(), [] { return false; })
+          .status()
+          .code(),
+      absl::StatusCode::kResourceExhausted);
   std::mt19937 rng(std::random_device{}());
   std::vector<std::vector<int32_t>> prompts(6);
   for (auto& prompt : prompts) {
@@ -151,16 +152,16 @@ TEST(DecodeEngineCudaTest, ConcurrentSequencesShareTheDevicePool) {
   std::vector<std::thread> clients;
   for (size_t i = 0; i < prompts.size(); ++i) {
     clients.emplace_back([&, i] {
-      outputs[i] = ThroughEngine(*model, engine, prompts[i], 24,
-                                 i % 2 ? KvDtype::kBf16 : KvDtype::kF32);
+      outputs[i] =
+          ThroughEngine(*model, engine, prompts[i], 24, i % 2 ? KvDtype::kBf16 : KvDtype::kF32);
     });
   }
   for (std::thread& client : clients) client.join();
   for (const auto& output : outputs) EXPECT_EQ(output.size(), 24u);
   EXPECT_TRUE(Drained(engine));
   // Every device block is back: a sequence filling the whole pool is admitted.
-  auto whole = engine.Admit(kPoolBlocks * kBlockTokens - 1, 1, absl::InfiniteFuture(),
-                            [] { return false; });
+  auto whole =
+      engine.Admit(kPoolBlocks * kBlockTokens - 1, 1, absl::InfiniteFuture(), [] { return false; });
   EXPECT_TRUE(whole.ok()) << whole.status();
 }
 

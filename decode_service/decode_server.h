@@ -28,6 +28,8 @@ struct DecodeServerOptions {
   std::vector<std::string> prefill_addresses;
   // Streams (connections) each prompt's KV cache is read over.
   int32_t kv_streams = 8;
+  // HTTP/2 receive window per KV stream (RemotePrefillOptions::receive_window_bytes).
+  int32_t kv_receive_window_bytes = 0;
   // Fingerprint of the local model; the prefill side must match it.
   std::string model_fingerprint;
   int64_t max_prompt_tokens = 131072;

@@ -27,10 +27,13 @@ ABSL_FLAG(std::string, prefill_addresses, "127.0.0.1:50051",
           "Comma-separated prefill service addresses, used round robin.");
 ABSL_FLAG(int32_t, kv_streams, 8,
           "Streams (each on its own connection) a prompt's KV cache is read over.");
+ABSL_FLAG(int32_t, kv_receive_window_bytes, 0,
+          "HTTP/2 receive window (and largest frame) of each KV stream; 0: gRPC's default.");
 ABSL_FLAG(std::string, device, "cpu", "Compute backend: cpu, or cuda in builds with nvcc.");
 ABSL_FLAG(int64_t, kv_block_tokens, 16, "Positions per paged KV block.");
-ABSL_FLAG(int64_t, kv_blocks, 4096,
-          "Blocks in the KV pool (its memory is allocated at start; on the GPU with --device=cuda).");
+ABSL_FLAG(
+    int64_t, kv_blocks, 4096,
+    "Blocks in the KV pool (its memory is allocated at start; on the GPU with --device=cuda).");
 ABSL_FLAG(int64_t, max_batch, 32, "Sequences decoded together per step.");
 ABSL_FLAG(int64_t, max_waiting, 64, "Requests that may wait for KV space before rejection.");
 ABSL_FLAG(int64_t, max_prompt_tokens, 131072, "Longest prompt accepted.");
@@ -76,6 +79,7 @@ int Run() {
       absl::StrSplit(absl::GetFlag(FLAGS_prefill_addresses), ',', absl::SkipEmpty());
   options.model_fingerprint = *fingerprint;
   options.kv_streams = absl::GetFlag(FLAGS_kv_streams);
+  options.kv_receive_window_bytes = absl::GetFlag(FLAGS_kv_receive_window_bytes);
   options.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
   options.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
   options.tokenizer = tokenizer.get();

@@ -110,6 +110,11 @@ RemotePrefillClient::RemotePrefillClient(RemotePrefillOptions options)
       // A connection of its own per stream: one TCP connection tops out below what the
       // streams together carry.
       args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+      if (options_.receive_window_bytes > 0) {
+        args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, options_.receive_window_bytes);
+        args.SetInt(GRPC_ARG_HTTP2_MAX_FRAME_SIZE,
+                    std::min(options_.receive_window_bytes, (1 << 24) - 1));
+      }
       target.stubs.push_back(v1::PrefillService::NewStub(
           grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args)));
     }

@@ -25,6 +25,10 @@ struct RemotePrefillOptions {
   std::string model_fingerprint;
   // Streams (and connections) one transfer is read from; the prefill side may grant fewer.
   int32_t kv_streams = 8;
+  // HTTP/2 receive window of each KV stream (0: gRPC's default, 64 KiB growing with its
+  // bandwidth probe): what the prefill side may send ahead while a chunk is being checked and
+  // uploaded. Also the largest HTTP/2 frame accepted.
+  int32_t receive_window_bytes = 0;
 };
 
 struct RemotePrefillResult {

@@ -24,9 +24,10 @@ ABSL_FLAG(std::string, device, "cpu", "Compute backend: cpu, or cuda in builds w
 ABSL_FLAG(int64_t, max_prompt_tokens, 131072, "Longest prompt accepted.");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 30, "How long SIGTERM waits for running requests.");
 ABSL_FLAG(int64_t, kv_chunk_bytes, 4 << 20, "Bytes of K and V per KV chunk message.");
-ABSL_FLAG(int64_t, kv_host_buffer_bytes, 1LL << 30,
+ABSL_FLAG(int64_t, kv_host_buffer_bytes, 0,
           "Host memory (page-locked on cuda) for KV chunks waiting for the network, all requests "
-          "together: a slow receiver stalls the prefill once it is full.");
+          "together: a slow receiver stalls the prefill once it is full. 0: 1 GiB on cuda, "
+          "64 MiB on cpu.");
 ABSL_FLAG(int32_t, max_kv_streams, 8, "Most streams one request's KV chunks are spread over.");
 ABSL_FLAG(std::string, sparse_config, "",
           "Per-head sparse attention config (from pattern_search). Empty: the model directory's "
@@ -75,10 +76,12 @@ int Run() {
   PrefillEngineOptions options;
   options.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
   options.chunk_bytes = absl::GetFlag(FLAGS_kv_chunk_bytes);
+  const bool cuda = absl::GetFlag(FLAGS_device) == "cuda";
   options.host_buffer_bytes = absl::GetFlag(FLAGS_kv_host_buffer_bytes);
+  if (options.host_buffer_bytes <= 0) options.host_buffer_bytes = cuda ? 1LL << 30 : 64 << 20;
   options.max_kv_streams = absl::GetFlag(FLAGS_max_kv_streams);
   // The GPU engine's K/V are bf16: shipping them as bf16 halves the bytes and loses nothing.
-  if (absl::GetFlag(FLAGS_device) == "cuda") options.kv_dtype = KvDtype::kBf16;
+  if (cuda) options.kv_dtype = KvDtype::kBf16;
   const std::unique_ptr<HostMemoryPinner> pinner =
       NewHostMemoryPinner(absl::GetFlag(FLAGS_device));
   absl::StatusOr<std::unique_ptr<PrefillEngine>> engine =

@@ -89,7 +89,7 @@ device=$(awk '{print tolower($2)}' "$out/device.txt" | head -1)
 # The GPU tests of the engine paths the services use (export beside the compute, pool uploads),
 # on the same build, before the numbers.
 phase "GPU tests"
-for test in llama_cuda_test decode_engine_cuda_test; do
+[[ -n "${SKIP_TESTS:-}" ]] || for test in llama_cuda_test decode_engine_cuda_test; do
   if [[ -x "$bin/$test" && "$device_flag" == cuda ]]; then
     TEST_TMPDIR=/tmp/e2e_test timeout 300 "$bin/$test" > "$work/$test.log" 2>&1
     rc=$?
@@ -110,7 +110,7 @@ python3 bench/ttft/uniform_sparse_config.py --model "$model" --pattern a_shape \
   { echo "sparse config failed"; exit 1; }
 
 phase "in-process TTFT (ttft_bench, a_shape)"
-timeout 180 "$bin/ttft_bench" --model "$model" --lengths "$lengths" --sparse_config "$config" \
+[[ -n "${SKIP_TTFT:-}" ]] || timeout 180 "$bin/ttft_bench" --model "$model" --lengths "$lengths" --sparse_config "$config" \
   --reps "$reps" --label a_shape 2>> "$log" | tee "$out/ttft.jsonl"
 (( PIPESTATUS[0] == 0 )) || { echo "ttft_bench failed"; status=1; }
 
@@ -120,12 +120,12 @@ start_services() {
   started_kv_blocks=$1
   "$bin/prefill_server" --model_dir "$model" --device="$device_flag" --sparse_config "$config" \
     --listen 127.0.0.1:50051 --metrics_port 9464 --shutdown_grace_seconds 10 \
-    2> "$work/prefill.log" &
+    ${PREFILL_FLAGS:-} 2> "$work/prefill.log" &
   prefill_pid=$!
   "$bin/decode_server" --model_dir "$model" --device="$device_flag" \
     --prefill_addresses 127.0.0.1:50051 --listen 127.0.0.1:50052 --metrics_port 9465 \
     --kv_block_tokens "$block_tokens" --kv_blocks "$1" --shutdown_grace_seconds 10 \
-    2> "$work/decode.log" &
+    ${DECODE_FLAGS:-} 2> "$work/decode.log" &
   decode_pid=$!
   local deadline=$(( $(date +%s) + ${READY_TIMEOUT:-180} )) name pid
   while (( $(date +%s) < deadline )); do
@@ -178,6 +178,9 @@ gpu_used
 # every length, so a client stopped by the timeout still leaves its numbers.
 client_seconds=$(( $(left) - 40 ))
 phase "e2e_client (at most ${client_seconds} s)"
+# CPU use of the machine while the client runs (both services share it).
+vmstat 1 > "$work/vmstat.log" 2>&1 &
+vmstat_pid=$!
 timeout "$client_seconds" "$bin/e2e_client" --decode_address 127.0.0.1:50052 --lengths "$lengths" \
   --reps "$reps" --concurrent "$concurrent" --concurrent_length "$concurrent_length" \
   --max_tokens "$max_tokens" --deadline_seconds 240 \
@@ -185,6 +188,10 @@ timeout "$client_seconds" "$bin/e2e_client" --decode_address 127.0.0.1:50052 --l
   --decode_metrics_url http://127.0.0.1:9465/metrics \
   --out "$out/e2e.json" --label "$device-a_shape" 2>&1 | tee -a "$log"
 (( PIPESTATUS[0] == 0 )) || { echo "e2e_client failed (see e2e.json)"; status=1; }
+kill "$vmstat_pid" 2>/dev/null
+awk 'NR > 2 && $15 < 90 { us += $13; sy += $14; id += $15; n++ }
+     END { if (n) printf "cpu while busy (%d s): user %.0f%% system %.0f%% idle %.0f%%\n",
+                         n, us / n, sy / n, id / n }' "$work/vmstat.log" | tee -a "$log"
 gpu_used
 
 phase "stopping services"

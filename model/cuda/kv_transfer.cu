@@ -97,7 +97,39 @@ absl::Status KvUploader::Upload(const void* k, const void* v, KvDtype dtype, con
   absl::MutexLock lock(&slot.mu);
   const size_t rows_bytes = static_cast<size_t>(count * row) * KvDtypeBytes(dtype);
   RETURN_IF_ERROR(Stage(slot, k, v, rows_bytes, slots, count));
-  // Device layout: K rows, V rows, pool slots, then (fp32 input) the bf16 K and V.
+  if (dtype == KvDtype::kBf16) {
+    RETURN_IF_ERROR(
+        CopyRuns(static_cast<const char*>(slot.host), slots, count, row, pool_k, pool_v));
+  } else {
+    RETURN_IF_ERROR(ConvertAndScatter(slot, rows_bytes, count, row, pool_k, pool_v));
+  }
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, stream_));
+  absl::MutexLock tail(&tail_mu_);
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(tail_, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status KvUploader::CopyRuns(const char* host, const int32_t* slots, int64_t count,
+                                  int64_t row, uint16_t* pool_k, uint16_t* pool_v) {
+  const size_t row_bytes = static_cast<size_t>(row) * sizeof(uint16_t);
+  const char* host_v = host + count * row_bytes;
+  for (int64_t i = 0; i < count;) {
+    int64_t run = 1;
+    while (i + run < count && slots[i + run] == slots[i] + run) ++run;
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(pool_k + static_cast<int64_t>(slots[i]) * row,
+                                         host + i * row_bytes, run * row_bytes,
+                                         cudaMemcpyHostToDevice, stream_));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(pool_v + static_cast<int64_t>(slots[i]) * row,
+                                         host_v + i * row_bytes, run * row_bytes,
+                                         cudaMemcpyHostToDevice, stream_));
+    i += run;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KvUploader::ConvertAndScatter(Slot& slot, size_t rows_bytes, int64_t count,
+                                           int64_t row, uint16_t* pool_k, uint16_t* pool_v) {
+  // Device layout: fp32 K rows, V rows, pool slots, then the bf16 K and V.
   const size_t slots_at = 2 * rows_bytes;
   const size_t bf16_at = (slots_at + count * sizeof(int32_t) + 255) / 256 * 256;
   const size_t bf16_bytes = static_cast<size_t>(count * row) * sizeof(uint16_t);
@@ -105,25 +137,15 @@ absl::Status KvUploader::Upload(const void* k, const void* v, KvDtype dtype, con
   char* device = slot.device.as<char>();
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device, slot.host, slots_at + count * sizeof(int32_t),
                                        cudaMemcpyHostToDevice, stream_));
-  const uint16_t* k_rows = reinterpret_cast<const uint16_t*>(device);
-  const uint16_t* v_rows = reinterpret_cast<const uint16_t*>(device + rows_bytes);
-  if (dtype == KvDtype::kF32) {
-    uint16_t* k_bf16 = reinterpret_cast<uint16_t*>(device + bf16_at);
-    uint16_t* v_bf16 = reinterpret_cast<uint16_t*>(device + bf16_at + bf16_bytes);
-    RETURN_IF_ERROR(
-        cuda::F32ToBf16(reinterpret_cast<const float*>(k_rows), count * row, k_bf16, stream_));
-    RETURN_IF_ERROR(
-        cuda::F32ToBf16(reinterpret_cast<const float*>(v_rows), count * row, v_bf16, stream_));
-    k_rows = k_bf16;
-    v_rows = v_bf16;
-  }
+  uint16_t* k_bf16 = reinterpret_cast<uint16_t*>(device + bf16_at);
+  uint16_t* v_bf16 = reinterpret_cast<uint16_t*>(device + bf16_at + bf16_bytes);
+  RETURN_IF_ERROR(
+      cuda::F32ToBf16(reinterpret_cast<const float*>(device), count * row, k_bf16, stream_));
+  RETURN_IF_ERROR(cuda::F32ToBf16(reinterpret_cast<const float*>(device + rows_bytes), count * row,
+                                  v_bf16, stream_));
   const int32_t* pool_slots = reinterpret_cast<const int32_t*>(device + slots_at);
-  RETURN_IF_ERROR(CopyRows(k_rows, row, nullptr, pool_k, row, pool_slots, count, row, stream_));
-  RETURN_IF_ERROR(CopyRows(v_rows, row, nullptr, pool_v, row, pool_slots, count, row, stream_));
-  CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, stream_));
-  absl::MutexLock tail(&tail_mu_);
-  CUDA_RETURN_IF_ERROR(cudaEventRecord(tail_, stream_));
-  return absl::OkStatus();
+  RETURN_IF_ERROR(CopyRows(k_bf16, row, nullptr, pool_k, row, pool_slots, count, row, stream_));
+  return CopyRows(v_bf16, row, nullptr, pool_v, row, pool_slots, count, row, stream_);
 }
 
 absl::Status KvUploader::OrderBefore(cudaStream_t stream) {

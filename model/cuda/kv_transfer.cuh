@@ -4,9 +4,11 @@
 // K/V between the device and host memory beside the compute, on a copy stream of their own:
 //  - ExportLayerRows (prefill): one finished layer's rows -> the exporter's page-locked slots,
 //    asynchronous device -> host copies; each slot is published with an event to wait on.
-//  - KvUploader (decode import): received rows -> a few page-locked staging slots ->
-//    asynchronous host -> device copies and a scatter into the paged pool; a slot is reused
-//    once its previous upload is done, so the caller's rows may go away on return.
+//  - KvUploader (decode import): received rows -> page-locked staging slots -> asynchronous
+//    host -> device copies straight into the paged pool, one per run of consecutive pool rows
+//    (bf16: no kernel, so an import does not time-slice the GPU against a prefill running in
+//    another process; fp32 rows are converted and scattered by kernels). A slot is reused once
+//    its previous upload is done, so the caller's rows may go away on return.
 // Included by .cu files only.
 
 #include <cuda_runtime.h>
@@ -63,9 +65,16 @@ class KvUploader {
     DeviceBuffer device ABSL_GUARDED_BY(mu);
     cudaEvent_t done = nullptr;
   };
-  static constexpr int kSlots = 8;
+  // Enough staged chunks to ride out a wait for the GPU (another process's time slice).
+  static constexpr int kSlots = 32;
   absl::Status Stage(Slot& slot, const void* k, const void* v, size_t rows_bytes,
                      const int32_t* slots, int64_t count) ABSL_EXCLUSIVE_LOCKS_REQUIRED(slot.mu);
+  // bf16 rows staged at `host` (K then V) to their pool rows.
+  absl::Status CopyRuns(const char* host, const int32_t* slots, int64_t count, int64_t row,
+                        uint16_t* pool_k, uint16_t* pool_v);
+  absl::Status ConvertAndScatter(Slot& slot, size_t rows_bytes, int64_t count, int64_t row,
+                                 uint16_t* pool_k, uint16_t* pool_v)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(slot.mu);
 
   cudaStream_t stream_ = nullptr;
   std::array<Slot, kSlots> slots_;

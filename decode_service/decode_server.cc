@@ -279,10 +279,6 @@ grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
   if (!sequence.ok()) return finish_request(sequence.status());
   UpdateGauges();
 
-  absl::StatusOr<RemotePrefillResult> prefilled =
-      prefill_.Run(context, request_id, *prompt, request->sampling(), engine_, sequence->get());
-  if (!prefilled.ok()) return finish_request(prefilled.status());
-
   std::unordered_set<int32_t> stop_ids(request->stop_token_ids().begin(),
                                        request->stop_token_ids().end());
   std::unordered_set<int32_t> eos_ids;
@@ -337,7 +333,18 @@ grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
     return finish == v1::FINISH_REASON_UNSPECIFIED;
   };
 
-  if (send(prefilled->first_token)) {
+  // The first token reaches the client while the rest of the KV cache is still arriving.
+  bool first_sent = false;
+  bool more = false;  // Whether generation goes on after the first token.
+  absl::StatusOr<RemotePrefillResult> prefilled =
+      prefill_.Run(context, request_id, *prompt, request->sampling(), engine_, sequence->get(),
+                   [&](int32_t token) {
+                     first_sent = true;
+                     more = send(token);
+                     return more;
+                   });
+  if (!prefilled.ok() && (!first_sent || more)) return finish_request(prefilled.status());
+  if (more) {
     engine_->Start(*sequence, prefilled->first_token, ToSamplingParams(request->sampling()),
                    request->max_tokens() - 1);
     while (true) {
@@ -363,10 +370,14 @@ grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
   if (finish == v1::FINISH_REASON_UNSPECIFIED) finish = v1::FINISH_REASON_LENGTH;
 
   const double total = SecondsSince(start);
-  prefill_seconds_.Add({{"context", bucket}}, LatencyBuckets()).Observe(prefilled->prefill_seconds);
-  kv_seconds_.Add({{"context", bucket}}, LatencyBuckets()).Observe(prefilled->kv_seconds);
-  kv_bytes_.Add({{"context", bucket}}, ByteBuckets())
-      .Observe(static_cast<double>(prefilled->kv_bytes));
+  // A generation that ended with the first token stopped its KV transfer: no KV figures.
+  const RemotePrefillResult transfer = prefilled.ok() ? *prefilled : RemotePrefillResult{};
+  if (prefilled.ok()) {
+    prefill_seconds_.Add({{"context", bucket}}, LatencyBuckets()).Observe(transfer.prefill_seconds);
+    kv_seconds_.Add({{"context", bucket}}, LatencyBuckets()).Observe(transfer.kv_seconds);
+    kv_bytes_.Add({{"context", bucket}}, ByteBuckets())
+        .Observe(static_cast<double>(transfer.kv_bytes));
+  }
   e2e_.Add({{"context", bucket}}, LatencyBuckets()).Observe(total);
   v1::GenerateResponse response;
   v1::GenerateResult* result = response.mutable_result();
@@ -374,12 +385,12 @@ grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
   result->set_prompt_tokens(static_cast<int32_t>(prompt_tokens));
   result->set_completion_tokens(static_cast<int32_t>(generated));
   result->set_time_to_first_token_seconds(ttft);
-  result->set_prefill_seconds(prefilled->prefill_seconds);
-  result->set_kv_transfer_seconds(prefilled->kv_seconds);
-  result->set_kv_transfer_bytes(prefilled->kv_bytes);
+  result->set_prefill_seconds(transfer.prefill_seconds);
+  result->set_kv_transfer_seconds(transfer.kv_seconds);
+  result->set_kv_transfer_bytes(transfer.kv_bytes);
   result->set_mean_inter_token_latency_seconds(generated > 1 ? itl_sum / (generated - 1) : 0);
   result->set_total_seconds(total);
-  result->set_prefill_address(prefilled->address);
+  result->set_prefill_address(transfer.address);
   writer->Write(response);
   return finish_request(absl::OkStatus());
 }

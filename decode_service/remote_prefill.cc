@@ -124,7 +124,8 @@ RemotePrefillClient::RemotePrefillClient(RemotePrefillOptions options)
 
 absl::StatusOr<RemotePrefillResult> RemotePrefillClient::Run(
     grpc::ServerContext* client, const std::string& request_id, const std::vector<int32_t>& prompt,
-    const v1::SamplingParams& sampling, DecodeEngine* engine, DecodeSequence* sequence) {
+    const v1::SamplingParams& sampling, DecodeEngine* engine, DecodeSequence* sequence,
+    const std::function<bool(int32_t)>& first_token) {
   if (targets_.empty()) return absl::UnavailableError("no prefill service configured");
   const Target& target = targets_[next_++ % targets_.size()];
   RemotePrefillResult result;
@@ -166,10 +167,17 @@ absl::StatusOr<RemotePrefillResult> RemotePrefillClient::Run(
       case v1::PrefillResponse::kKv:
         return kv.OnChunk(message.kv());
       case v1::PrefillResponse::kTrailer:
+        if (have_trailer) return absl::DataLossError("a second prefill trailer");
         result.first_token = message.trailer().first_token();
         result.prefill_seconds = message.trailer().prefill_seconds();
         result.peak_gpu_bytes = message.trailer().peak_gpu_memory_bytes();
         have_trailer = true;
+        if (result.first_token < 0 || result.first_token >= engine->model().config().vocab_size) {
+          return absl::DataLossError("prefill returned an invalid first token");
+        }
+        if (!first_token(result.first_token)) {
+          return absl::CancelledError("generation ended with the first token");
+        }
         return absl::OkStatus();
       default:
         return absl::DataLossError("unknown prefill message");
@@ -188,9 +196,6 @@ absl::StatusOr<RemotePrefillResult> RemotePrefillClient::Run(
         absl::StrCat("prefill stream from ", target.address, " ended early"));
   }
   RETURN_IF_ERROR(WithAddress(kv.Complete(), target.address));
-  if (result.first_token < 0 || result.first_token >= engine->model().config().vocab_size) {
-    return absl::DataLossError("prefill returned an invalid first token");
-  }
   RETURN_IF_ERROR(engine->FinishImport(sequence));
   result.kv_seconds = std::chrono::duration<double>(Clock::now() - header_at).count();
   result.kv_bytes = kv.bytes();

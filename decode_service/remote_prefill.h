@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -47,11 +48,15 @@ class RemotePrefillClient {
   // Unavailable when no prefill service answers or a stream breaks, DataLoss for corrupt or
   // inconsistent KV, FailedPrecondition for another model or layout, Cancelled when `client`
   // went away; InvalidArgument and DeadlineExceeded from the prefill side pass through.
+  // `first_token` is called on the calling thread with the first token as soon as it is known,
+  // which may be before the KV cache has all arrived; when it returns false nothing more is
+  // wanted, the transfer is ended and Run returns Cancelled.
   absl::StatusOr<RemotePrefillResult> Run(grpc::ServerContext* client,
                                           const std::string& request_id,
                                           const std::vector<int32_t>& prompt,
                                           const v1::SamplingParams& sampling, DecodeEngine* engine,
-                                          DecodeSequence* sequence);
+                                          DecodeSequence* sequence,
+                                          const std::function<bool(int32_t)>& first_token);
 
  private:
   // One prefill service: a stub per stream, each over its own channel and connection.

@@ -21,6 +21,18 @@ std::string NewTransferId() {
                          absl::Uniform<uint64_t>(*gen));
 }
 
+// The last message of the Prefill stream on one stream; with several, sent when the compute ends.
+v1::PrefillResponse Trailer(const PrefillStats& stats) {
+  v1::PrefillResponse message;
+  v1::PrefillTrailer* trailer = message.mutable_trailer();
+  trailer->set_first_token(stats.first_token);
+  trailer->set_prefill_seconds(stats.seconds);
+  trailer->set_kv_bytes(stats.kv_bytes);
+  trailer->set_peak_host_memory_bytes(HostPeakResidentBytes());
+  trailer->set_peak_gpu_memory_bytes(stats.peak_gpu_bytes);
+  return message;
+}
+
 }  // namespace
 
 PrefillServer::PrefillServer(PrefillEngine* engine, prometheus::Registry* registry)
@@ -100,11 +112,22 @@ absl::StatusOr<PrefillStats> PrefillServer::Serve(grpc::ServerContext* context,
     absl::MutexLock lock(&transfers_mu_);
     transfers_[transfer_id] = kv;
   }
+  // The sender thread and the trailer share the Prefill stream; gRPC takes one write at a time.
+  absl::Mutex write_mu;
+  const auto write = [&](const v1::PrefillResponse& m) {
+    absl::MutexLock lock(&write_mu);
+    return writer->Write(m);
+  };
   absl::Status sent;
-  std::thread sender([&] {
-    sent = kv->SendAll([writer](const v1::PrefillResponse& m) { return writer->Write(m); });
-  });
+  std::thread sender([&] { sent = kv->SendAll(write); });
   absl::StatusOr<PrefillStats> stats = engine_->Compute(request, kv.get());
+  // With several streams the first token goes out as soon as the compute ends, between two
+  // chunks: the decode side streams it to its client while the rest of the KV arrives.
+  bool trailer_sent = false;
+  if (stats.ok() && streams > 1 && !context->IsCancelled()) {
+    trailer_sent = write(Trailer(*stats));
+    if (!trailer_sent) kv->Abort(absl::CancelledError("the receiver went away"));
+  }
   sender.join();
   if (!transfer_id.empty()) {
     absl::MutexLock lock(&transfers_mu_);
@@ -113,14 +136,10 @@ absl::StatusOr<PrefillStats> PrefillServer::Serve(grpc::ServerContext* context,
   if (!stats.ok()) return stats;
   if (context->IsCancelled()) return absl::CancelledError("the caller cancelled the prefill");
   if (!sent.ok()) return sent;
-  v1::PrefillResponse message;
-  v1::PrefillTrailer* trailer = message.mutable_trailer();
-  trailer->set_first_token(stats->first_token);
-  trailer->set_prefill_seconds(stats->seconds);
-  trailer->set_kv_bytes(stats->kv_bytes);
-  trailer->set_peak_host_memory_bytes(HostPeakResidentBytes());
-  trailer->set_peak_gpu_memory_bytes(stats->peak_gpu_bytes);
-  if (!writer->Write(message)) return absl::CancelledError("the receiver went away");
+  if (streams > 1 && !trailer_sent) return absl::CancelledError("the receiver went away");
+  if (streams == 1 && !writer->Write(Trailer(*stats))) {
+    return absl::CancelledError("the receiver went away");
+  }
   return stats;
 }
 

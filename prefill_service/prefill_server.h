@@ -4,8 +4,9 @@
 // The gRPC face of a PrefillEngine. A Prefill call computes in its handler thread while a
 // sender thread streams the published KV chunks; with kv_streams > 1 the caller's FetchKv calls
 // take chunks from the same writer, so one transfer uses several HTTP/2 streams (and
-// connections). The engine's host buffers bound what waits for the network: a slow receiver
-// slows the prefill instead of growing memory. Records metrics.
+// connections), and the trailer with the first token goes out as soon as the compute ends, not
+// after the last chunk. The engine's host buffers bound what waits for the network: a slow
+// receiver slows the prefill instead of growing memory. Records metrics.
 
 #include <atomic>
 #include <memory>

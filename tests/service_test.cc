@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/synchronization/notification.h"
 #include "common/grpc_util.h"
 #include "common/metrics.h"
 #include "decode_service/decode_server.h"
@@ -201,6 +202,7 @@ class ServicePair {
   DecodeServer* decode_service() { return decode_service_.get(); }
   prometheus::Registry& prefill_registry() { return prefill_registry_; }
   prometheus::Registry& decode_registry() { return decode_registry_; }
+  v1::DecodeService::Stub* stub() { return stub_.get(); }
 
  private:
   prometheus::Registry prefill_registry_, decode_registry_;
@@ -598,12 +600,16 @@ TEST(ServiceTest, ModelMismatchIsRefused) {
 }
 
 // Forwards the real prefill stream, then breaks it: flips a byte of chunk `corrupt_chunk`, or
-// fails with UNAVAILABLE after `die_after` messages (a prefill process dying mid-stream).
+// fails with UNAVAILABLE after `die_after` messages (a prefill process dying mid-stream). With
+// `hold_kv` it sends the header and the trailer first and the chunks only once `hold_kv` is
+// notified (or after 10 s; `held_until_notified` says which).
 class FaultyPrefill final : public v1::PrefillService::Service {
  public:
   int target_port = 0;
   int corrupt_chunk = -1;
   int die_after = -1;
+  absl::Notification* hold_kv = nullptr;
+  std::atomic<bool> held_until_notified{false};
 
   grpc::Status Prefill(grpc::ServerContext* context, const v1::PrefillRequest* request,
                        grpc::ServerWriter<v1::PrefillResponse>* writer) override {
@@ -615,6 +621,7 @@ class FaultyPrefill final : public v1::PrefillService::Service {
     one_stream.set_kv_streams(1);
     auto reader = stub->Prefill(&upstream, one_stream);
     v1::PrefillResponse message;
+    if (hold_kv != nullptr) return TrailerFirst(reader.get(), writer, &upstream);
     int sent = 0, chunks = 0;
     while (reader->Read(&message)) {
       if (sent == die_after) {
@@ -631,7 +638,60 @@ class FaultyPrefill final : public v1::PrefillService::Service {
     }
     return reader->Finish();
   }
+
+ private:
+  grpc::Status TrailerFirst(grpc::ClientReader<v1::PrefillResponse>* reader,
+                            grpc::ServerWriter<v1::PrefillResponse>* writer,
+                            grpc::ClientContext* upstream) {
+    std::vector<v1::PrefillResponse> chunks;
+    v1::PrefillResponse message;
+    while (reader->Read(&message)) {
+      if (message.has_kv()) {
+        chunks.push_back(message);
+      } else if (!writer->Write(message)) {
+        upstream->TryCancel();
+        break;
+      }
+    }
+    held_until_notified = hold_kv->WaitForNotificationWithTimeout(absl::Seconds(10));
+    for (const v1::PrefillResponse& chunk : chunks) {
+      if (!writer->Write(chunk)) break;
+    }
+    return reader->Finish();
+  }
 };
+
+// The first token reaches the client before the KV cache has all arrived (the trailer comes
+// first); the rest of the tokens are those of one engine. A generation that ends with its
+// first token stops the transfer and frees everything.
+TEST(ServiceTest, FirstTokenStreamsBeforeTheKvArrives) {
+  ServicePair reference;
+  FaultyPrefill front;
+  front.target_port = reference.prefill_port();
+  ServicePair services({}, &front);
+  std::mt19937 rng(std::random_device{}());
+  for (int max_tokens : {6, 1}) {
+    absl::Notification first_token;
+    front.hold_kv = &first_token;
+    const std::vector<int32_t> prompt = RandomPrompt(30, &rng);
+    const GenerateRequest request = MakeRequest(prompt, max_tokens);
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    auto reader = services.stub()->Generate(&context, request);
+    std::vector<int32_t> tokens;
+    GenerateResponse response;
+    while (reader->Read(&response)) {
+      if (!response.has_token()) continue;
+      tokens.push_back(response.token().token_id());
+      if (!first_token.HasBeenNotified()) first_token.Notify();
+    }
+    EXPECT_TRUE(reader->Finish().ok());
+    EXPECT_EQ(tokens, GenerateAlone(prompt, request.sampling(), max_tokens));
+    EXPECT_TRUE(front.held_until_notified) << "max_tokens " << max_tokens;
+    EXPECT_TRUE(services.Drained());
+    EXPECT_TRUE(reference.Drained());
+  }
+}
 
 TEST(ServiceTest, CorruptedKvChunkIsDataLoss) {
   ServicePair reference;  // Provides a real prefill service to proxy.

@@ -153,15 +153,17 @@ absl::StatusOr<KvStreamWriter::Outgoing> KvStreamWriter::Prepare(Published chunk
   return out;
 }
 
-absl::StatusOr<std::optional<KvStreamWriter::Outgoing>> KvStreamWriter::Next() {
+absl::StatusOr<std::optional<KvStreamWriter::Outgoing>> KvStreamWriter::Next(Role role) {
   Published chunk;
   {
     absl::MutexLock lock(&mu_);
-    mu_.Await(absl::Condition(
-        +[](KvStreamWriter* w) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-          return w->closed_ || !w->ready_.empty() || !w->abort_.ok();
-        },
-        this));
+    const auto may_take = [this, role]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return role == Role::kRegular || regular_senders_ == 0;
+    };
+    const auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return !abort_.ok() || (closed_ && ready_.empty()) || (!ready_.empty() && may_take());
+    };
+    mu_.Await(absl::Condition(&ready));
     if (!abort_.ok()) return abort_;
     if (ready_.empty()) return std::optional<Outgoing>();
     chunk = std::move(ready_.front());
@@ -171,17 +173,28 @@ absl::StatusOr<std::optional<KvStreamWriter::Outgoing>> KvStreamWriter::Next() {
   return std::optional<Outgoing>(std::move(out));
 }
 
-absl::Status KvStreamWriter::SendAll(const std::function<bool(const v1::PrefillResponse&)>& write) {
-  while (true) {
-    ASSIGN_OR_RETURN(std::optional<Outgoing> next, Next());
-    if (!next.has_value()) return absl::OkStatus();
-    if (!write(next->message())) {
-      const absl::Status gone =
-          absl::CancelledError("the receiver went away during the KV transfer");
-      Abort(gone);
-      return gone;
+absl::Status KvStreamWriter::SendAll(const std::function<bool(const v1::PrefillResponse&)>& write,
+                                     Role role) {
+  const int attach = role == Role::kRegular ? 1 : 0;
+  {
+    absl::MutexLock lock(&mu_);
+    regular_senders_ += attach;
+  }
+  absl::Status status = absl::OkStatus();
+  while (status.ok()) {
+    absl::StatusOr<std::optional<Outgoing>> next = Next(role);
+    if (!next.ok()) {
+      status = next.status();
+    } else if (!next->has_value()) {
+      break;
+    } else if (!write((*next)->message())) {
+      status = absl::CancelledError("the receiver went away during the KV transfer");
+      Abort(status);
     }
   }
+  absl::MutexLock lock(&mu_);
+  regular_senders_ -= attach;
+  return status;
 }
 
 int64_t KvStreamWriter::published_bytes() const {

@@ -70,11 +70,18 @@ class KvStreamWriter final : public KvExporter {
     v1::PrefillResponse message_;
   };
 
+  // How a sender takes chunks. A standby sender takes them only while no regular sender is
+  // attached: a stream that must stay free for something else (the Prefill stream's trailer)
+  // and still carries everything when no other stream joins.
+  enum class Role { kRegular, kStandby };
   // Sender side, any number of threads: the next chunk (waiting for one to be published and for
-  // its bytes); nullopt once closed and drained; the abort status once aborted.
-  absl::StatusOr<std::optional<Outgoing>> Next();
-  // Sends chunks with `write` until drained; aborts the transfer when a write fails.
-  absl::Status SendAll(const std::function<bool(const v1::PrefillResponse&)>& write);
+  // its bytes); nullopt once closed and drained (for a standby sender: drained by others); the
+  // abort status once aborted.
+  absl::StatusOr<std::optional<Outgoing>> Next(Role role = Role::kRegular);
+  // Sends chunks with `write` until drained; aborts the transfer when a write fails. A regular
+  // sender is attached while it runs.
+  absl::Status SendAll(const std::function<bool(const v1::PrefillResponse&)>& write,
+                       Role role = Role::kRegular);
 
   // Bytes of k and v published.
   int64_t published_bytes() const;
@@ -100,6 +107,7 @@ class KvStreamWriter final : public KvExporter {
   std::deque<Published> ready_ ABSL_GUARDED_BY(mu_);
   int64_t next_handle_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t published_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  int regular_senders_ ABSL_GUARDED_BY(mu_) = 0;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   absl::Status abort_ ABSL_GUARDED_BY(mu_);
 };

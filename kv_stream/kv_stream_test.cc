@@ -25,6 +25,7 @@ struct Case {
   int64_t buffers = 4;
   int64_t rows_per_buffer = 7;
   int senders = 3;
+  int standby_senders = 0;  // Started once a regular sender has sent a chunk (if there is one).
 };
 
 // Everything one transfer needs: the source K/V, the writer's buffers, the reader's
@@ -88,35 +89,46 @@ class Transfer {
     return absl::OkStatus();
   }
 
-  // Runs the producer and c.senders senders; `wire` may alter or drop a serialized chunk
-  // (false: the stream breaks). Returns the producer's status.
+  // Runs the producer, c.senders regular and c.standby_senders standby senders; `wire` may
+  // alter or drop a serialized chunk (false: the stream breaks). Returns the producer's status.
   absl::Status Run(const std::function<bool(int index, std::string* bytes)>& wire,
                    std::chrono::microseconds reader_delay = {}) {
     EXPECT_TRUE(reader_->OnHeader(Header()).ok());
     std::atomic<int> index{0};
+    const auto send = [&](KvStreamWriter::Role role) {
+      absl::Status sent = writer_->SendAll(
+          [&](const v1::PrefillResponse& message) {
+            std::string bytes = message.SerializeAsString();
+            if (wire && !wire(index++, &bytes)) return false;
+            v1::PrefillResponse received;
+            if (!received.ParseFromString(bytes)) return false;
+            std::this_thread::sleep_for(reader_delay);
+            absl::Status status = reader_->OnChunk(received.kv());
+            ++chunks_read_;
+            if (role == KvStreamWriter::Role::kStandby) ++standby_chunks_;
+            if (!status.ok()) {
+              absl::MutexLock lock(&mu_);
+              if (reader_status_.ok()) reader_status_ = status;
+              return false;
+            }
+            return true;
+          },
+          role);
+      (void)sent;
+    };
     std::vector<std::thread> senders;
-    for (int s = 0; s < c_.senders; ++s) {
-      senders.emplace_back([&] {
-        absl::Status sent = writer_->SendAll([&](const v1::PrefillResponse& message) {
-          std::string bytes = message.SerializeAsString();
-          if (wire && !wire(index++, &bytes)) return false;
-          v1::PrefillResponse received;
-          if (!received.ParseFromString(bytes)) return false;
-          std::this_thread::sleep_for(reader_delay);
-          absl::Status status = reader_->OnChunk(received.kv());
-          ++chunks_read_;
-          if (!status.ok()) {
-            absl::MutexLock lock(&mu_);
-            if (reader_status_.ok()) reader_status_ = status;
-            return false;
-          }
-          return true;
-        });
-        (void)sent;
-      });
+    for (int s = 0; s < c_.senders; ++s) senders.emplace_back(send, KvStreamWriter::Role::kRegular);
+    absl::Status produced;
+    std::thread producer([&] {
+      produced = Produce();
+      if (!produced.ok()) writer_->Abort(produced);
+    });
+    // A regular sender that has sent a chunk is attached until the transfer is drained.
+    while (c_.senders > 0 && c_.standby_senders > 0 && chunks_read_ == 0) std::this_thread::yield();
+    for (int s = 0; s < c_.standby_senders; ++s) {
+      senders.emplace_back(send, KvStreamWriter::Role::kStandby);
     }
-    absl::Status produced = Produce();
-    if (!produced.ok()) writer_->Abort(produced);
+    producer.join();
     for (std::thread& t : senders) t.join();
     return produced;
   }
@@ -138,6 +150,7 @@ class Transfer {
   std::unique_ptr<KvStreamWriter> writer_;
   std::unique_ptr<KvStreamReader> reader_;
   std::atomic<int64_t> chunks_read_{0};
+  std::atomic<int64_t> standby_chunks_{0};
   std::atomic<bool> produced_{false};
   int64_t chunks_read_when_produced_ = -1;
   absl::Mutex mu_;
@@ -162,6 +175,22 @@ TEST(KvStreamTest, RoundTripEveryDtypeChecksumAndStreamCount) {
         EXPECT_EQ(t.buffers_->in_use(), 0);
       }
     }
+  }
+}
+
+// A standby sender (the Prefill stream's) carries the whole transfer when it is alone and
+// nothing while a regular one (a FetchKv stream) is attached.
+TEST(KvStreamTest, StandbySenderCarriesChunksOnlyWhenAlone) {
+  for (int regular : {0, 2}) {
+    Case c;
+    c.senders = regular;
+    c.standby_senders = 1;
+    Transfer t(c);
+    ASSERT_TRUE(t.Run(nullptr).ok());
+    EXPECT_TRUE(t.reader_->Complete().ok()) << t.reader_->Complete();
+    EXPECT_TRUE(t.SameBytes());
+    EXPECT_EQ(t.standby_chunks_, regular == 0 ? t.total_chunks() : 0) << regular;
+    EXPECT_EQ(t.buffers_->in_use(), 0);
   }
 }
 

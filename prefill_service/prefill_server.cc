@@ -113,16 +113,22 @@ absl::StatusOr<PrefillStats> PrefillServer::Serve(grpc::ServerContext* context,
     transfers_[transfer_id] = kv;
   }
   // The sender thread and the trailer share the Prefill stream; gRPC takes one write at a time.
+  // With several streams the Prefill stream stands by: it carries chunks only while no FetchKv
+  // stream is attached (none joined, or they reached another replica), so the trailer is not
+  // queued behind chunks.
   absl::Mutex write_mu;
   const auto write = [&](const v1::PrefillResponse& m) {
     absl::MutexLock lock(&write_mu);
     return writer->Write(m);
   };
   absl::Status sent;
-  std::thread sender([&] { sent = kv->SendAll(write); });
+  std::thread sender([&] {
+    sent = kv->SendAll(
+        write, streams > 1 ? KvStreamWriter::Role::kStandby : KvStreamWriter::Role::kRegular);
+  });
   absl::StatusOr<PrefillStats> stats = engine_->Compute(request, kv.get());
-  // With several streams the first token goes out as soon as the compute ends, between two
-  // chunks: the decode side streams it to its client while the rest of the KV arrives.
+  // With several streams the first token goes out as soon as the compute ends: the decode side
+  // streams it to its client while the rest of the KV arrives.
   bool trailer_sent = false;
   if (stats.ok() && streams > 1 && !context->IsCancelled()) {
     trailer_sent = write(Trailer(*stats));

@@ -203,6 +203,11 @@ class ServicePair {
   prometheus::Registry& prefill_registry() { return prefill_registry_; }
   prometheus::Registry& decode_registry() { return decode_registry_; }
   v1::DecodeService::Stub* stub() { return stub_.get(); }
+  // A client of the prefill service itself, as the decode service is.
+  std::unique_ptr<v1::PrefillService::Stub> PrefillStub() const {
+    return v1::PrefillService::NewStub(grpc::CreateChannel(
+        "127.0.0.1:" + std::to_string(prefill_port_), grpc::InsecureChannelCredentials()));
+  }
 
  private:
   prometheus::Registry prefill_registry_, decode_registry_;
@@ -215,6 +220,13 @@ class ServicePair {
   std::unique_ptr<v1::DecodeService::Stub> stub_;
   int prefill_port_ = 0, front_port_ = 0, decode_port_ = 0;
 };
+
+// A version 1 Prefill request (no kv_streams, no kv_checksum).
+v1::PrefillRequest PrefillRequestOf(const std::vector<int32_t>& prompt) {
+  v1::PrefillRequest request;
+  *request.mutable_token_ids() = {prompt.begin(), prompt.end()};
+  return request;
+}
 
 GenerateRequest MakeRequest(const std::vector<int32_t>& prompt, int max_tokens,
                             float temperature = 0, int top_k = 0, float top_p = 0,
@@ -727,11 +739,9 @@ TEST(ServiceTest, ReceiverLeavingMidTransferStopsThePrefill) {
   options.prefill.chunk_bytes = 256;         // Many small chunks per layer,
   options.prefill.host_buffer_bytes = 4096;  // and few may wait for the network.
   ServicePair services(options);
-  auto stub = v1::PrefillService::NewStub(grpc::CreateChannel(
-      "127.0.0.1:" + std::to_string(services.prefill_port()), grpc::InsecureChannelCredentials()));
+  auto stub = services.PrefillStub();
   std::mt19937 rng(std::random_device{}());
-  v1::PrefillRequest request;
-  for (int32_t t : RandomPrompt(400, &rng)) request.add_token_ids(t);
+  const v1::PrefillRequest request = PrefillRequestOf(RandomPrompt(400, &rng));
   grpc::ClientContext context;
   auto reader = stub->Prefill(&context, request);
   v1::PrefillResponse message;
@@ -753,11 +763,9 @@ TEST(ServiceTest, ReceiverLeavingMidTransferStopsThePrefill) {
 // stream with zlib CRC-32, as before; FetchKv of an unknown transfer is NOT_FOUND.
 TEST(ServiceTest, Version1CallerGetsCrc32ChunksOnOneStream) {
   ServicePair services;
-  auto stub = v1::PrefillService::NewStub(grpc::CreateChannel(
-      "127.0.0.1:" + std::to_string(services.prefill_port()), grpc::InsecureChannelCredentials()));
+  auto stub = services.PrefillStub();
   std::mt19937 rng(std::random_device{}());
-  v1::PrefillRequest request;
-  for (int32_t t : RandomPrompt(40, &rng)) request.add_token_ids(t);
+  const v1::PrefillRequest request = PrefillRequestOf(RandomPrompt(40, &rng));
   grpc::ClientContext context;
   auto reader = stub->Prefill(&context, request);
   v1::PrefillResponse message;

@@ -1,7 +1,9 @@
 #include "decode_service/decode_engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <iterator>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
@@ -170,6 +172,8 @@ void DecodeEngine::SchedulerLoop() {
   std::vector<int32_t> tokens, next;
   std::vector<SamplingParams> params;
   std::vector<uint64_t> steps;
+  // Start of the previous step while sequences kept running (none after an idle wait).
+  std::optional<std::chrono::steady_clock::time_point> previous_start;
   while (true) {
     batch.clear();
     // Dropped sequences may hold the last reference: release them outside the lock.
@@ -192,7 +196,10 @@ void DecodeEngine::SchedulerLoop() {
       }
       running_.erase(cancelled, running_.end());
       const size_t n = running_.size();
-      if (n == 0) continue;
+      if (n == 0) {
+        previous_start.reset();
+        continue;
+      }
       const size_t take = std::min<size_t>(n, options_.max_batch);
       if (next_ >= n) next_ = 0;
       for (size_t i = 0; i < take; ++i) batch.push_back(running_[(next_ + i) % n]);
@@ -208,7 +215,19 @@ void DecodeEngine::SchedulerLoop() {
       params.push_back(s->sampling_);
       steps.push_back(s->step_);
     }
+    const auto start = std::chrono::steady_clock::now();
     const absl::Status status = model_->DecodeAndSample(ids, tokens, params, steps, &next);
+    if (options_.on_step) {
+      const auto end = std::chrono::steady_clock::now();
+      DecodeStepTiming timing;
+      timing.batch = static_cast<int64_t>(batch.size());
+      timing.model_seconds = std::chrono::duration<double>(end - start).count();
+      if (previous_start) {
+        timing.interval_seconds = std::chrono::duration<double>(start - *previous_start).count();
+      }
+      options_.on_step(timing);
+    }
+    previous_start = start;
     if (!status.ok()) LogError("decode.step_failed", {{"error", status.ToString()}});
     std::vector<DecodeSequence*> done;
     for (size_t i = 0; i < batch.size(); ++i) {

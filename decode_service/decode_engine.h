@@ -23,12 +23,23 @@
 
 namespace sparseaccel {
 
+// One scheduler step, for metrics: the model call (every running sequence of the batch, one
+// token each, sampled on the model's device) and the time from the previous step's start.
+struct DecodeStepTiming {
+  int64_t batch = 0;
+  double model_seconds = 0;
+  // 0 for the first step after the scheduler had nothing to run.
+  double interval_seconds = 0;
+};
+
 struct DecodeEngineOptions {
   // Sequences stepped together per model call (more wait their turn, round robin); at most what
   // the model takes in one step (LlamaCudaOptions::max_decode_batch on the GPU engine).
   int64_t max_batch = 32;
   // Requests allowed to wait for KV blocks; beyond that, ResourceExhausted at once.
   int64_t max_waiting = 64;
+  // Called on the scheduler thread after every step (must not block).
+  std::function<void(const DecodeStepTiming&)> on_step;
 };
 
 class DecodeEngine;

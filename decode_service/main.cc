@@ -16,6 +16,7 @@
 #include "common/log.h"
 #include "common/metrics.h"
 #include "decode_service/decode_server.h"
+#include "decode_service/step_metrics.h"
 #include "model/backend.h"
 #include "model/fingerprint.h"
 #include "model/tokenizer.h"
@@ -70,9 +71,14 @@ int Run() {
     }
     tokenizer = *std::move(loaded);
   }
+  auto registry = std::make_shared<prometheus::Registry>();
+  DecodeStepMetrics step_metrics(registry.get());
   DecodeEngineOptions engine_options;
   engine_options.max_batch = absl::GetFlag(FLAGS_max_batch);
   engine_options.max_waiting = absl::GetFlag(FLAGS_max_waiting);
+  engine_options.on_step = [&step_metrics](const DecodeStepTiming& timing) {
+    step_metrics.Observe(timing);
+  };
   DecodeEngine engine(model->get(), engine_options);
   DecodeServerOptions options;
   options.prefill_addresses =
@@ -83,7 +89,6 @@ int Run() {
   options.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
   options.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
   options.tokenizer = tokenizer.get();
-  auto registry = std::make_shared<prometheus::Registry>();
   DecodeServer service(&engine, (*model)->config(), options, registry.get());
   absl::StatusOr<std::unique_ptr<MetricsServer>> metrics =
       MetricsServer::Start("0.0.0.0", absl::GetFlag(FLAGS_metrics_port), registry,

@@ -15,6 +15,7 @@
 #include "common/grpc_util.h"
 #include "common/metrics.h"
 #include "decode_service/decode_server.h"
+#include "decode_service/step_metrics.h"
 #include "gtest/gtest.h"
 #include "httplib.h"
 #include "kernels/sampling.h"
@@ -142,6 +143,10 @@ class ServicePair {
     }
     decode_model_ = std::make_unique<HostSequenceModel>(model.llama.get(), options.kv_block_tokens,
                                                         options.kv_blocks);
+    step_metrics_ = std::make_unique<DecodeStepMetrics>(&decode_registry_);
+    if (!options.decode.on_step) {
+      options.decode.on_step = [this](const DecodeStepTiming& t) { step_metrics_->Observe(t); };
+    }
     decode_engine_ = std::make_unique<DecodeEngine>(decode_model_.get(), options.decode);
     DecodeServerOptions decode_options;
     decode_options.prefill_addresses = {prefill_address};
@@ -214,6 +219,7 @@ class ServicePair {
   std::unique_ptr<PrefillEngine> prefill_engine_;
   std::unique_ptr<PrefillServer> prefill_service_;
   std::unique_ptr<grpc::Server> prefill_server_, front_server_, decode_server_;
+  std::unique_ptr<DecodeStepMetrics> step_metrics_;  // Outlives the engine that calls it.
   std::unique_ptr<HostSequenceModel> decode_model_;
   std::unique_ptr<DecodeEngine> decode_engine_;
   std::unique_ptr<DecodeServer> decode_service_;
@@ -873,6 +879,9 @@ TEST(ServiceTest, MetricsAreServedOverHttp) {
   for (const char* expected :
        {"sparseaccel_time_to_first_token_seconds_count{context=\"<4K\"} 1",
         "sparseaccel_inter_token_latency_seconds_count{context=\"<4K\"} 4",
+        // The first token comes with the prefill: 4 decode steps, 3 intervals between them.
+        "sparseaccel_decode_step_seconds_count{batch=\"1\"} 4",
+        "sparseaccel_decode_step_interval_seconds_count{batch=\"1\"} 3",
         "sparseaccel_generate_requests_total{finish_reason=\"length\",outcome=\"ok\"} 1",
         "sparseaccel_kv_transfer_bytes_count{context=\"<4K\"} 1",
         "sparseaccel_kv_pool_blocks{state=\"used\"} 0", "sparseaccel_decode_queue_depth 0"}) {
@@ -881,6 +890,11 @@ TEST(ServiceTest, MetricsAreServedOverHttp) {
   const std::string prefill = SerializeMetrics(services.prefill_registry());
   EXPECT_NE(prefill.find("sparseaccel_prefill_duration_seconds_count{context=\"<4K\"} 1"),
             std::string::npos);
+  EXPECT_EQ(DecodeStepMetrics::BatchBucket(1), "1");
+  EXPECT_EQ(DecodeStepMetrics::BatchBucket(4), "2-4");
+  EXPECT_EQ(DecodeStepMetrics::BatchBucket(5), "5-8");
+  EXPECT_EQ(DecodeStepMetrics::BatchBucket(32), "17-32");
+  EXPECT_EQ(DecodeStepMetrics::BatchBucket(65), "65+");
   EXPECT_EQ(ContextBucket(4095), "<4K");
   EXPECT_EQ(ContextBucket(16384), "16-32K");
   EXPECT_EQ(ContextBucket(131072), ">=128K");

@@ -1,8 +1,11 @@
 // Decode attention over a paged KV cache (flash-decoding): block (split, kv_head, sequence)
 // takes one chunk of the sequence's keys for all query heads that share the KV head, so each
-// K/V row is read once per group. Its 4 warps stride over the chunk's keys, 4 keys per warp
-// at a time (lane l holds head_dim/32 elements of the row), with a per-head online softmax in
-// fp32; a second kernel merges the chunks' (max, sum, output) partials.
+// K/V row is read once per group. A K or V row of one head is head_dim bf16 = head_dim / 8
+// lanes of 16 bytes: a warp reads 32 / (head_dim / 8) rows per load, and each lane has
+// kLoadsPerStep K and V loads in flight before their first use, which is what keeps HBM busy
+// (one decode step is a pure stream over the pool). Each row group of lanes keeps its own
+// per-head online softmax in fp32; the groups, then the warps, then (in a second kernel) the
+// chunks are merged as (max, sum, output) partials.
 
 #include <algorithm>
 #include <cmath>
@@ -15,9 +18,9 @@ namespace cuda {
 namespace {
 
 constexpr int kDecodeWarps = 4;
-constexpr int kKeysPerStep = 4;
-constexpr int64_t kMinChunk = 256;      // Fewer keys per split are not worth a partial.
-constexpr int64_t kTargetBlocks = 264;  // About two blocks per SM on an H100 (132 SMs).
+constexpr int kLoadsPerStep = 4;        // 16-byte K and V loads per lane per step.
+constexpr int64_t kMinChunk = 128;      // Fewer keys per split are not worth a partial.
+constexpr int64_t kTargetBlocks = 528;  // About four blocks per SM on a 132-SM Hopper.
 
 int64_t NumSplits(int64_t num_seqs, int64_t num_kv_heads, int64_t max_seq_len) {
   const int64_t wanted = CeilDiv(kTargetBlocks, std::max<int64_t>(num_seqs * num_kv_heads, 1));
@@ -36,43 +39,55 @@ __host__ __device__ Partials PartialsIn(void* workspace, int64_t num_seqs, int64
   return {base, base + num_seqs * num_heads * splits * head_dim};
 }
 
-template <int kPerLane>
-__device__ __forceinline__ void LoadRow(const uint16_t* src, float (&dst)[kPerLane]) {
-  if constexpr (kPerLane == 4) {
-    const uint2 bits = *reinterpret_cast<const uint2*>(src);
-    dst[0] = __uint_as_float(bits.x << 16);
-    dst[1] = __uint_as_float(bits.x & 0xffff0000u);
-    dst[2] = __uint_as_float(bits.y << 16);
-    dst[3] = __uint_as_float(bits.y & 0xffff0000u);
-  } else {
-    static_assert(kPerLane == 2, "head_dim 64 or 128");
-    const uint32_t bits = *reinterpret_cast<const uint32_t*>(src);
-    dst[0] = __uint_as_float(bits << 16);
-    dst[1] = __uint_as_float(bits & 0xffff0000u);
+// 8 bf16 (one 16-byte load) as floats.
+__device__ __forceinline__ void Unpack8(const uint4& bits, float (&dst)[8]) {
+  const uint32_t words[4] = {bits.x, bits.y, bits.z, bits.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    dst[2 * i] = __uint_as_float(words[i] << 16);
+    dst[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
   }
+}
+
+// Merges the online-softmax state (max, sum, o) of `other` into `mine`.
+__device__ __forceinline__ void MergeState(float& max, float& sum, float (&o)[8], float other_max,
+                                           float other_sum, const float (&other_o)[8]) {
+  const float merged = fmaxf(max, other_max);
+  const float mine = max == -INFINITY ? 0.f : exp2f(max - merged);
+  const float theirs = other_max == -INFINITY ? 0.f : exp2f(other_max - merged);
+  max = merged;
+  sum = sum * mine + other_sum * theirs;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o[i] = o[i] * mine + other_o[i] * theirs;
 }
 
 template <int kHeadDim, int kMaxGroup>
 __global__ void __launch_bounds__(kDecodeWarps * 32)
     DecodeChunkKernel(PagedDecodeArgs args, int64_t chunk, int num_splits, float scale_log2) {
-  constexpr int kPerLane = kHeadDim / 32;
+  constexpr int kLanesPerRow = kHeadDim / 8;
+  constexpr int kRowsPerLoad = 32 / kLanesPerRow;
+  constexpr int kKeysPerStep = kRowsPerLoad * kLoadsPerStep;  // Per warp.
   const int split = blockIdx.x, kv_head = blockIdx.y;
   const int64_t seq = blockIdx.z;
   const int group = static_cast<int>(args.num_heads / args.num_kv_heads);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row_in_load = lane / kLanesPerRow, dim0 = (lane % kLanesPerRow) * 8;
   const int64_t len = min(static_cast<int64_t>(args.seq_lens[seq]), args.max_seq_len);
   const int64_t begin = split * chunk, end = min(begin + chunk, len);
 
-  float q[kMaxGroup][kPerLane], o[kMaxGroup][kPerLane], row_max[kMaxGroup], row_sum[kMaxGroup];
+  float q[kMaxGroup][8], o[kMaxGroup][8], row_max[kMaxGroup], row_sum[kMaxGroup];
 #pragma unroll
   for (int h = 0; h < kMaxGroup; ++h) {
     if (h < group) {
-      LoadRow<kPerLane>(
-          args.q + seq * args.q_stride + (kv_head * group + h) * kHeadDim + lane * kPerLane, q[h]);
+      // q rows are 8-byte aligned (q_stride % 4 == 0): two loads of 4 values.
+      const uint16_t* src = args.q + seq * args.q_stride + (kv_head * group + h) * kHeadDim + dim0;
+      const uint2 lo = *reinterpret_cast<const uint2*>(src);
+      const uint2 hi = *reinterpret_cast<const uint2*>(src + 4);
+      Unpack8(make_uint4(lo.x, lo.y, hi.x, hi.y), q[h]);
     }
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      if (h < group) q[h][i] *= scale_log2;
+    for (int i = 0; i < 8; ++i) {
+      q[h][i] = h < group ? q[h][i] * scale_log2 : 0.f;
       o[h][i] = 0;
     }
     row_max[h] = -INFINITY;
@@ -80,66 +95,113 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
   }
   const int32_t* table = args.block_tables + seq * args.max_blocks_per_seq;
   const int64_t row_stride = args.num_kv_heads * kHeadDim;
-  // Each warp takes kKeysPerStep consecutive keys per step: their K and V loads are all in
-  // flight before the first use, and one softmax update covers them.
-  for (int64_t pos0 = begin + warp * kKeysPerStep; pos0 < end;
-       pos0 += kDecodeWarps * kKeysPerStep) {
-    float k[kKeysPerStep][kPerLane], v[kKeysPerStep][kPerLane];
+  const uint32_t block_tokens = static_cast<uint32_t>(args.block_tokens);
+  // Pool rows of this lane's keys in the step at `base` (keys past `end` repeat the last one
+  // and are weighted 0).
+  auto rows_of = [&](int64_t base, int64_t (&rows)[kLoadsPerStep]) {
 #pragma unroll
-    for (int u = 0; u < kKeysPerStep; ++u) {
-      const int64_t pos = min(pos0 + u, end - 1);  // Past the end: a repeat, weighted 0 below.
-      const int64_t row =
-          int64_t{table[pos / args.block_tokens]} * args.block_tokens + pos % args.block_tokens;
-      const int64_t element = row * row_stride + kv_head * kHeadDim + lane * kPerLane;
-      LoadRow<kPerLane>(args.k_pool + element, k[u]);
-      LoadRow<kPerLane>(args.v_pool + element, v[u]);
+    for (int u = 0; u < kLoadsPerStep; ++u) {
+      const uint32_t pos =
+          static_cast<uint32_t>(min(base + u * kRowsPerLoad + row_in_load, end - 1));
+      rows[u] = int64_t{table[pos / block_tokens]} * block_tokens + pos % block_tokens;
     }
+  };
+  constexpr int64_t kBlockStep = int64_t{kDecodeWarps} * kKeysPerStep;
+  int64_t rows[kLoadsPerStep];
+  int64_t base = begin + warp * kKeysPerStep;
+  if (base < end) rows_of(base, rows);
+  for (; base < end; base += kBlockStep) {
+    uint4 k_bits[kLoadsPerStep], v_bits[kLoadsPerStep];
+#pragma unroll
+    for (int u = 0; u < kLoadsPerStep; ++u) {
+      const int64_t element = rows[u] * row_stride + kv_head * kHeadDim + dim0;
+      k_bits[u] = __ldg(reinterpret_cast<const uint4*>(args.k_pool + element));
+      v_bits[u] = __ldg(reinterpret_cast<const uint4*>(args.v_pool + element));
+    }
+    // The next step's table entries load while this step's K/V are in flight.
+    if (base + kBlockStep < end) rows_of(base + kBlockStep, rows);
+    bool valid[kLoadsPerStep];
+#pragma unroll
+    for (int u = 0; u < kLoadsPerStep; ++u) valid[u] = base + u * kRowsPerLoad + row_in_load < end;
+    float dot[kMaxGroup][kLoadsPerStep];
+#pragma unroll
+    for (int u = 0; u < kLoadsPerStep; ++u) {
+      float k[8];
+      Unpack8(k_bits[u], k);
+#pragma unroll
+      for (int h = 0; h < kMaxGroup; ++h) {
+        if (h >= group) break;
+        dot[h][u] = 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dot[h][u] += q[h][i] * k[i];
+      }
+    }
+    // Sums over the lanes of a row (all lanes take part: the shuffles need the whole warp).
 #pragma unroll
     for (int h = 0; h < kMaxGroup; ++h) {
       if (h >= group) break;
-      float dot[kKeysPerStep];
 #pragma unroll
-      for (int u = 0; u < kKeysPerStep; ++u) {
-        dot[u] = 0;
+      for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) {
 #pragma unroll
-        for (int i = 0; i < kPerLane; ++i) dot[u] += q[h][i] * k[u][i];
+        for (int u = 0; u < kLoadsPerStep; ++u) dot[h][u] += __shfl_xor_sync(~0u, dot[h][u], offset);
       }
+    }
+    float v[kLoadsPerStep][8];
 #pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) {
+    for (int u = 0; u < kLoadsPerStep; ++u) Unpack8(v_bits[u], v[u]);
 #pragma unroll
-        for (int u = 0; u < kKeysPerStep; ++u) dot[u] += __shfl_xor_sync(~0u, dot[u], offset);
-      }
-      float step_max = dot[0];  // pos0 < end: key 0 of the step is always real.
+    for (int h = 0; h < kMaxGroup; ++h) {
+      if (h >= group) break;
+      float step_max = -INFINITY;
 #pragma unroll
-      for (int u = 1; u < kKeysPerStep; ++u) {
-        if (pos0 + u < end) step_max = fmaxf(step_max, dot[u]);
+      for (int u = 0; u < kLoadsPerStep; ++u) {
+        if (valid[u]) step_max = fmaxf(step_max, dot[h][u]);
       }
       const float new_max = fmaxf(row_max[h], step_max);
+      // Before this row group's first key its state stays empty.
+      if (new_max == -INFINITY) continue;
       const float correction = exp2f(row_max[h] - new_max);
       row_max[h] = new_max;
       row_sum[h] *= correction;
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) o[h][i] *= correction;
+      for (int i = 0; i < 8; ++i) o[h][i] *= correction;
 #pragma unroll
-      for (int u = 0; u < kKeysPerStep; ++u) {
-        const float p = pos0 + u < end ? exp2f(dot[u] - new_max) : 0.f;
+      for (int u = 0; u < kLoadsPerStep; ++u) {
+        const float p = valid[u] ? exp2f(dot[h][u] - new_max) : 0.f;
         row_sum[h] += p;
 #pragma unroll
-        for (int i = 0; i < kPerLane; ++i) o[h][i] += p * v[u][i];
+        for (int i = 0; i < 8; ++i) o[h][i] += p * v[u][i];
       }
     }
   }
 
-  // Merge the warps through shared memory, then write this split's partial.
-  __shared__ float shared_o[kDecodeWarps][kMaxGroup][kHeadDim];
-  __shared__ float shared_max_sum[kDecodeWarps][kMaxGroup][2];
+  // The row groups of a warp hold the same dimensions of different keys: merge them by
+  // shuffles, then the warps through shared memory, and write this split's partial.
 #pragma unroll
   for (int h = 0; h < kMaxGroup; ++h) {
+    if (h >= group) break;
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) shared_o[warp][h][lane * kPerLane + i] = o[h][i];
-    if (lane == 0) {
-      shared_max_sum[warp][h][0] = row_max[h];
-      shared_max_sum[warp][h][1] = row_sum[h];
+    for (int offset = kLanesPerRow; offset < 32; offset *= 2) {
+      float other_o[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) other_o[i] = __shfl_xor_sync(~0u, o[h][i], offset);
+      const float other_max = __shfl_xor_sync(~0u, row_max[h], offset);
+      const float other_sum = __shfl_xor_sync(~0u, row_sum[h], offset);
+      MergeState(row_max[h], row_sum[h], o[h], other_max, other_sum, other_o);
+    }
+  }
+  __shared__ float shared_o[kDecodeWarps][kMaxGroup][kHeadDim];
+  __shared__ float shared_max_sum[kDecodeWarps][kMaxGroup][2];
+  if (row_in_load == 0) {
+#pragma unroll
+    for (int h = 0; h < kMaxGroup; ++h) {
+      if (h >= group) break;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) shared_o[warp][h][dim0 + i] = o[h][i];
+      if (lane == 0) {
+        shared_max_sum[warp][h][0] = row_max[h];
+        shared_max_sum[warp][h][1] = row_sum[h];
+      }
     }
   }
   __syncthreads();

@@ -13,6 +13,7 @@
 #include "kernels/rope.h"
 #include "model/cuda/cuda_util.cuh"
 #include "model/cuda/gemm.cuh"
+#include "model/cuda/graph_cache.cuh"
 #include "model/cuda/kv_copy.cuh"
 #include "model/cuda/kv_transfer.cuh"
 #include "model/llama_cuda.h"
@@ -23,6 +24,24 @@ namespace {
 
 // Rows of logits computed per LM-head GEMM when every position needs them.
 constexpr int64_t kLogitsRowsPerGemm = 256;
+
+// Captured decode steps kept: batch sizes x extents in use at once, with room to spare (one
+// graph of an 8B model's step is a few hundred kernel nodes).
+constexpr size_t kDecodeGraphs = 128;
+
+// Decode attention's K/V extent for a step whose longest sequence has `length` positions:
+// `length` rounded up to one of 8 values per octave (at least 256) and to whole blocks, so
+// one captured graph serves many consecutive steps; the attention kernel reads each
+// sequence's own length from the device and skips the rest of the extent.
+int64_t DecodeExtent(int64_t length, int64_t block_tokens) {
+  int64_t extent = 256;
+  if (length > extent) {
+    const int64_t octave = int64_t{1} << (63 - __builtin_clzll(static_cast<uint64_t>(length - 1)));
+    const int64_t step = octave / 8;
+    extent = (length + step - 1) / step * step;
+  }
+  return (extent + block_tokens - 1) / block_tokens * block_tokens;
+}
 
 uint16_t F32ToBf16Bits(float value) {
   uint32_t bits;
@@ -109,7 +128,11 @@ struct LlamaCuda::State {
   DeviceBuffer logits;       // fp32 [rows][vocab]
   DeviceBuffer slots;        // int32 pool rows of a prefill.
   DeviceBuffer decode_meta;  // int32 per DecodeStep: tokens, positions, slots, lengths, tables.
+  std::vector<int32_t> decode_host_meta;
   DeviceBuffer decode_workspace;
+  // Captured decode steps by (batch, extent), and the buffer addresses they were captured with.
+  GraphCache decode_graphs{kDecodeGraphs};
+  std::vector<const void*> graph_buffers;
   DeviceBuffer sample_workspace;
   DeviceBuffer sampled;  // int32 [batch]
 
@@ -470,6 +493,12 @@ struct LlamaCuda::State {
   }
 
   absl::Status RunDecode(absl::Span<const int64_t> ids, absl::Span<const int32_t> tokens);
+  absl::StatusOr<int64_t> CheckDecode(absl::Span<const int64_t> ids,
+                                      absl::Span<const int32_t> tokens) const;
+  absl::Status ReserveDecode();
+  absl::Status UploadDecodeMeta(absl::Span<const int64_t> ids, absl::Span<const int32_t> tokens,
+                                int64_t table_stride);
+  absl::Status EnqueueDecode(int64_t batch, int64_t extent);
 
   absl::StatusOr<int64_t> NewSequence(int64_t length) {
     const int64_t needed = (length + options.kv_block_tokens - 1) / options.kv_block_tokens;
@@ -782,100 +811,152 @@ absl::StatusOr<int64_t> LlamaCuda::ForkSequence(int64_t id) {
   return fork;
 }
 
-// One token for each sequence `ids[i]`, all in one batch; leaves the logits in the device
-// `logits` buffer ([ids.size()][vocab_size]).
-absl::Status LlamaCuda::State::RunDecode(absl::Span<const int64_t> ids,
-                                         absl::Span<const int32_t> tokens) {
-  State& s = *this;
-  const ModelConfig& c = s.config;
+// Checks a decode step's sequences and tokens; returns the longest sequence's length after
+// the step.
+absl::StatusOr<int64_t> LlamaCuda::State::CheckDecode(absl::Span<const int64_t> ids,
+                                                      absl::Span<const int32_t> tokens) const {
   const int64_t batch = static_cast<int64_t>(ids.size());
   if (batch == 0 || static_cast<int64_t>(tokens.size()) != batch) {
     return absl::InvalidArgumentError("DecodeStep needs one token per sequence");
   }
-  if (batch > s.options.max_decode_batch) {
+  if (batch > options.max_decode_batch) {
     return absl::InvalidArgumentError(
-        absl::StrCat("batch ", batch, " above max_decode_batch ", s.options.max_decode_batch));
+        absl::StrCat("batch ", batch, " above max_decode_batch ", options.max_decode_batch));
   }
   std::set<int64_t> distinct(ids.begin(), ids.end());
   if (static_cast<int64_t>(distinct.size()) != batch) {
     return absl::InvalidArgumentError("a sequence appears twice in one DecodeStep");
   }
-  const int64_t bt = s.options.kv_block_tokens;
-  int64_t blocks_needed = 0, table_stride = 1, max_length = 0;
+  const int64_t bt = options.kv_block_tokens;
+  int64_t blocks_needed = 0, max_length = 0;
   for (int64_t i = 0; i < batch; ++i) {
-    auto it = s.sequences.find(ids[i]);
-    if (it == s.sequences.end()) return absl::NotFoundError(absl::StrCat("no sequence ", ids[i]));
-    RETURN_IF_ERROR(s.CheckTokens(tokens.subspan(i, 1), it->second.length));
+    auto it = sequences.find(ids[i]);
+    if (it == sequences.end()) return absl::NotFoundError(absl::StrCat("no sequence ", ids[i]));
+    RETURN_IF_ERROR(CheckTokens(tokens.subspan(i, 1), it->second.length));
     const int64_t new_length = it->second.length + 1;
     blocks_needed += (new_length + bt - 1) / bt - static_cast<int64_t>(it->second.blocks.size());
-    table_stride = std::max(table_stride, (new_length + bt - 1) / bt);
     max_length = std::max(max_length, new_length);
   }
-  if (blocks_needed > static_cast<int64_t>(s.free_blocks.size())) {
+  if (blocks_needed > static_cast<int64_t>(free_blocks.size())) {
     return absl::ResourceExhaustedError("device KV pool full");
   }
-  // Imported K/V still uploading land before the step reads the pool.
-  RETURN_IF_ERROR(s.uploader.OrderBefore(s.stream));
-  // Host layout of decode_meta: tokens, positions, slots, lengths [batch] each, then tables.
-  std::vector<int32_t> meta(4 * batch + batch * table_stride, 0);
+  return max_length;
+}
+
+// Sizes every buffer a decode step touches for the largest step (max_decode_batch sequences
+// at max_position_embeddings), so their addresses, which captured graphs hold, stay put; drops
+// the graphs when a prefill has grown (moved) one of them since.
+absl::Status LlamaCuda::State::ReserveDecode() {
+  const ModelConfig& c = config;
+  const int64_t rows = options.max_decode_batch;
+  const int64_t extent = DecodeExtent(c.max_position_embeddings, options.kv_block_tokens);
+  size_t workspace = 0;
+  for (int64_t b = 1; b <= rows; ++b) {
+    workspace = std::max(workspace, cuda::PagedDecodeWorkspaceBytes(b, c.num_attention_heads,
+                                                                    c.head_dim, extent));
+  }
+  RETURN_IF_ERROR(decode_workspace.Reserve(workspace));
+  RETURN_IF_ERROR(decode_meta.Reserve((4 + extent / options.kv_block_tokens) * rows *
+                                      sizeof(int32_t)));
+  RETURN_IF_ERROR(residual.Reserve(Bf16Bytes(rows * c.hidden_size)));
+  RETURN_IF_ERROR(ReserveChunk(rows));
+  RETURN_IF_ERROR(logits.Reserve(static_cast<size_t>(rows * c.vocab_size) * sizeof(float)));
+  const std::vector<const void*> buffers = {
+      decode_workspace.as<void>(), decode_meta.as<void>(), residual.as<void>(), normed.as<void>(),
+      qkv.as<void>(), attn.as<void>(), gate_up.as<void>(), act.as<void>(), logits.as<void>()};
+  if (buffers != graph_buffers) {
+    decode_graphs.Clear();
+    graph_buffers = buffers;
+  }
+  return absl::OkStatus();
+}
+
+// Takes the pool block each sequence's new position needs and uploads the step's decode_meta:
+// tokens, positions, pool slots and lengths after the step ([batch] each), then the block
+// tables ([batch][table_stride], zero past a sequence's blocks).
+absl::Status LlamaCuda::State::UploadDecodeMeta(absl::Span<const int64_t> ids,
+                                                absl::Span<const int32_t> tokens,
+                                                int64_t table_stride) {
+  const int64_t batch = static_cast<int64_t>(ids.size());
+  const int64_t bt = options.kv_block_tokens;
+  decode_host_meta.assign(4 * batch + batch * table_stride, 0);
+  int32_t* meta = decode_host_meta.data();
   for (int64_t i = 0; i < batch; ++i) {
-    DeviceSequence& seq = s.sequences[ids[i]];
+    DeviceSequence& seq = sequences[ids[i]];
     const int64_t pos = seq.length;
     if (pos / bt == static_cast<int64_t>(seq.blocks.size())) {
-      seq.blocks.push_back(s.free_blocks.back());
-      s.free_blocks.pop_back();
+      seq.blocks.push_back(free_blocks.back());
+      free_blocks.pop_back();
     }
     meta[i] = tokens[i];
     meta[batch + i] = static_cast<int32_t>(pos);
     meta[2 * batch + i] = static_cast<int32_t>(seq.blocks[pos / bt] * bt + pos % bt);
     meta[3 * batch + i] = static_cast<int32_t>(pos + 1);
-    std::copy(seq.blocks.begin(), seq.blocks.end(), meta.begin() + 4 * batch + i * table_stride);
+    std::copy(seq.blocks.begin(), seq.blocks.end(), meta + 4 * batch + i * table_stride);
   }
-  RETURN_IF_ERROR(s.decode_meta.Reserve(meta.size() * sizeof(int32_t)));
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s.decode_meta.as<int32_t>(), meta.data(),
-                                       meta.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
-                                       s.stream));
-  const int32_t* d_tokens = s.decode_meta.as<int32_t>();
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(decode_meta.as<int32_t>(), meta,
+                                       decode_host_meta.size() * sizeof(int32_t),
+                                       cudaMemcpyHostToDevice, stream));
+  return absl::OkStatus();
+}
+
+// Enqueues a decode step of `batch` sequences over K/V extents of `extent` positions, from
+// decode_meta to the logits in `logits`: the work a decode graph captures. Only launches.
+absl::Status LlamaCuda::State::EnqueueDecode(int64_t batch, int64_t extent) {
+  const ModelConfig& c = config;
+  const int32_t* d_tokens = decode_meta.as<int32_t>();
   const int32_t* d_positions = d_tokens + batch;
   const int32_t* d_slots = d_tokens + 2 * batch;
-  const int32_t* d_lengths = d_tokens + 3 * batch;
-  const int32_t* d_tables = d_tokens + 4 * batch;
-  RETURN_IF_ERROR(s.residual.Reserve(s.Bf16Bytes(batch * c.hidden_size)));
-  RETURN_IF_ERROR(s.ReserveChunk(batch));
-  RETURN_IF_ERROR(s.decode_workspace.Reserve(
-      cuda::PagedDecodeWorkspaceBytes(batch, c.num_attention_heads, c.head_dim, max_length)));
-  uint16_t* x = s.residual.as<uint16_t>();
-  RETURN_IF_ERROR(cuda::EmbeddingGather(d_tokens, batch, s.embed.as<uint16_t>(), c.vocab_size,
-                                        c.hidden_size, x, s.stream));
+  cuda::PagedDecodeArgs a;
+  a.q_stride = qkv_width;
+  a.block_tables = d_tokens + 4 * batch;
+  a.max_blocks_per_seq = extent / options.kv_block_tokens;
+  a.seq_lens = d_tokens + 3 * batch;
+  a.num_seqs = batch;
+  a.max_seq_len = extent;
+  a.block_tokens = options.kv_block_tokens;
+  a.num_heads = c.num_attention_heads;
+  a.num_kv_heads = c.num_key_value_heads;
+  a.head_dim = c.head_dim;
+  a.workspace = decode_workspace.as<void>();
+  a.out = attn.as<uint16_t>();
+  a.out_stride = q_width;
+  uint16_t* x = residual.as<uint16_t>();
+  RETURN_IF_ERROR(cuda::EmbeddingGather(d_tokens, batch, embed.as<uint16_t>(), c.vocab_size,
+                                        c.hidden_size, x, stream));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    uint16_t* qkv = s.qkv.as<uint16_t>();
-    RETURN_IF_ERROR(s.ProjectQkv(s.layers[l], x, batch, d_positions, qkv));
-    RETURN_IF_ERROR(CopyRows(qkv + s.q_width, s.qkv_width, nullptr, s.PoolK(l), s.kv_width, d_slots,
-                             batch, s.kv_width, s.stream));
-    RETURN_IF_ERROR(CopyRows(qkv + s.q_width + s.kv_width, s.qkv_width, nullptr, s.PoolV(l),
-                             s.kv_width, d_slots, batch, s.kv_width, s.stream));
-    cuda::PagedDecodeArgs a;
-    a.q = qkv;
-    a.q_stride = s.qkv_width;
-    a.k_pool = s.PoolK(l);
-    a.v_pool = s.PoolV(l);
-    a.block_tables = d_tables;
-    a.max_blocks_per_seq = table_stride;
-    a.seq_lens = d_lengths;
-    a.num_seqs = batch;
-    a.max_seq_len = max_length;
-    a.block_tokens = bt;
-    a.num_heads = c.num_attention_heads;
-    a.num_kv_heads = c.num_key_value_heads;
-    a.head_dim = c.head_dim;
-    a.workspace = s.decode_workspace.as<void>();
-    a.out = s.attn.as<uint16_t>();
-    a.out_stride = s.q_width;
-    RETURN_IF_ERROR(cuda::PagedDecodeAttention(a, s.stream));
-    RETURN_IF_ERROR(s.OutputAndMlp(s.layers[l], x, batch));
+    uint16_t* q = qkv.as<uint16_t>();
+    RETURN_IF_ERROR(ProjectQkv(layers[l], x, batch, d_positions, q));
+    RETURN_IF_ERROR(CopyRows(q + q_width, qkv_width, nullptr, PoolK(l), kv_width, d_slots, batch,
+                             kv_width, stream));
+    RETURN_IF_ERROR(CopyRows(q + q_width + kv_width, qkv_width, nullptr, PoolV(l), kv_width,
+                             d_slots, batch, kv_width, stream));
+    a.q = q;
+    a.k_pool = PoolK(l);
+    a.v_pool = PoolV(l);
+    RETURN_IF_ERROR(cuda::PagedDecodeAttention(a, stream));
+    RETURN_IF_ERROR(OutputAndMlp(layers[l], x, batch));
   }
-  for (int64_t id : ids) ++s.sequences[id].length;
-  return s.DeviceLogits(0, batch);
+  return DeviceLogits(0, batch);
+}
+
+// One token for each sequence `ids[i]`, all in one batch; leaves the logits in the device
+// `logits` buffer ([ids.size()][vocab_size]). The step runs as a captured graph per (batch,
+// extent) unless LlamaCudaOptions::decode_graphs is off; both run the same launches.
+absl::Status LlamaCuda::State::RunDecode(absl::Span<const int64_t> ids,
+                                         absl::Span<const int32_t> tokens) {
+  ASSIGN_OR_RETURN(const int64_t max_length, CheckDecode(ids, tokens));
+  RETURN_IF_ERROR(ReserveDecode());
+  const int64_t batch = static_cast<int64_t>(ids.size());
+  const int64_t extent = DecodeExtent(max_length, options.kv_block_tokens);
+  // Imported K/V still uploading land before the step reads the pool.
+  RETURN_IF_ERROR(uploader.OrderBefore(stream));
+  RETURN_IF_ERROR(UploadDecodeMeta(ids, tokens, extent / options.kv_block_tokens));
+  auto enqueue = [&] { return EnqueueDecode(batch, extent); };
+  RETURN_IF_ERROR(options.decode_graphs ? decode_graphs.Launch({batch, extent}, stream, enqueue)
+                                        : enqueue());
+  for (int64_t id : ids) ++sequences[id].length;
+  return absl::OkStatus();
 }
 
 absl::Status LlamaCuda::DecodeStep(absl::Span<const int64_t> ids, absl::Span<const int32_t> tokens,
@@ -959,6 +1040,11 @@ CudaMemoryStats LlamaCuda::MemoryStats() const {
 SparsePrefillStats LlamaCuda::SparseStats() const {
   absl::MutexLock lock(&state_->mu);
   return state_->sparse_stats;
+}
+
+DecodeGraphStats LlamaCuda::DecodeGraphs() const {
+  absl::MutexLock lock(&state_->mu);
+  return {state_->decode_graphs.captures(), static_cast<int64_t>(state_->decode_graphs.size())};
 }
 
 void LlamaCuda::ResetPeakMemory() {

@@ -53,6 +53,9 @@ struct LlamaCudaOptions {
   int64_t kv_block_tokens = 64;
   // Most sequences in one DecodeStep (at most 256).
   int64_t max_decode_batch = 64;
+  // Decode steps run as CUDA graphs captured per (batch, K/V extent) (off: the same launches
+  // one by one).
+  bool decode_graphs = true;
   // Per-head sparse prefill patterns; its layers and heads must match the model.
   std::optional<SparseConfig> sparse;
 };
@@ -61,6 +64,12 @@ struct LlamaCudaOptions {
 struct SparsePrefillStats {
   int64_t sparse_prefills = 0;  // Prompts that took the sparse path.
   int64_t dense_prefills = 0;   // Prompts from position 0 that ran dense.
+};
+
+// Decode graphs since the engine was loaded: captures made and graphs kept now.
+struct DecodeGraphStats {
+  int64_t captures = 0;
+  int64_t cached = 0;
 };
 
 // Device memory, bytes. `allocated` counts this engine's cudaMallocs (comparable to torch's
@@ -152,6 +161,7 @@ class LlamaCuda : public LanguageModel, public SequenceModel {
   std::optional<DeviceMemoryStats> DeviceMemory() const override;
   void ResetDevicePeak() override;
   SparsePrefillStats SparseStats() const;
+  DecodeGraphStats DecodeGraphs() const;
   void ResetPeakMemory();
   // Waits for queued device work (for timing).
   absl::Status Synchronize();

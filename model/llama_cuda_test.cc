@@ -278,6 +278,68 @@ TEST_P(LlamaCudaTest, DeviceSamplingMatchesCpuSampler) {
   }
 }
 
+// Decode steps replayed from captured graphs compute exactly what the same launches enqueued
+// one by one compute: across batch sizes, K/V extents (250 + 12 positions crosses 256), and a
+// prefill in between that moves the scratch buffers the graphs were captured with.
+TEST_P(LlamaCudaTest, DecodeGraphsEqualOneByOneLaunches) {
+  std::random_device seed;
+  const std::string dir = Checkpoint(GetParam().name + "_graphs" + std::to_string(seed()),
+                                     GetParam(), seed());
+  LlamaCudaOptions options;
+  options.kv_pool_tokens = 2048;
+  options.kv_block_tokens = 16;
+  options.max_decode_batch = 8;
+  std::unique_ptr<LlamaCuda> engines[2];
+  for (int graphs = 0; graphs < 2; ++graphs) {
+    options.decode_graphs = graphs == 1;
+    auto engine = LlamaCuda::Load(dir, options);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    engines[graphs] = std::move(engine).value();
+  }
+  std::mt19937 rng(seed());
+  const int64_t vocab = engines[0]->config().vocab_size;
+  const std::vector<std::vector<int32_t>> prompts = {RandomTokens(250, vocab, &rng),
+                                                     RandomTokens(40, vocab, &rng),
+                                                     RandomTokens(300, vocab, &rng)};
+  std::vector<int64_t> ids[2];
+  std::vector<float> logits[2];
+  auto start = [&](const std::vector<int32_t>& prompt) {
+    for (int g = 0; g < 2; ++g) {
+      auto id = engines[g]->StartSequence(prompt, &logits[g]);
+      ASSERT_TRUE(id.ok()) << id.status();
+      ids[g].push_back(*id);
+    }
+    EXPECT_EQ(logits[0], logits[1]);
+  };
+  auto steps = [&](int64_t count) {
+    for (int64_t step = 0; step < count; ++step) {
+      const std::vector<int32_t> tokens = RandomTokens(ids[0].size(), vocab, &rng);
+      for (int g = 0; g < 2; ++g) ASSERT_TRUE(engines[g]->DecodeStep(ids[g], tokens, &logits[g]).ok());
+      ASSERT_EQ(logits[0].size(), ids[0].size() * vocab);
+      EXPECT_EQ(logits[0], logits[1]) << "step " << step << " of batch " << ids[0].size();
+    }
+  };
+  start(prompts[0]);
+  start(prompts[1]);
+  for (int g = 0; g < 2; ++g) {
+    auto fork = engines[g]->ForkSequence(ids[g][0]);
+    ASSERT_TRUE(fork.ok()) << fork.status();
+    ids[g].push_back(*fork);
+  }
+  steps(12);
+  for (int g = 0; g < 2; ++g) {
+    ASSERT_TRUE(engines[g]->EndSequence(ids[g][1]).ok());
+    ids[g].erase(ids[g].begin() + 1);
+  }
+  steps(3);
+  start(prompts[2]);
+  steps(3);
+  EXPECT_EQ(engines[0]->DecodeGraphs().captures, 0);
+  // (3, 256), (3, 288), (2, 288), then (3, 320) or (3, 304) after the prefill moved the buffers.
+  EXPECT_GE(engines[1]->DecodeGraphs().captures, 4);
+  EXPECT_LE(engines[1]->DecodeGraphs().cached, engines[1]->DecodeGraphs().captures);
+}
+
 TEST_P(LlamaCudaTest, BadInputIsAnError) {
   LlamaCudaOptions options;
   options.kv_pool_tokens = 64;

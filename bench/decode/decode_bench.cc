@@ -4,6 +4,7 @@
 // one JSON object per (context, batch): median and p90 step time. Steps sample greedily on the
 // GPU (DecodeAndSample), so only the token ids come back to the host.
 //   decode_bench --model DIR --contexts 4096,32768 --batches 1,8,32 [--steps 32] [--pool_gib 40]
+//       [--decode_graphs=false]
 
 #include <algorithm>
 #include <chrono>
@@ -24,6 +25,7 @@ ABSL_FLAG(std::string, contexts, "4096,32768", "Context lengths.");
 ABSL_FLAG(std::string, batches, "1,8,32", "Batch sizes.");
 ABSL_FLAG(int64_t, steps, 32, "Timed decode steps.");
 ABSL_FLAG(double, pool_gib, 40, "Device K/V pool size.");
+ABSL_FLAG(bool, decode_graphs, true, "Decode steps as captured CUDA graphs.");
 
 namespace sparseaccel {
 namespace {
@@ -58,6 +60,7 @@ int Run() {
       2.0 * 2.0 * config->num_hidden_layers * config->num_key_value_heads * config->head_dim;
   LlamaCudaOptions options;
   options.kv_block_tokens = 64;
+  options.decode_graphs = absl::GetFlag(FLAGS_decode_graphs);
   options.kv_pool_tokens =
       static_cast<int64_t>(absl::GetFlag(FLAGS_pool_gib) * (1 << 30) / token_bytes);
   auto model = LlamaCuda::Load(absl::GetFlag(FLAGS_model), options);
@@ -108,9 +111,10 @@ int Run() {
       const double median = seconds[seconds.size() / 2];
       std::printf(
           "{\"context\": %ld, \"batch\": %ld, \"itl_ms\": %.3f, \"p90_ms\": %.3f, "
-          "\"tokens_per_s\": %.1f, \"steps\": %ld}\n",
+          "\"tokens_per_s\": %.1f, \"steps\": %ld, \"decode_graphs\": %s}\n",
           static_cast<long>(context), static_cast<long>(batch), median * 1e3,
-          seconds[seconds.size() * 9 / 10] * 1e3, batch / median, static_cast<long>(steps));
+          seconds[seconds.size() * 9 / 10] * 1e3, batch / median, static_cast<long>(steps),
+          options.decode_graphs ? "true" : "false");
       std::fflush(stdout);
     }
     (void)(*model)->EndSequence(*base);

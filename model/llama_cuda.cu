@@ -852,18 +852,19 @@ absl::Status LlamaCuda::State::ReserveDecode() {
   const int64_t extent = DecodeExtent(c.max_position_embeddings, options.kv_block_tokens);
   size_t workspace = 0;
   for (int64_t b = 1; b <= rows; ++b) {
-    workspace = std::max(workspace, cuda::PagedDecodeWorkspaceBytes(b, c.num_attention_heads,
-                                                                    c.head_dim, extent));
+    workspace = std::max(
+        workspace, cuda::PagedDecodeWorkspaceBytes(b, c.num_attention_heads, c.head_dim, extent));
   }
   RETURN_IF_ERROR(decode_workspace.Reserve(workspace));
-  RETURN_IF_ERROR(decode_meta.Reserve((4 + extent / options.kv_block_tokens) * rows *
-                                      sizeof(int32_t)));
+  RETURN_IF_ERROR(
+      decode_meta.Reserve((4 + extent / options.kv_block_tokens) * rows * sizeof(int32_t)));
   RETURN_IF_ERROR(residual.Reserve(Bf16Bytes(rows * c.hidden_size)));
   RETURN_IF_ERROR(ReserveChunk(rows));
   RETURN_IF_ERROR(logits.Reserve(static_cast<size_t>(rows * c.vocab_size) * sizeof(float)));
   const std::vector<const void*> buffers = {
-      decode_workspace.as<void>(), decode_meta.as<void>(), residual.as<void>(), normed.as<void>(),
-      qkv.as<void>(), attn.as<void>(), gate_up.as<void>(), act.as<void>(), logits.as<void>()};
+      decode_workspace.as<void>(), decode_meta.as<void>(), residual.as<void>(),
+      normed.as<void>(),           qkv.as<void>(),         attn.as<void>(),
+      gate_up.as<void>(),          act.as<void>(),         logits.as<void>()};
   if (buffers != graph_buffers) {
     decode_graphs.Clear();
     graph_buffers = buffers;

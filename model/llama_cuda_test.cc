@@ -283,8 +283,8 @@ TEST_P(LlamaCudaTest, DeviceSamplingMatchesCpuSampler) {
 // prefill in between that moves the scratch buffers the graphs were captured with.
 TEST_P(LlamaCudaTest, DecodeGraphsEqualOneByOneLaunches) {
   std::random_device seed;
-  const std::string dir = Checkpoint(GetParam().name + "_graphs" + std::to_string(seed()),
-                                     GetParam(), seed());
+  const std::string dir =
+      Checkpoint(GetParam().name + "_graphs" + std::to_string(seed()), GetParam(), seed());
   LlamaCudaOptions options;
   options.kv_pool_tokens = 2048;
   options.kv_block_tokens = 16;
@@ -314,7 +314,8 @@ TEST_P(LlamaCudaTest, DecodeGraphsEqualOneByOneLaunches) {
   auto steps = [&](int64_t count) {
     for (int64_t step = 0; step < count; ++step) {
       const std::vector<int32_t> tokens = RandomTokens(ids[0].size(), vocab, &rng);
-      for (int g = 0; g < 2; ++g) ASSERT_TRUE(engines[g]->DecodeStep(ids[g], tokens, &logits[g]).ok());
+      for (int g = 0; g < 2; ++g)
+        ASSERT_TRUE(engines[g]->DecodeStep(ids[g], tokens, &logits[g]).ok());
       ASSERT_EQ(logits[0].size(), ids[0].size() * vocab);
       EXPECT_EQ(logits[0], logits[1]) << "step " << step << " of batch " << ids[0].size();
     }

@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
   const uint32_t block_tokens = static_cast<uint32_t>(args.block_tokens);
   // Pool rows of this lane's keys in the step at `base` (keys past `end` repeat the last one
   // and are weighted 0).
-  auto rows_of = [&](int64_t base, int64_t (&rows)[kLoadsPerStep]) {
+  auto rows_of = [&](int64_t base, int64_t(&rows)[kLoadsPerStep]) {
 #pragma unroll
     for (int u = 0; u < kLoadsPerStep; ++u) {
       const uint32_t pos =
@@ -143,7 +143,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
 #pragma unroll
       for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) {
 #pragma unroll
-        for (int u = 0; u < kLoadsPerStep; ++u) dot[h][u] += __shfl_xor_sync(~0u, dot[h][u], offset);
+        for (int u = 0; u < kLoadsPerStep; ++u)
+          dot[h][u] += __shfl_xor_sync(~0u, dot[h][u], offset);
       }
     }
     float v[kLoadsPerStep][8];

@@ -1,7 +1,6 @@
-#include "model/cuda/graph_cache.cuh"
-
 #include "common/status_macros.h"
 #include "model/cuda/cuda_util.cuh"
+#include "model/cuda/graph_cache.cuh"
 
 namespace sparseaccel {
 

@@ -18,29 +18,24 @@ Targets: service ITL <= 1.05 x engine ITL; engine ITL at batch 1 <= 1.3 x floor.
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import sys
+
+# JSON lines and ratios as bench/e2e/summarize.py reads and forms them.
+_E2E = importlib.util.spec_from_file_location(
+    "e2e_summarize", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "e2e",
+                                  "summarize.py"))
+_e2e = importlib.util.module_from_spec(_E2E)
+_E2E.loader.exec_module(_e2e)
+read_jsonl, ratio = _e2e.read_jsonl, _e2e.ratio
 
 SERVICE_FACTOR = 1.05
 FLOOR_FACTOR = 1.3
 BF16_BYTES = 2
 # HBM bandwidth from the vendors' specs, by a substring of the nvidia-smi name.
 SPEC_BYTES_PER_S = [("H200", 4.8e12), ("H100 80GB HBM3", 3.35e12)]
-
-
-def read_jsonl(path):
-    rows = []
-    if os.path.exists(path):
-        for line in open(path):
-            line = line.strip()
-            if line.startswith("{"):
-                rows.append(json.loads(line))
-    return rows
-
-
-def ratio(a, b):
-    return a / b if a is not None and b else None
 
 
 def read_device(path):

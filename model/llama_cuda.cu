@@ -495,6 +495,7 @@ struct LlamaCuda::State {
   absl::Status RunDecode(absl::Span<const int64_t> ids, absl::Span<const int32_t> tokens);
   absl::StatusOr<int64_t> CheckDecode(absl::Span<const int64_t> ids,
                                       absl::Span<const int32_t> tokens) const;
+  cuda::PagedDecodeArgs DecodeAttentionShape(int64_t batch, int64_t extent) const;
   absl::Status ReserveDecode();
   absl::Status UploadDecodeMeta(absl::Span<const int64_t> ids, absl::Span<const int32_t> tokens,
                                 int64_t table_stride);
@@ -811,6 +812,17 @@ absl::StatusOr<int64_t> LlamaCuda::ForkSequence(int64_t id) {
   return fork;
 }
 
+// The model's decode attention shape for `batch` sequences over K/V extents of `extent`.
+cuda::PagedDecodeArgs LlamaCuda::State::DecodeAttentionShape(int64_t batch, int64_t extent) const {
+  cuda::PagedDecodeArgs shape;
+  shape.num_seqs = batch;
+  shape.max_seq_len = extent;
+  shape.num_heads = config.num_attention_heads;
+  shape.num_kv_heads = config.num_key_value_heads;
+  shape.head_dim = config.head_dim;
+  return shape;
+}
+
 // Checks a decode step's sequences and tokens; returns the longest sequence's length after
 // the step.
 absl::StatusOr<int64_t> LlamaCuda::State::CheckDecode(absl::Span<const int64_t> ids,
@@ -850,10 +862,10 @@ absl::Status LlamaCuda::State::ReserveDecode() {
   const ModelConfig& c = config;
   const int64_t rows = options.max_decode_batch;
   const int64_t extent = DecodeExtent(c.max_position_embeddings, options.kv_block_tokens);
+  cuda::PagedDecodeArgs shape = DecodeAttentionShape(1, extent);
   size_t workspace = 0;
-  for (int64_t b = 1; b <= rows; ++b) {
-    workspace = std::max(
-        workspace, cuda::PagedDecodeWorkspaceBytes(b, c.num_attention_heads, c.head_dim, extent));
+  for (shape.num_seqs = 1; shape.num_seqs <= rows; ++shape.num_seqs) {
+    workspace = std::max(workspace, cuda::PagedDecodeWorkspaceBytes(shape));
   }
   RETURN_IF_ERROR(decode_workspace.Reserve(workspace));
   RETURN_IF_ERROR(
@@ -908,17 +920,12 @@ absl::Status LlamaCuda::State::EnqueueDecode(int64_t batch, int64_t extent) {
   const int32_t* d_tokens = decode_meta.as<int32_t>();
   const int32_t* d_positions = d_tokens + batch;
   const int32_t* d_slots = d_tokens + 2 * batch;
-  cuda::PagedDecodeArgs a;
+  cuda::PagedDecodeArgs a = DecodeAttentionShape(batch, extent);
   a.q_stride = qkv_width;
   a.block_tables = d_tokens + 4 * batch;
   a.max_blocks_per_seq = extent / options.kv_block_tokens;
   a.seq_lens = d_tokens + 3 * batch;
-  a.num_seqs = batch;
-  a.max_seq_len = extent;
   a.block_tokens = options.kv_block_tokens;
-  a.num_heads = c.num_attention_heads;
-  a.num_kv_heads = c.num_key_value_heads;
-  a.head_dim = c.head_dim;
   a.workspace = decode_workspace.as<void>();
   a.out = attn.as<uint16_t>();
   a.out_stride = q_width;

@@ -81,8 +81,9 @@ struct PagedDecodeArgs {
   uint16_t* out = nullptr;  // [num_seqs] rows of [num_heads][head_dim] at out_stride.
   int64_t out_stride = 0;
 };
-size_t PagedDecodeWorkspaceBytes(int64_t num_seqs, int64_t num_heads, int64_t head_dim,
-                                 int64_t max_seq_len);
+// Workspace bytes for a call with the shape of `shape` (num_seqs, num_heads, num_kv_heads,
+// head_dim, max_seq_len; the rest is not read) on the current device.
+size_t PagedDecodeWorkspaceBytes(const PagedDecodeArgs& shape);
 absl::Status PagedDecodeAttention(const PagedDecodeArgs& args, void* stream);
 
 // Samples one token per row of fp32 logits [rows][vocab_size] exactly as SampleTokenCpu does

@@ -286,11 +286,8 @@ TEST_F(CudaKernelsTest, PagedDecodeAttentionMatchesCpu) {
     ASSERT_OK_AND_ASSIGN(d_v, ToDevice(v_pool));
     ASSERT_OK_AND_ASSIGN(d_tables, ToDevice(tables));
     ASSERT_OK_AND_ASSIGN(d_lens, ToDevice(lengths32));
-    ASSERT_OK_AND_ASSIGN(d_work, DeviceBuffer::Allocate(
-                                     PagedDecodeWorkspaceBytes(num_seqs, c.heads, c.dim, max_len)));
     ASSERT_OK_AND_ASSIGN(d_out, DeviceBuffer::Allocate(num_seqs * q_row * 2));
     ASSERT_OK(d_out.Fill(kNanBytes));
-    ASSERT_OK(d_work.Fill(kNanBytes));
     PagedDecodeArgs args;
     args.q = d_q.As<uint16_t>();
     args.q_stride = q_row;
@@ -305,9 +302,11 @@ TEST_F(CudaKernelsTest, PagedDecodeAttentionMatchesCpu) {
     args.num_heads = c.heads;
     args.num_kv_heads = c.kv_heads;
     args.head_dim = c.dim;
-    args.workspace = d_work.As<void>();
     args.out = d_out.As<uint16_t>();
     args.out_stride = q_row;
+    ASSERT_OK_AND_ASSIGN(d_work, DeviceBuffer::Allocate(PagedDecodeWorkspaceBytes(args)));
+    ASSERT_OK(d_work.Fill(kNanBytes));
+    args.workspace = d_work.As<void>();
     ASSERT_OK(PagedDecodeAttention(args, nullptr));
     ASSERT_OK(DeviceSynchronize());
     ASSERT_OK_AND_ASSIGN(out, ToHost<uint16_t>(d_out, num_seqs * q_row));

@@ -5,7 +5,9 @@
 // kLoadsPerStep K and V loads in flight before their first use, which is what keeps HBM busy
 // (one decode step is a pure stream over the pool). Each row group of lanes keeps its own
 // per-head online softmax in fp32; the groups, then the warps, then (in a second kernel) the
-// chunks are merged as (max, sum, output) partials.
+// chunks are merged as (max, sum, output) partials. The number of chunks fills whole waves of
+// resident blocks (occupancy queried once per process): one decode step is short enough that a
+// last, partly filled wave costs as much as a full one.
 
 #include <algorithm>
 #include <cmath>
@@ -18,13 +20,22 @@ namespace cuda {
 namespace {
 
 constexpr int kDecodeWarps = 4;
-constexpr int kLoadsPerStep = 4;        // 16-byte K and V loads per lane per step.
-constexpr int64_t kMinChunk = 128;      // Fewer keys per split are not worth a partial.
-constexpr int64_t kTargetBlocks = 528;  // About four blocks per SM on a 132-SM Hopper.
+constexpr int kLoadsPerStep = 4;    // 16-byte K and V loads per lane per step.
+constexpr int64_t kMinChunk = 64;   // Fewer keys per split are not worth a partial.
+constexpr int64_t kDefaultWave = 396;  // 3 blocks on each of 132 SMs, where occupancy is unknown.
 
-int64_t NumSplits(int64_t num_seqs, int64_t num_kv_heads, int64_t max_seq_len) {
-  const int64_t wanted = CeilDiv(kTargetBlocks, std::max<int64_t>(num_seqs * num_kv_heads, 1));
-  return std::clamp<int64_t>(wanted, 1, std::max<int64_t>(CeilDiv(max_seq_len, kMinChunk), 1));
+// Splits of each (sequence, KV head) row over `wave` blocks running at once: the fewest waves
+// of blocks that keep 90% of the wave's slots busy (a partial wave leaves SMs idle while the
+// last blocks of a pure memory stream finish), as many splits as fill them, and no split
+// under kMinChunk keys.
+int64_t NumSplits(int64_t rows, int64_t max_seq_len, int64_t wave) {
+  const int64_t most = std::max<int64_t>(CeilDiv(max_seq_len, kMinChunk), 1);
+  rows = std::max<int64_t>(rows, 1);
+  for (int64_t waves = 1;; ++waves) {
+    const int64_t splits = std::min(most, waves * wave / rows);
+    if (splits < 1) continue;
+    if (splits == most || rows * splits * 10 >= waves * wave * 9) return splits;
+  }
 }
 
 // Partials: o [seq][head][split][head_dim] then (max, sum) [seq][head][split][2].
@@ -251,9 +262,34 @@ __global__ void DecodeMergeKernel(PagedDecodeArgs args, int num_splits) {
       FloatToBf16Bits(sum > 0 ? acc / sum : 0.f);
 }
 
+// Blocks of one DecodeChunkKernel variant resident at once on the current device, found once
+// per process.
+template <int kHeadDim, int kMaxGroup>
+int64_t WaveBlocks() {
+  static const int64_t wave = [] {
+    int device = 0, sms = 0, per_sm = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, DecodeChunkKernel<kHeadDim, kMaxGroup>, kDecodeWarps * 32, 0) != cudaSuccess ||
+        sms * per_sm == 0) {
+      cudaGetLastError();
+      return kDefaultWave;
+    }
+    return int64_t{sms} * per_sm;
+  }();
+  return wave;
+}
+
+template <int kHeadDim, int kMaxGroup>
+int64_t Splits(const PagedDecodeArgs& args) {
+  return NumSplits(args.num_seqs * args.num_kv_heads, args.max_seq_len,
+                   WaveBlocks<kHeadDim, kMaxGroup>());
+}
+
 template <int kHeadDim, int kMaxGroup>
 absl::Status LaunchDecode(const PagedDecodeArgs& args, cudaStream_t stream) {
-  const int64_t splits = NumSplits(args.num_seqs, args.num_kv_heads, args.max_seq_len);
+  const int64_t splits = Splits<kHeadDim, kMaxGroup>(args);
   const int64_t chunk = CeilDiv(args.max_seq_len, splits);
   const float scale_log2 = static_cast<float>(M_LOG2E / std::sqrt(double{kHeadDim}));
   const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(args.num_kv_heads),
@@ -267,21 +303,43 @@ absl::Status LaunchDecode(const PagedDecodeArgs& args, cudaStream_t stream) {
   return LaunchStatus("DecodeMergeKernel");
 }
 
-template <int kHeadDim>
-absl::Status DispatchGroup(const PagedDecodeArgs& args, cudaStream_t stream) {
-  const int64_t group = args.num_heads / args.num_kv_heads;
-  if (group <= 4) return LaunchDecode<kHeadDim, 4>(args, stream);
-  if (group <= 8) return LaunchDecode<kHeadDim, 8>(args, stream);
-  return LaunchDecode<kHeadDim, 16>(args, stream);
+// Calls `run.template operator()<kHeadDim, kMaxGroup>()` for the kernel variant of the shape.
+template <typename Run>
+auto DispatchShape(const PagedDecodeArgs& args, const Run& run) {
+  const int64_t group = args.num_heads / std::max<int64_t>(args.num_kv_heads, 1);
+  if (args.head_dim == 64) {
+    if (group <= 4) return run.template operator()<64, 4>();
+    if (group <= 8) return run.template operator()<64, 8>();
+    return run.template operator()<64, 16>();
+  }
+  if (group <= 4) return run.template operator()<128, 4>();
+  if (group <= 8) return run.template operator()<128, 8>();
+  return run.template operator()<128, 16>();
 }
+
+struct SplitsOf {
+  const PagedDecodeArgs& args;
+  template <int kHeadDim, int kMaxGroup>
+  int64_t operator()() const {
+    return Splits<kHeadDim, kMaxGroup>(args);
+  }
+};
+
+struct Launch {
+  const PagedDecodeArgs& args;
+  cudaStream_t stream;
+  template <int kHeadDim, int kMaxGroup>
+  absl::Status operator()() const {
+    return LaunchDecode<kHeadDim, kMaxGroup>(args, stream);
+  }
+};
 
 }  // namespace
 
-size_t PagedDecodeWorkspaceBytes(int64_t num_seqs, int64_t num_heads, int64_t head_dim,
-                                 int64_t max_seq_len) {
-  // One KV head gives the most splits: an upper bound for any num_kv_heads.
-  const int64_t splits = NumSplits(num_seqs, 1, max_seq_len);
-  return static_cast<size_t>(num_seqs * num_heads * splits * (head_dim + 2)) * sizeof(float);
+size_t PagedDecodeWorkspaceBytes(const PagedDecodeArgs& shape) {
+  const int64_t splits = DispatchShape(shape, SplitsOf{shape});
+  return static_cast<size_t>(shape.num_seqs * shape.num_heads * splits * (shape.head_dim + 2)) *
+         sizeof(float);
 }
 
 absl::Status PagedDecodeAttention(const PagedDecodeArgs& args, void* stream) {
@@ -307,8 +365,7 @@ absl::Status PagedDecodeAttention(const PagedDecodeArgs& args, void* stream) {
         "workspace must be set");
   }
   if (args.num_seqs == 0) return absl::OkStatus();
-  if (args.head_dim == 64) return DispatchGroup<64>(args, AsStream(stream));
-  return DispatchGroup<128>(args, AsStream(stream));
+  return DispatchShape(args, Launch{args, AsStream(stream)});
 }
 
 }  // namespace cuda

@@ -239,27 +239,49 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
   }
 }
 
-// Block (head, sequence), head_dim threads: out = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M).
+// Online-softmax state of one output element: running max, sum of weights, weighted o.
+struct MergeAccumulator {
+  float max = -INFINITY, sum = 0.f, o = 0.f;
+
+  __device__ __forceinline__ void Add(float other_max, float other_sum, float other_o) {
+    if (other_max == -INFINITY) return;
+    const float merged = fmaxf(max, other_max);
+    const float mine = exp2f(max - merged), theirs = exp2f(other_max - merged);
+    max = merged;
+    sum = sum * mine + other_sum * theirs;
+    o = o * mine + other_o * theirs;
+  }
+};
+
+constexpr int kMergeGroups = 4;  // Thread groups sharing the splits of one head.
+
+// Block (head, sequence) of kHeadDim x kMergeGroups threads: group g merges splits g, g + 4, ...
+// (independent loads in flight instead of one serial chain over all splits), then group 0
+// combines the groups: out = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M).
+template <int kHeadDim>
 __global__ void DecodeMergeKernel(PagedDecodeArgs args, int num_splits) {
   const int64_t head = blockIdx.x, seq = blockIdx.y;
-  const int d = threadIdx.x;
+  const int d = threadIdx.x, group = threadIdx.y;
   const Partials partials =
-      PartialsIn(args.workspace, args.num_seqs, args.num_heads, num_splits, args.head_dim);
+      PartialsIn(args.workspace, args.num_seqs, args.num_heads, num_splits, kHeadDim);
   const int64_t slot0 = (seq * args.num_heads + head) * num_splits;
-  float merged_max = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) {
-    merged_max = fmaxf(merged_max, partials.max_sum[(slot0 + s) * 2]);
+  MergeAccumulator acc;
+#pragma unroll 4
+  for (int s = group; s < num_splits; s += kMergeGroups) {
+    const int64_t slot = slot0 + s;
+    acc.Add(partials.max_sum[slot * 2], partials.max_sum[slot * 2 + 1],
+            partials.o[slot * kHeadDim + d]);
   }
-  float sum = 0, acc = 0;
-  for (int s = 0; s < num_splits; ++s) {
-    const float m = partials.max_sum[(slot0 + s) * 2];
-    if (m == -INFINITY) continue;
-    const float weight = exp2f(m - merged_max);
-    sum += partials.max_sum[(slot0 + s) * 2 + 1] * weight;
-    acc += partials.o[(slot0 + s) * args.head_dim + d] * weight;
+  __shared__ MergeAccumulator shared[kMergeGroups][kHeadDim];
+  shared[group][d] = acc;
+  __syncthreads();
+  if (group != 0) return;
+#pragma unroll
+  for (int g = 1; g < kMergeGroups; ++g) {
+    acc.Add(shared[g][d].max, shared[g][d].sum, shared[g][d].o);
   }
-  args.out[seq * args.out_stride + head * args.head_dim + d] =
-      FloatToBf16Bits(sum > 0 ? acc / sum : 0.f);
+  args.out[seq * args.out_stride + head * kHeadDim + d] =
+      FloatToBf16Bits(acc.sum > 0 ? acc.o / acc.sum : 0.f);
 }
 
 // Blocks of one DecodeChunkKernel variant resident at once on the current device, found once
@@ -299,7 +321,8 @@ absl::Status LaunchDecode(const PagedDecodeArgs& args, cudaStream_t stream) {
   RETURN_IF_LAUNCH_FAILED("DecodeChunkKernel");
   const dim3 merge_grid(static_cast<unsigned>(args.num_heads),
                         static_cast<unsigned>(args.num_seqs));
-  DecodeMergeKernel<<<merge_grid, kHeadDim, 0, stream>>>(args, static_cast<int>(splits));
+  DecodeMergeKernel<kHeadDim><<<merge_grid, dim3(kHeadDim, kMergeGroups), 0, stream>>>(
+      args, static_cast<int>(splits));
   return LaunchStatus("DecodeMergeKernel");
 }
 

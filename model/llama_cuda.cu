@@ -140,6 +140,7 @@ struct LlamaCuda::State {
   // and the index of the layer being prefilled.
   DeviceBuffer device_patterns;
   std::vector<std::vector<cuda::DeviceHeadPattern>> host_patterns;
+  int64_t patterns_tokens = 0;  // The prompt length the uploaded patterns are for.
   DeviceBuffer index_workspace;
   SparsePrefillStats sparse_stats;
 
@@ -288,8 +289,9 @@ struct LlamaCuda::State {
                                   stream);
   }
 
-  // Checks `sparse` against the model and uploads its patterns.
-  absl::Status UploadSparsePatterns(const SparseConfig& sparse) {
+  // Checks `sparse` against the model and uploads its patterns for prompts of `num_tokens`
+  // (PatternAtLength), ordered on `stream`.
+  absl::Status UploadSparsePatterns(const SparseConfig& sparse, int64_t num_tokens) {
     const ModelConfig& c = config;
     if (sparse.num_layers != c.num_hidden_layers || sparse.num_heads != c.num_attention_heads) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -305,7 +307,8 @@ struct LlamaCuda::State {
     host_patterns.assign(c.num_hidden_layers, {});
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       for (const HeadPattern& head : sparse.heads[l]) {
-        absl::StatusOr<cuda::DeviceHeadPattern> pattern = cuda::ToDevicePattern(head);
+        absl::StatusOr<cuda::DeviceHeadPattern> pattern =
+            cuda::ToDevicePattern(PatternAtLength(head, num_tokens, sparse.budget_tokens));
         if (!pattern.ok()) {
           return absl::InvalidArgumentError(
               absl::StrCat("sparse config layer ", l, ": ", pattern.status().message()));
@@ -315,9 +318,11 @@ struct LlamaCuda::State {
       }
     }
     RETURN_IF_ERROR(device_patterns.Reserve(all.size() * sizeof(cuda::DeviceHeadPattern)));
-    CUDA_RETURN_IF_ERROR(cudaMemcpy(device_patterns.as<void>(), all.data(),
-                                    all.size() * sizeof(cuda::DeviceHeadPattern),
-                                    cudaMemcpyHostToDevice));
+    // From pageable memory: staged before the call returns, so `all` may go.
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_patterns.as<void>(), all.data(),
+                                         all.size() * sizeof(cuda::DeviceHeadPattern),
+                                         cudaMemcpyHostToDevice, stream));
+    patterns_tokens = num_tokens;
     return absl::OkStatus();
   }
 
@@ -407,6 +412,9 @@ struct LlamaCuda::State {
     RETURN_IF_ERROR(ReserveChunk(chunk));
     // Two passes keep the whole prompt's Q/K/V rows of a layer.
     if (two_pass) RETURN_IF_ERROR(qkv.Reserve(Bf16Bytes(n * qkv_width)));
+    if (sparse && options.sparse->budget_tokens > 0 && patterns_tokens != n) {
+      RETURN_IF_ERROR(UploadSparsePatterns(*options.sparse, n));
+    }
     std::vector<int32_t> host_positions(n);
     for (int64_t i = 0; i < n; ++i) host_positions[i] = static_cast<int32_t>(start + i);
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids.as<int32_t>(), tokens.data(), n * sizeof(int32_t),
@@ -620,7 +628,9 @@ absl::StatusOr<std::unique_ptr<LlamaCuda>> LlamaCuda::Load(const std::string& mo
       s.free_blocks[b] = static_cast<int32_t>(s.pool_blocks - 1 - b);
     }
   }
-  if (options.sparse.has_value()) RETURN_IF_ERROR(s.UploadSparsePatterns(*options.sparse));
+  if (options.sparse.has_value()) {
+    RETURN_IF_ERROR(s.UploadSparsePatterns(*options.sparse, options.sparse->budget_tokens));
+  }
   CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
   s.SampleDeviceMemory();
   return std::unique_ptr<LlamaCuda>(new LlamaCuda(std::move(state)));

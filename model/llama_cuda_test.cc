@@ -630,8 +630,9 @@ TEST_P(LlamaCudaTest, PatternSearchOnGpuAgreesWithCpuSearch) {
   const std::vector<std::vector<int32_t>> prompts = {RandomTokens(640, vocab, &rng),
                                                      RandomTokens(512, vocab, &rng)};
   constexpr double kTarget = 0.3;
-  absl::StatusOr<ModelSearch> cpu = SearchModelPatterns(e.cpu.get(), prompts, kTarget, 256);
-  absl::StatusOr<ModelSearch> gpu = SearchModelPatternsCuda(e.gpu.get(), prompts, kTarget, 256);
+  const SearchRule rule{kTarget, 0};  // Random weights: no candidate keeps a recall floor.
+  absl::StatusOr<ModelSearch> cpu = SearchModelPatterns(e.cpu.get(), prompts, rule, 256);
+  absl::StatusOr<ModelSearch> gpu = SearchModelPatternsCuda(e.gpu.get(), prompts, rule, 256);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   EXPECT_EQ(gpu->config.num_layers, cpu->config.num_layers);
@@ -657,9 +658,9 @@ TEST_P(LlamaCudaTest, PatternSearchOnGpuAgreesWithCpuSearch) {
   EXPECT_NEAR(gpu->mean.recall, cpu->mean.recall, 0.1);
   EXPECT_NEAR(gpu->mean.relative_error, cpu->mean.relative_error,
               0.25 * cpu->mean.relative_error + 0.02);
-  EXPECT_EQ(SearchModelPatternsCuda(e.gpu.get(), {}, kTarget, 0).status().code(),
+  EXPECT_EQ(SearchModelPatternsCuda(e.gpu.get(), {}, rule, 0).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(SearchModelPatternsCuda(e.gpu.get(), {prompts[0], {}}, kTarget, 0).status().code(),
+  EXPECT_EQ(SearchModelPatternsCuda(e.gpu.get(), {prompts[0], {}}, rule, 0).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
 

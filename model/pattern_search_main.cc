@@ -1,10 +1,11 @@
 // Offline pattern search over a checkpoint: runs calibration prompts through the CPU engine
 // (--device=cpu) or the CUDA engine (--device=cuda, for 8B-sized models), measures every
 // head's candidate patterns on the captured Q/K/V, picks each head's pattern and budget at the
-// target density, and writes the per-model sparse config (JSON) that the services load with
-// --sparse_config.
+// target density and recall floor (kernels/sparse/pattern_search.h, on the worst calibration
+// prompt), and writes the per-model sparse config (JSON) that the services load with
+// --sparse_config. Logs each head's choice with the reason for it.
 //   pattern_search --model DIR --out sparse.json [--device cpu|cuda --target_density 0.1
-//                  --tokens 2048 --prompts 2 --seed 1 --dense_below N]
+//                  --recall_floor 0.1 --tokens 2048 --prompts 2 --seed 1 --dense_below N]
 //   pattern_search --model DIR --out sparse.json --prompt_file ids.txt
 // Calibration prompts are pseudo-random token ids, or read from --prompt_file: one prompt per
 // line, token ids separated by white space.
@@ -32,6 +33,10 @@ ABSL_FLAG(std::string, model, "", "Checkpoint directory.");
 ABSL_FLAG(std::string, device, "cpu", "Engine that runs the calibration: cpu or cuda.");
 ABSL_FLAG(std::string, out, "", "Where to write the sparse config JSON.");
 ABSL_FLAG(double, target_density, 0.1, "Fraction of causal (q, k) pairs each head may compute.");
+ABSL_FLAG(double, recall_floor, 0.1,
+          "Least attention recall (over all queries and over the last 64, on the worst "
+          "calibration prompt) a sparse head must keep; heads that no candidate keeps it for "
+          "stay dense.");
 ABSL_FLAG(int64_t, tokens, 2048, "Calibration prompt length.");
 ABSL_FLAG(int64_t, prompts, 2, "Calibration prompts (pseudo-random token ids).");
 ABSL_FLAG(uint64_t, seed, 1, "Seed of the calibration prompts.");
@@ -90,25 +95,54 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> CalibrationPrompts(int64_t voc
 absl::StatusOr<ModelSearch> Search() {
   const std::string device = absl::GetFlag(FLAGS_device);
   const std::string model_dir = absl::GetFlag(FLAGS_model);
-  const double target = absl::GetFlag(FLAGS_target_density);
+  const SearchRule rule{absl::GetFlag(FLAGS_target_density), absl::GetFlag(FLAGS_recall_floor)};
   const int64_t dense_below_flag = absl::GetFlag(FLAGS_dense_below);
   const int64_t dense_below =
       dense_below_flag >= 0 ? dense_below_flag : (device == "cuda" ? 24576 : 4096);
   if (device == "cpu") {
     ASSIGN_OR_RETURN(std::unique_ptr<LlamaCpu> model, LlamaCpu::Load(model_dir));
     ASSIGN_OR_RETURN(auto prompts, CalibrationPrompts(model->config().vocab_size));
-    return SearchModelPatterns(model.get(), prompts, target, dense_below);
+    return SearchModelPatterns(model.get(), prompts, rule, dense_below);
   }
   if (device == "cuda") {
 #ifdef SPARSEACCEL_WITH_CUDA
     ASSIGN_OR_RETURN(std::unique_ptr<LlamaCuda> model, LlamaCuda::Load(model_dir));
     ASSIGN_OR_RETURN(auto prompts, CalibrationPrompts(model->config().vocab_size));
-    return SearchModelPatternsCuda(model.get(), prompts, target, dense_below);
+    return SearchModelPatternsCuda(model.get(), prompts, rule, dense_below);
 #else
     return absl::UnimplementedError("--device=cuda: this build has no CUDA backend (no nvcc)");
 #endif
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown --device '", device, "' (cpu, cuda)"));
+}
+
+// A candidate's budgets as one string, e.g. "window=1024 sink=64".
+std::string Budgets(const HeadPattern& p) {
+  switch (p.kind) {
+    case HeadPattern::Kind::kAShape:
+      return absl::StrCat("sink=", p.sink, " window=", p.window);
+    case HeadPattern::Kind::kVerticalSlash:
+      return absl::StrCat("vertical=", p.vertical_slash.vertical,
+                          " slash=", p.vertical_slash.slash);
+    case HeadPattern::Kind::kBlockSparse:
+      return absl::StrCat("top_k=", p.top_k);
+    case HeadPattern::Kind::kDense:
+      break;
+  }
+  return "";
+}
+
+// Debug detail of the report: what one candidate measured on one head (worst case).
+void LogCandidate(int64_t layer, int64_t head, const HeadPattern& pattern, const Fidelity& f) {
+  LogDebug("pattern_search.candidate", {{"layer", layer},
+                                        {"head", head},
+                                        {"pattern", std::string(PatternName(pattern.kind))},
+                                        {"budgets", Budgets(pattern)},
+                                        {"density", f.density},
+                                        {"recall", f.recall},
+                                        {"tail_recall", f.tail_recall},
+                                        {"relative_error", f.relative_error},
+                                        {"tail_error", f.tail_error}});
 }
 
 int Run() {
@@ -121,13 +155,20 @@ int Run() {
   for (size_t l = 0; l < search->choices.size(); ++l) {
     for (size_t h = 0; h < search->choices[l].size(); ++h) {
       const HeadChoice& choice = search->choices[l][h];
+      for (size_t c = 0; c < choice.measured.size(); ++c) {
+        LogCandidate(static_cast<int64_t>(l), static_cast<int64_t>(h), search->candidates[c],
+                     choice.measured[c]);
+      }
       LogInfo("pattern_search.head", {{"layer", static_cast<int64_t>(l)},
                                       {"head", static_cast<int64_t>(h)},
                                       {"pattern", std::string(PatternName(choice.pattern.kind))},
                                       {"density", choice.fidelity.density},
                                       {"tile_cost", choice.fidelity.tile_cost},
                                       {"recall", choice.fidelity.recall},
-                                      {"relative_error", choice.fidelity.relative_error}});
+                                      {"tail_recall", choice.fidelity.tail_recall},
+                                      {"relative_error", choice.fidelity.relative_error},
+                                      {"tail_error", choice.fidelity.tail_error},
+                                      {"reason", choice.reason}});
     }
   }
   std::ofstream out(absl::GetFlag(FLAGS_out));
@@ -141,6 +182,7 @@ int Run() {
                                   {"mean_density", search->mean.density},
                                   {"mean_tile_cost", search->mean.tile_cost},
                                   {"mean_recall", search->mean.recall},
+                                  {"mean_tail_recall", search->mean.tail_recall},
                                   {"mean_relative_error", search->mean.relative_error}});
   return 0;
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "common/log.h"
 #include "common/status_macros.h"
 
 namespace sparseaccel {
@@ -43,7 +44,8 @@ absl::StatusOr<bool> SparsePrefillAttention::Attend(int64_t layer, const float* 
     GatherHead(kv, false, kv_head, d, n, &k_head);
     GatherHead(kv, true, kv_head, d, n, &v_head);
     for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
-      const HeadPattern& pattern = config_.heads[layer][h];
+      const HeadPattern pattern =
+          PatternAtLength(config_.heads[layer][h], n, config_.budget_tokens);
       SparseIndex index = BuildIndex(pattern, q + h * d, q_stride, k_head.data(), d, n, d);
       SparseAttentionCpu(q + h * d, q_stride, k_head.data(), v_head.data(), d, d, index,
                          out + h * d, q_stride);
@@ -51,7 +53,16 @@ absl::StatusOr<bool> SparsePrefillAttention::Attend(int64_t layer, const float* 
       absl::MutexLock lock(&mu_);
       density_sum_ += density;
       ++heads_run_;
+      prompt_density_sum_ += density;
     }
+  }
+  if (layer + 1 == config_.num_layers) {
+    // The prompt's mean over its layers and heads (prefills of this engine run one at a time).
+    absl::MutexLock lock(&mu_);
+    LogInfo(
+        "sparse_prefill.prompt",
+        {{"tokens", n}, {"density", prompt_density_sum_ / (config_.num_layers * shape.num_heads)}});
+    prompt_density_sum_ = 0;
   }
   return true;
 }
@@ -85,9 +96,12 @@ absl::StatusOr<bool> AttentionRecorder::Attend(int64_t layer, const float* q, in
 }
 
 absl::StatusOr<int64_t> CheckSearchInputs(const std::vector<std::vector<int32_t>>& prompts,
-                                          double target_density, int64_t dense_below_tokens) {
-  if (!(target_density > 0 && target_density <= 1)) {
+                                          const SearchRule& rule, int64_t dense_below_tokens) {
+  if (!(rule.target_density > 0 && rule.target_density <= 1)) {
     return absl::InvalidArgumentError("target density must be in (0, 1]");
+  }
+  if (!(rule.recall_floor >= 0 && rule.recall_floor <= 1)) {
+    return absl::InvalidArgumentError("recall floor must be in [0, 1]");
   }
   if (dense_below_tokens < 0) return absl::InvalidArgumentError("dense_below_tokens < 0");
   if (prompts.empty()) return absl::InvalidArgumentError("no calibration prompts");
@@ -110,6 +124,7 @@ ModelSearch CollectModelSearch(int64_t layers, int64_t heads, double target_dens
   search.config.target_density = target_density;
   search.config.calibration_prompts = num_prompts;
   search.config.calibration_tokens = calibration_tokens;
+  search.config.budget_tokens = calibration_tokens;
   const double per_head = 1.0 / (layers * heads);
   for (int64_t l = 0; l < layers; ++l) {
     search.config.heads.emplace_back();
@@ -121,6 +136,7 @@ ModelSearch CollectModelSearch(int64_t layers, int64_t heads, double target_dens
       search.mean.tile_cost += choice.fidelity.tile_cost * per_head;
       search.mean.recall += choice.fidelity.recall * per_head;
       search.mean.relative_error += choice.fidelity.relative_error * per_head;
+      search.mean.tail_recall += choice.fidelity.tail_recall * per_head;
       search.choices.back().push_back(std::move(choice));
     }
   }
@@ -129,8 +145,9 @@ ModelSearch CollectModelSearch(int64_t layers, int64_t heads, double target_dens
 
 absl::StatusOr<ModelSearch> SearchModelPatterns(LlamaCpu* model,
                                                 const std::vector<std::vector<int32_t>>& prompts,
-                                                double target_density, int64_t dense_below_tokens) {
-  ASSIGN_OR_RETURN(const int64_t n, CheckSearchInputs(prompts, target_density, dense_below_tokens));
+                                                const SearchRule& rule,
+                                                int64_t dense_below_tokens) {
+  ASSIGN_OR_RETURN(const int64_t n, CheckSearchInputs(prompts, rule, dense_below_tokens));
   const ModelConfig& config = model->config();
   const int64_t layers = config.num_hidden_layers, heads = config.num_attention_heads;
   std::vector<std::vector<std::vector<HeadSample>>> samples(
@@ -150,13 +167,15 @@ absl::StatusOr<ModelSearch> SearchModelPatterns(LlamaCpu* model,
     }
   }
   const std::vector<HeadPattern> candidates = CandidatePatterns(n);
-  return CollectModelSearch(layers, heads, target_density, dense_below_tokens,
-                            static_cast<int64_t>(prompts.size()), n, [&](int64_t l, int64_t h) {
-                              HeadChoice choice = SearchHead(samples[l][h], config.head_dim,
-                                                             target_density, candidates);
-                              samples[l][h].clear();  // Done with this head: free its Q/K/V.
-                              return choice;
-                            });
+  ModelSearch search = CollectModelSearch(
+      layers, heads, rule.target_density, dense_below_tokens, static_cast<int64_t>(prompts.size()),
+      n, [&](int64_t l, int64_t h) {
+        HeadChoice choice = SearchHead(samples[l][h], config.head_dim, rule, candidates, n);
+        samples[l][h].clear();  // Done with this head: free its Q/K/V.
+        return choice;
+      });
+  search.candidates = candidates;
+  return search;
 }
 
 }  // namespace sparseaccel

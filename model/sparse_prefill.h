@@ -1,9 +1,10 @@
 #ifndef SPARSEACCEL_MODEL_SPARSE_PREFILL_H_
 #define SPARSEACCEL_MODEL_SPARSE_PREFILL_H_
 
-// Dynamic sparse attention in the CPU engine's prefill: each head runs its configured pattern,
-// building its index from the head's actual Q and K; prompts shorter than the config's
-// dense_below_tokens, decode steps and continued chunks run dense.
+// Dynamic sparse attention in the CPU engine's prefill: each head runs its configured pattern
+// at the prompt's length (PatternAtLength), building its index from the head's actual Q and K;
+// prompts shorter than the config's dense_below_tokens, decode steps and continued chunks run
+// dense. Each sparse prompt logs its mean density (`sparse_prefill.prompt`).
 
 #include <vector>
 
@@ -34,6 +35,7 @@ class SparsePrefillAttention : public AttentionOverride {
   mutable absl::Mutex mu_;
   int64_t heads_run_ ABSL_GUARDED_BY(mu_) = 0;
   double density_sum_ ABSL_GUARDED_BY(mu_) = 0;
+  double prompt_density_sum_ ABSL_GUARDED_BY(mu_) = 0;  // Of the prompt being prefilled.
 };
 
 // Captures every layer's prompt Q, K and V per head (for the pattern search) and lets the
@@ -52,25 +54,27 @@ class AttentionRecorder : public AttentionOverride {
 
 // The pattern search over a whole model (Algorithm 1 for every layer and head): each
 // calibration prompt's prefill runs dense with an AttentionRecorder installed, then every head
-// is searched on its samples with candidates sized for the longest prompt. Holds all layers'
-// Q/K/V of all prompts in memory (3 x prompts x tokens x heads x head_dim floats per layer).
+// is searched on its samples with candidates sized for the longest prompt (the config's
+// budget_tokens; shorter prompts run them at PatternAtLength). Holds all layers' Q/K/V of all
+// prompts in memory (3 x prompts x tokens x heads x head_dim floats per layer).
 struct ModelSearch {
   SparseConfig config;                           // calibration_seed left to the caller.
   std::vector<std::vector<HeadChoice>> choices;  // [layer][head]
+  std::vector<HeadPattern> candidates;           // What each choice's `measured` is of.
   Fidelity mean;                                 // Over all heads.
 };
 
 absl::StatusOr<ModelSearch> SearchModelPatterns(LlamaCpu* model,
                                                 const std::vector<std::vector<int32_t>>& prompts,
-                                                double target_density, int64_t dense_below_tokens);
+                                                const SearchRule& rule, int64_t dense_below_tokens);
 
 // Shared by the model searches of both engines. The length of the longest prompt, or
-// InvalidArgument for a target outside (0, 1], a negative dense_below_tokens, or no or empty
-// prompts.
+// InvalidArgument for a target outside (0, 1], a recall floor outside [0, 1], a negative
+// dense_below_tokens, or no or empty prompts.
 absl::StatusOr<int64_t> CheckSearchInputs(const std::vector<std::vector<int32_t>>& prompts,
-                                          double target_density, int64_t dense_below_tokens);
+                                          const SearchRule& rule, int64_t dense_below_tokens);
 // The search result of a layers x heads model from each head's choice: choose(layer, head) is
-// called once per head, layer by layer.
+// called once per head, layer by layer. The config's budgets are for calibration_tokens.
 ModelSearch CollectModelSearch(int64_t layers, int64_t heads, double target_density,
                                int64_t dense_below_tokens, int64_t num_prompts,
                                int64_t calibration_tokens,

@@ -89,11 +89,13 @@ TEST(SparsePrefillTest, SearchedConfigRunsAndReportsItsDistanceFromDense) {
   // Calibrate on the prompt itself and on a second one, then prefill sparsely.
   std::vector<int32_t> other(400);
   for (int32_t& t : other) t = static_cast<int32_t>(rng() % 512);
-  absl::StatusOr<ModelSearch> search = SearchModelPatterns(model.get(), {prompt, other}, 0.5, 256);
+  absl::StatusOr<ModelSearch> search =
+      SearchModelPatterns(model.get(), {prompt, other}, SearchRule{0.5, 0}, 256);
   ASSERT_TRUE(search.ok()) << search.status();
   const SparseConfig& config = search->config;
   EXPECT_EQ(config.calibration_prompts, 2);
   EXPECT_EQ(config.calibration_tokens, 512);
+  EXPECT_EQ(config.budget_tokens, 512);
   ASSERT_EQ(search->choices.size(), config.heads.size());
   for (const auto& layer : search->choices) {
     for (const HeadChoice& choice : layer) EXPECT_LE(choice.fidelity.density, 0.5);
@@ -127,11 +129,13 @@ TEST(SparsePrefillTest, SearchedConfigRunsAndReportsItsDistanceFromDense) {
 TEST(SparsePrefillTest, BadSearchInputsAndMismatchedConfigsAreRejected) {
   auto model = TinyModel();
   const std::vector<int32_t> prompt(100, 7);
-  EXPECT_EQ(SearchModelPatterns(model.get(), {}, 0.5, 0).status().code(),
+  EXPECT_EQ(SearchModelPatterns(model.get(), {}, SearchRule{0.5, 0.9}, 0).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(SearchModelPatterns(model.get(), {prompt}, 0, 0).status().code(),
+  EXPECT_EQ(SearchModelPatterns(model.get(), {prompt}, SearchRule{0, 0.9}, 0).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(SearchModelPatterns(model.get(), {prompt, {}}, 0.5, 0).status().code(),
+  EXPECT_EQ(SearchModelPatterns(model.get(), {prompt}, SearchRule{0.5, 1.5}, 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(SearchModelPatterns(model.get(), {prompt, {}}, SearchRule{0.5, 0.9}, 0).status().code(),
             absl::StatusCode::kInvalidArgument);
   SparseConfig config = UniformConfig(model->config(), {HeadPattern{}}, 0);
   config.num_heads += 1;

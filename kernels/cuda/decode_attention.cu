@@ -20,8 +20,8 @@ namespace cuda {
 namespace {
 
 constexpr int kDecodeWarps = 4;
-constexpr int kLoadsPerStep = 4;    // 16-byte K and V loads per lane per step.
-constexpr int64_t kMinChunk = 64;   // Fewer keys per split are not worth a partial.
+constexpr int kLoadsPerStep = 4;       // 16-byte K and V loads per lane per step.
+constexpr int64_t kMinChunk = 64;      // Fewer keys per split are not worth a partial.
 constexpr int64_t kDefaultWave = 396;  // 3 blocks on each of 132 SMs, where occupancy is unknown.
 
 // Splits of each (sequence, KV head) row over `wave` blocks running at once: the fewest waves
@@ -321,8 +321,8 @@ absl::Status LaunchDecode(const PagedDecodeArgs& args, cudaStream_t stream) {
   RETURN_IF_LAUNCH_FAILED("DecodeChunkKernel");
   const dim3 merge_grid(static_cast<unsigned>(args.num_heads),
                         static_cast<unsigned>(args.num_seqs));
-  DecodeMergeKernel<kHeadDim><<<merge_grid, dim3(kHeadDim, kMergeGroups), 0, stream>>>(
-      args, static_cast<int>(splits));
+  DecodeMergeKernel<kHeadDim>
+      <<<merge_grid, dim3(kHeadDim, kMergeGroups), 0, stream>>>(args, static_cast<int>(splits));
   return LaunchStatus("DecodeMergeKernel");
 }
 

@@ -96,9 +96,10 @@ absl::StatusOr<SparseConfig> ParseSparseConfig(absl::string_view text) {
   if (config.version != 1) {
     return Bad("top level", absl::StrCat("version ", config.version, " is not supported (1)"));
   }
-  RETURN_IF_ERROR(OnlyKeys(
-      json, {"version", "model", "dense_below_tokens", "target_density", "calibration", "layers"},
-      "top level"));
+  RETURN_IF_ERROR(OnlyKeys(json,
+                           {"version", "model", "dense_below_tokens", "budget_tokens",
+                            "target_density", "calibration", "layers"},
+                           "top level"));
   auto model = json.find("model");
   if (model == json.end() || !model->is_object()) return Bad("top level", "missing 'model'");
   RETURN_IF_ERROR(OnlyKeys(*model, {"num_layers", "num_heads"}, "model"));
@@ -106,6 +107,9 @@ absl::StatusOr<SparseConfig> ParseSparseConfig(absl::string_view text) {
   RETURN_IF_ERROR(ReadCount(*model, "num_heads", "model", false, &config.num_heads));
   RETURN_IF_ERROR(
       ReadCount(json, "dense_below_tokens", "top level", true, &config.dense_below_tokens));
+  if (json.contains("budget_tokens")) {
+    RETURN_IF_ERROR(ReadCount(json, "budget_tokens", "top level", true, &config.budget_tokens));
+  }
   auto target = json.find("target_density");
   if (target == json.end() || !target->is_number() || !(target->get<double>() > 0) ||
       target->get<double>() > 1) {
@@ -190,6 +194,7 @@ std::string SparseConfigToJson(const SparseConfig& config) {
   Json json = {{"version", config.version},
                {"model", {{"num_layers", config.num_layers}, {"num_heads", config.num_heads}}},
                {"dense_below_tokens", config.dense_below_tokens},
+               {"budget_tokens", config.budget_tokens},
                {"target_density", config.target_density},
                {"calibration",
                 {{"prompts", config.calibration_prompts},
@@ -197,6 +202,26 @@ std::string SparseConfigToJson(const SparseConfig& config) {
                  {"seed", config.calibration_seed}}},
                {"layers", layers}};
   return json.dump(1) + "\n";
+}
+
+HeadPattern PatternAtLength(const HeadPattern& pattern, int64_t n, int64_t budget_tokens) {
+  if (budget_tokens <= 0 || n == budget_tokens) return pattern;
+  HeadPattern scaled = pattern;
+  // Rounded to nearest; a window of at least one block, at least one key block.
+  const auto scale = [&](int64_t budget) {
+    return (budget * n + budget_tokens / 2) / budget_tokens;
+  };
+  if (pattern.kind == HeadPattern::Kind::kAShape) {
+    scaled.window = std::max<int64_t>(kBlockSize, scale(pattern.window));
+  } else if (pattern.kind == HeadPattern::Kind::kBlockSparse) {
+    scaled.top_k = std::max<int64_t>(1, scale(pattern.top_k));
+  } else if (pattern.kind == HeadPattern::Kind::kVerticalSlash) {
+    // The index always keeps 4 columns and 64 diagonals; smaller budgets would only read so.
+    scaled.vertical_slash.vertical = std::max<int64_t>(4, scale(pattern.vertical_slash.vertical));
+    scaled.vertical_slash.slash =
+        std::max<int64_t>(kBlockSize, scale(pattern.vertical_slash.slash));
+  }
+  return scaled;
 }
 
 SparseIndex BuildIndex(const HeadPattern& pattern, const float* q, int64_t q_stride, const float* k,

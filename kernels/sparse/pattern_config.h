@@ -30,6 +30,8 @@ struct SparseConfig {
   int64_t num_heads = 0;
   // Prompts shorter than this run dense attention in every head.
   int64_t dense_below_tokens = 4096;
+  // The prompt length the budgets were chosen at (PatternAtLength); 0: budgets are absolute.
+  int64_t budget_tokens = 0;
   // What the search aimed at and ran on (for the record).
   double target_density = 0.1;
   int64_t calibration_prompts = 0;
@@ -43,6 +45,12 @@ absl::string_view PatternName(HeadPattern::Kind kind);
 absl::StatusOr<SparseConfig> ParseSparseConfig(absl::string_view json_text);
 absl::StatusOr<SparseConfig> LoadSparseConfig(const std::string& path);
 std::string SparseConfigToJson(const SparseConfig& config);
+
+// A head's pattern for a prompt of `num_tokens` whose budgets were chosen at `budget_tokens`
+// (0: as they are): A-shape windows, block-sparse top-k and vertical-slash column and diagonal
+// counts keep their fraction of the prompt (rounded, never below what the index always keeps),
+// so the density the search measured holds at every length. Sinks and last_q stay.
+HeadPattern PatternAtLength(const HeadPattern& pattern, int64_t num_tokens, int64_t budget_tokens);
 
 // The index a head's pattern selects for this head's Q and K ([n][head_dim] rows with strides),
 // with the blocks that keep nearly every tile keeping all (FillNearlyFullBlocks).

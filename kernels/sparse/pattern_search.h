@@ -2,11 +2,14 @@
 #define SPARSEACCEL_KERNELS_SPARSE_PATTERN_SEARCH_H_
 
 // Kernel-aware pattern search (SparseAccelerate's Algorithm 1) for one head: every candidate
-// pattern and budget is run on calibration samples of the head's Q/K/V; candidates whose
-// computed fraction of causal pairs (what the sparse kernels pay for) is within the target are
-// kept, and the one whose output is closest to dense attention wins.
+// pattern and budget is run on calibration samples of the head's Q/K/V and measured against
+// dense attention. What a head must keep is the attention mass dense attention puts on its
+// keys (recall), over all queries and over the last ones (which produce the next token and
+// answer a question at the end of a prompt), in the worst calibration sample, not on average:
+// a pattern that loses a retrieval on one prompt in four still loses it in serving.
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "kernels/sparse/pattern_config.h"
@@ -20,25 +23,57 @@ struct HeadSample {
   int64_t num_tokens = 0;
 };
 
-// Candidates for prompts of `num_tokens`: A-shape windows, vertical-slash budgets and
-// block-sparse top-k values spanning densities from a few percent to about half.
+// Candidates with budgets for prompts of `num_tokens`: A-shape windows and block-sparse top-k
+// values spanning densities from a few percent to about half, and vertical-slash budgets.
 std::vector<HeadPattern> CandidatePatterns(int64_t num_tokens);
+
+// What a head may spend and what it must keep.
+struct SearchRule {
+  double target_density = 0.1;  // Fraction of causal (q, k) pairs a head may compute.
+  double recall_floor = 0.1;    // Least RecallScore a sparse choice must keep.
+};
+
+// The recall a choice is judged by: the lower of the mean over all queries and over the last
+// kTailQueries.
+double RecallScore(const Fidelity& fidelity);
+
+// Fidelity of no sample yet: the identity of WorstOf.
+inline constexpr Fidelity kNoSamples{0, 0, 1, 0, 1, 0};
+
+// The worse of two measurements in every field: higher density, cost and error, lower recalls.
+Fidelity WorstOf(const Fidelity& a, const Fidelity& b);
 
 struct HeadChoice {
   HeadPattern pattern;
-  Fidelity fidelity;  // Mean over the samples.
+  Fidelity fidelity;               // Worst case over the calibration samples.
+  std::string reason;              // Why this candidate, for the search's report.
+  std::vector<Fidelity> measured;  // Every candidate's worst case (the report's detail).
 };
 
-// The choice rule: the candidate with the lowest mean relative error among those with mean
-// density <= target_density; if none is that sparse, the sparsest candidate. Dense when the
-// target is >= 1. `fidelity[i]` is candidate i's mean over the calibration samples.
-HeadChoice ChooseCandidate(const std::vector<HeadPattern>& candidates,
-                           const std::vector<Fidelity>& fidelity, double target_density);
+// Scores this close count as equal: the cheaper candidate wins.
+inline constexpr double kRecallTie = 0.01;
 
-// Measures every candidate on the head's samples (CPU reference kernels) and applies
-// ChooseCandidate.
+// The choice rule, on each candidate's worst-case fidelity `worst[i]`:
+// 1. among candidates with density <= target and RecallScore >= floor, the lowest tile cost of
+//    those within kRecallTie of the highest score;
+// 2. else the cheapest (tile cost) candidate whose score reaches the floor, over the target;
+// 3. else dense: no candidate keeps the floor.
+// Dense when the target is >= 1.
+HeadChoice ChooseCandidate(const std::vector<HeadPattern>& candidates,
+                           const std::vector<Fidelity>& worst, const SearchRule& rule);
+
+// A sample's fidelity as the search counts it: recall and error from every sample, density and
+// tile cost only from samples of the budget length (the longest prompt, what the config is
+// sized for). Vertical-slash budgets are absolute, so a short prompt pays a higher density for
+// them than the long prompts the config serves; short prompts are there to check recall.
+Fidelity AtBudgetLength(Fidelity f, int64_t num_tokens, int64_t budget_tokens);
+
+// Measures every candidate on the head's samples (CPU reference kernels), a sample of n tokens
+// running the candidate at PatternAtLength(candidate, n, budget_tokens) as serving would, and
+// applies ChooseCandidate to the worst case over the samples (AtBudgetLength).
 HeadChoice SearchHead(const std::vector<HeadSample>& samples, int64_t head_dim,
-                      double target_density, const std::vector<HeadPattern>& candidates);
+                      const SearchRule& rule, const std::vector<HeadPattern>& candidates,
+                      int64_t budget_tokens);
 
 }  // namespace sparseaccel
 

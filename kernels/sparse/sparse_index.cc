@@ -313,25 +313,39 @@ Fidelity MeasureFidelity(const float* q, int64_t q_stride, const float* k, const
   const int64_t n = index.num_tokens;
   std::vector<float> sparse(n * d);
   SparseAttentionCpu(q, q_stride, k, v, kv_stride, d, index, sparse.data(), d);
-  double err = 0, norm = 0;
+  const int64_t tail_begin = std::max<int64_t>(0, n - kTailQueries);
+  double err = 0, norm = 0, tail_err = 0, tail_norm = 0;
   for (int64_t i = 0; i < n * d; ++i) {
     const double diff = static_cast<double>(sparse[i]) - dense.output[i];
+    const double ref = static_cast<double>(dense.output[i]) * dense.output[i];
     err += diff * diff;
-    norm += static_cast<double>(dense.output[i]) * dense.output[i];
+    norm += ref;
+    if (i >= tail_begin * d) {
+      tail_err += diff * diff;
+      tail_norm += ref;
+    }
   }
-  double recall = 0;
+  double recall = 0, tail_recall = 0;
   for (int64_t b = 0; b < index.num_query_blocks; ++b) {
     const std::vector<int64_t> keys = index.KeysOfBlock(b);
     const int64_t q1 = std::min(n, (b + 1) * kBlockSize);
     for (int64_t i = b * kBlockSize; i < q1; ++i) {
       const float* row = &dense.probs[i * (i + 1) / 2];
+      double row_recall = 0;
       for (int64_t key : keys) {
         if (key > i) break;
-        recall += row[key];
+        row_recall += row[key];
       }
+      recall += row_recall;
+      if (i >= tail_begin) tail_recall += row_recall;
     }
   }
-  return Fidelity{IndexDensity(index), IndexTileCost(index), recall / n, std::sqrt(err / norm)};
+  return Fidelity{IndexDensity(index),
+                  IndexTileCost(index),
+                  recall / n,
+                  std::sqrt(err / norm),
+                  tail_recall / (n - tail_begin),
+                  std::sqrt(tail_err / std::max(tail_norm, 1e-300))};
 }
 
 Fidelity MeasureFidelity(const float* q, int64_t q_stride, const float* k, const float* v,

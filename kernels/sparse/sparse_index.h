@@ -136,12 +136,18 @@ DenseReference ComputeDenseReference(const float* q, int64_t q_stride, const flo
                                      const float* v, int64_t kv_stride, int64_t num_tokens,
                                      int64_t head_dim);
 
+// The last queries of a prompt, whose attention produces the first generated token (and the
+// retrieval a question at the end of a prompt asks for): Fidelity::tail_recall.
+inline constexpr int64_t kTailQueries = 64;
+
 // How good an index is for one head, against dense attention.
 struct Fidelity {
   double density = 0;         // Selected causal (q, k) pairs / all causal pairs.
   double tile_cost = 0;       // Kernel cost model: IndexTileCost.
   double recall = 0;          // Mean over queries of the dense attention mass on selected keys.
   double relative_error = 0;  // ||sparse - dense||_F / ||dense||_F of the outputs.
+  double tail_recall = 0;     // The same mean over the last kTailQueries queries only.
+  double tail_error = 0;      // relative_error over the last kTailQueries output rows only.
 };
 
 Fidelity MeasureFidelity(const float* q, int64_t q_stride, const float* k, const float* v,

@@ -25,6 +25,15 @@ struct KvLayerView {
   }
 };
 
+// KV heads [first_kv_head, ..) of `kv`: the same rows, each starting first_kv_head * head_dim
+// floats in (a tensor-parallel shard's heads, addressed from 0).
+inline KvLayerView KvHeadsView(const KvLayerView& kv, int64_t first_kv_head, int64_t head_dim) {
+  KvLayerView view = kv;
+  for (float*& block : view.k_blocks) block += first_kv_head * head_dim;
+  for (float*& block : view.v_blocks) block += first_kv_head * head_dim;
+  return view;
+}
+
 }  // namespace sparseaccel
 
 #endif  // SPARSEACCEL_KERNELS_KV_VIEW_H_

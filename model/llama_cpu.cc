@@ -18,11 +18,19 @@ namespace sparseaccel {
 
 // All weights in fp32, HF layout: projections [out_features][in_features].
 struct LlamaCpu::Weights {
+  // One tensor-parallel shard of a layer (LlamaCpuOptions::tensor_parallel).
+  struct Shard {
+    std::vector<float> q, k, v;   // The shard's heads' rows: [rows][hidden].
+    std::vector<float> o;         // Its heads' columns: [hidden][q rows].
+    std::vector<float> gate, up;  // Its intermediate rows: [rows][hidden].
+    std::vector<float> down;      // Its intermediate columns: [hidden][rows].
+  };
   struct Layer {
     std::vector<float> input_norm, post_attention_norm;
-    std::vector<float> q, k, v, o;  // [rows][hidden] (o: [hidden][q rows])
-    std::vector<float> gate, up, down;
+    std::vector<Shard> shards;
   };
+  // Shard `r` of `n` of a layer's projections, from the full HF tensors in `full`.
+  static Shard ShardOf(const Shard& full, const ModelConfig& c, int64_t r, int64_t n);
   std::vector<float> embed;  // [vocab][hidden]
   std::vector<float> final_norm;
   std::vector<float> lm_head;  // Empty when tied to `embed`.
@@ -54,16 +62,68 @@ void AddInPlace(const float* delta, int64_t count, float* x) {
   for (int64_t i = 0; i < count; ++i) x[i] += delta[i];
 }
 
+// The in-process all-reduce of the shards' partial outputs, in shard order: the first partial
+// is taken as it is (so one shard adds exactly what an unsharded layer adds), later ones added.
+void AllReduceInto(int64_t shard, std::vector<float>* partial, std::vector<float>* sum) {
+  if (shard == 0) {
+    sum->swap(*partial);
+    partial->resize(sum->size());
+    return;
+  }
+  AddInPlace(partial->data(), static_cast<int64_t>(partial->size()), sum->data());
+}
+
+// Columns [first, first + count) of a row-major [rows][cols] matrix, as [rows][count]. A block
+// of whole rows is the one-row case: ColumnSlice(m, 1, rows * cols, first_row * cols, ...).
+std::vector<float> ColumnSlice(const std::vector<float>& m, int64_t rows, int64_t cols,
+                               int64_t first, int64_t count) {
+  std::vector<float> out(rows * count);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy_n(&m[r * cols + first], count, &out[r * count]);
+  }
+  return out;
+}
+
 }  // namespace
+
+// Shard `r` of `n` of a layer's projections (full HF tensors in `full`).
+LlamaCpu::Weights::Shard LlamaCpu::Weights::ShardOf(const Shard& full, const ModelConfig& c,
+                                                    int64_t r, int64_t n) {
+  const int64_t hidden = c.hidden_size, d = c.head_dim;
+  const int64_t q_rows = c.num_attention_heads * d / n, kv_rows = c.num_key_value_heads * d / n;
+  const int64_t inter = c.intermediate_size / n;
+  const auto rows = [&](const std::vector<float>& m, int64_t count) {
+    return ColumnSlice(m, 1, static_cast<int64_t>(m.size()), r * count * hidden, count * hidden);
+  };
+  Shard shard;
+  shard.q = rows(full.q, q_rows);
+  shard.k = rows(full.k, kv_rows);
+  shard.v = rows(full.v, kv_rows);
+  shard.gate = rows(full.gate, inter);
+  shard.up = rows(full.up, inter);
+  shard.o = ColumnSlice(full.o, hidden, q_rows * n, r * q_rows, q_rows);
+  shard.down = ColumnSlice(full.down, hidden, inter * n, r * inter, inter);
+  return shard;
+}
 
 LlamaCpu::LlamaCpu() = default;
 LlamaCpu::~LlamaCpu() = default;
 
-absl::StatusOr<std::unique_ptr<LlamaCpu>> LlamaCpu::Load(const std::string& model_dir) {
+absl::StatusOr<std::unique_ptr<LlamaCpu>> LlamaCpu::Load(const std::string& model_dir,
+                                                         const LlamaCpuOptions& options) {
   ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(model_dir));
+  const int64_t n = options.tensor_parallel;
+  if (n < 1 || config.num_attention_heads % n != 0 || config.num_key_value_heads % n != 0 ||
+      config.intermediate_size % n != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor_parallel ", n, " must divide the heads (", config.num_attention_heads,
+                     "), KV heads (", config.num_key_value_heads, ") and intermediate_size (",
+                     config.intermediate_size, ")"));
+  }
   ASSIGN_OR_RETURN(std::unique_ptr<TensorStore> store, TensorStore::OpenDirectory(model_dir));
   auto model = std::unique_ptr<LlamaCpu>(new LlamaCpu());
   model->config_ = config;
+  model->shards_ = n;
   model->weights_ = std::make_unique<Weights>();
   Weights& w = *model->weights_;
   const ModelConfig& c = config;
@@ -84,20 +144,26 @@ absl::StatusOr<std::unique_ptr<LlamaCpu>> LlamaCpu::Load(const std::string& mode
         LoadTensor(*store, p + "input_layernorm.weight", {c.hidden_size}, &l.input_norm));
     RETURN_IF_ERROR(LoadTensor(*store, p + "post_attention_layernorm.weight", {c.hidden_size},
                                &l.post_attention_norm));
+    Weights::Shard full;
     RETURN_IF_ERROR(
-        LoadTensor(*store, p + "self_attn.q_proj.weight", {q_rows, c.hidden_size}, &l.q));
+        LoadTensor(*store, p + "self_attn.q_proj.weight", {q_rows, c.hidden_size}, &full.q));
     RETURN_IF_ERROR(
-        LoadTensor(*store, p + "self_attn.k_proj.weight", {kv_rows, c.hidden_size}, &l.k));
+        LoadTensor(*store, p + "self_attn.k_proj.weight", {kv_rows, c.hidden_size}, &full.k));
     RETURN_IF_ERROR(
-        LoadTensor(*store, p + "self_attn.v_proj.weight", {kv_rows, c.hidden_size}, &l.v));
+        LoadTensor(*store, p + "self_attn.v_proj.weight", {kv_rows, c.hidden_size}, &full.v));
     RETURN_IF_ERROR(
-        LoadTensor(*store, p + "self_attn.o_proj.weight", {c.hidden_size, q_rows}, &l.o));
+        LoadTensor(*store, p + "self_attn.o_proj.weight", {c.hidden_size, q_rows}, &full.o));
     RETURN_IF_ERROR(LoadTensor(*store, p + "mlp.gate_proj.weight",
-                               {c.intermediate_size, c.hidden_size}, &l.gate));
-    RETURN_IF_ERROR(
-        LoadTensor(*store, p + "mlp.up_proj.weight", {c.intermediate_size, c.hidden_size}, &l.up));
+                               {c.intermediate_size, c.hidden_size}, &full.gate));
+    RETURN_IF_ERROR(LoadTensor(*store, p + "mlp.up_proj.weight",
+                               {c.intermediate_size, c.hidden_size}, &full.up));
     RETURN_IF_ERROR(LoadTensor(*store, p + "mlp.down_proj.weight",
-                               {c.hidden_size, c.intermediate_size}, &l.down));
+                               {c.hidden_size, c.intermediate_size}, &full.down));
+    if (n == 1) {
+      l.shards.push_back(std::move(full));
+    } else {
+      for (int64_t r = 0; r < n; ++r) l.shards.push_back(Weights::ShardOf(full, c, r, n));
+    }
   }
   Llama3RopeScaling scaling;
   scaling.enabled = c.rope_scaling.type == RopeScaling::Type::kLlama3;
@@ -117,6 +183,80 @@ KvShape LlamaCpu::kv_shape() const {
 }
 
 void LlamaCpu::SetAttentionOverride(AttentionOverride* attention) { attention_ = attention; }
+
+// x += sum over shards of attention(RmsNorm(x)) . Wo_shard^T. Each shard writes its KV heads'
+// slice of the cache rows and attends over it; LayerDone once every shard has written.
+absl::Status LlamaCpu::AttentionBlock(int64_t layer, absl::Span<const SequenceChunk> batch,
+                                      const std::vector<int64_t>& positions,
+                                      std::vector<float>* x) {
+  const ModelConfig& c = config_;
+  const Weights::Layer& l = weights_->layers[layer];
+  const int64_t rows = static_cast<int64_t>(positions.size()), hidden = c.hidden_size;
+  const int64_t d = c.head_dim, heads = c.num_attention_heads / shards_;
+  const int64_t kv_heads = c.num_key_value_heads / shards_;
+  const int64_t q_size = heads * d, kv_size = kv_heads * d;
+  const AttentionShape shape{heads, kv_heads, d};
+  std::vector<float> h(rows * hidden), partial(rows * hidden), sum;
+  std::vector<float> q(rows * q_size), k(rows * kv_size), v(rows * kv_size), attn(rows * q_size);
+  RmsNormCpu(x->data(), l.input_norm.data(), rows, hidden, c.rms_norm_eps, h.data());
+  for (int64_t s = 0; s < shards_; ++s) {
+    const Weights::Shard& w = l.shards[s];
+    MatMulTransposedWeight(h.data(), rows, hidden, w.q.data(), q_size, q.data());
+    MatMulTransposedWeight(h.data(), rows, hidden, w.k.data(), kv_size, k.data());
+    MatMulTransposedWeight(h.data(), rows, hidden, w.v.data(), kv_size, v.data());
+    ApplyRopeCpu(q.data(), rows, heads, d, positions.data(), weights_->inv_freq.data());
+    ApplyRopeCpu(k.data(), rows, kv_heads, d, positions.data(), weights_->inv_freq.data());
+    int64_t first_row = 0;
+    for (const SequenceChunk& chunk : batch) {
+      const int64_t n = static_cast<int64_t>(chunk.tokens.size());
+      ASSIGN_OR_RETURN(const KvLayerView layer_view, chunk.kv->Layer(layer, chunk.start_pos + n));
+      const KvLayerView view = KvHeadsView(layer_view, s * kv_heads, d);
+      for (int64_t i = 0; i < n; ++i) {
+        std::memcpy(view.KRow(chunk.start_pos + i), &k[(first_row + i) * kv_size],
+                    kv_size * sizeof(float));
+        std::memcpy(view.VRow(chunk.start_pos + i), &v[(first_row + i) * kv_size],
+                    kv_size * sizeof(float));
+      }
+      const float* chunk_q = &q[first_row * q_size];
+      float* chunk_out = &attn[first_row * q_size];
+      bool handled = false;
+      if (attention_ != nullptr) {
+        ASSIGN_OR_RETURN(handled, attention_->Attend(layer, chunk_q, n, chunk.start_pos, shape,
+                                                     view, chunk_out));
+      }
+      if (!handled) CausalAttentionCpu(chunk_q, n, chunk.start_pos, shape, view, chunk_out);
+      first_row += n;
+    }
+    MatMulTransposedWeight(attn.data(), rows, q_size, w.o.data(), hidden, partial.data());
+    AllReduceInto(s, &partial, &sum);
+  }
+  for (const SequenceChunk& chunk : batch) {
+    RETURN_IF_ERROR(
+        chunk.kv->LayerDone(layer, chunk.start_pos, static_cast<int64_t>(chunk.tokens.size())));
+  }
+  AddInPlace(sum.data(), rows * hidden, x->data());
+  return absl::OkStatus();
+}
+
+// x += sum over shards of SwiGLU(RmsNorm(x) . Wgate^T, . Wup^T) . Wdown_shard^T.
+void LlamaCpu::MlpBlock(int64_t layer, std::vector<float>* x) {
+  const ModelConfig& c = config_;
+  const Weights::Layer& l = weights_->layers[layer];
+  const int64_t hidden = c.hidden_size, rows = static_cast<int64_t>(x->size()) / hidden;
+  const int64_t inter = c.intermediate_size / shards_;
+  std::vector<float> h(rows * hidden), partial(rows * hidden), sum;
+  std::vector<float> gate(rows * inter), up(rows * inter);
+  RmsNormCpu(x->data(), l.post_attention_norm.data(), rows, hidden, c.rms_norm_eps, h.data());
+  for (int64_t s = 0; s < shards_; ++s) {
+    const Weights::Shard& w = l.shards[s];
+    MatMulTransposedWeight(h.data(), rows, hidden, w.gate.data(), inter, gate.data());
+    MatMulTransposedWeight(h.data(), rows, hidden, w.up.data(), inter, up.data());
+    SwiGluCpu(gate.data(), up.data(), rows * inter, gate.data());
+    MatMulTransposedWeight(gate.data(), rows, inter, w.down.data(), hidden, partial.data());
+    AllReduceInto(s, &partial, &sum);
+  }
+  AddInPlace(sum.data(), rows * hidden, x->data());
+}
 
 absl::Status LlamaCpu::Forward(absl::Span<const SequenceChunk> batch, std::vector<float>* logits) {
   const ModelConfig& c = config_;
@@ -140,13 +280,11 @@ absl::Status LlamaCpu::Forward(absl::Span<const SequenceChunk> batch, std::vecto
     }
     rows += static_cast<int64_t>(chunk.tokens.size());
   }
-  const int64_t hidden = c.hidden_size, d = c.head_dim;
-  const int64_t q_size = c.num_attention_heads * d, kv_size = c.num_key_value_heads * d;
-  const AttentionShape attention_shape{c.num_attention_heads, c.num_key_value_heads, d};
-
-  std::vector<float> x(rows * hidden), h(rows * hidden);
-  std::vector<float> q(rows * q_size), k(rows * kv_size), v(rows * kv_size), attn(rows * q_size);
-  std::vector<float> gate(rows * c.intermediate_size), up(rows * c.intermediate_size);
+  if (attention_ != nullptr && shards_ > 1) {
+    return absl::FailedPreconditionError("an attention override needs tensor_parallel 1");
+  }
+  const int64_t hidden = c.hidden_size;
+  std::vector<float> x(rows * hidden);
   std::vector<int64_t> positions(rows);
   {
     int64_t r = 0;
@@ -158,45 +296,8 @@ absl::Status LlamaCpu::Forward(absl::Span<const SequenceChunk> batch, std::vecto
     }
   }
   for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
-    const Weights::Layer& l = w.layers[layer];
-    RmsNormCpu(x.data(), l.input_norm.data(), rows, hidden, c.rms_norm_eps, h.data());
-    MatMulTransposedWeight(h.data(), rows, hidden, l.q.data(), q_size, q.data());
-    MatMulTransposedWeight(h.data(), rows, hidden, l.k.data(), kv_size, k.data());
-    MatMulTransposedWeight(h.data(), rows, hidden, l.v.data(), kv_size, v.data());
-    ApplyRopeCpu(q.data(), rows, c.num_attention_heads, d, positions.data(), w.inv_freq.data());
-    ApplyRopeCpu(k.data(), rows, c.num_key_value_heads, d, positions.data(), w.inv_freq.data());
-    int64_t first_row = 0;
-    for (const SequenceChunk& chunk : batch) {
-      const int64_t n = static_cast<int64_t>(chunk.tokens.size());
-      ASSIGN_OR_RETURN(KvLayerView view, chunk.kv->Layer(layer, chunk.start_pos + n));
-      for (int64_t i = 0; i < n; ++i) {
-        std::memcpy(view.KRow(chunk.start_pos + i), &k[(first_row + i) * kv_size],
-                    kv_size * sizeof(float));
-        std::memcpy(view.VRow(chunk.start_pos + i), &v[(first_row + i) * kv_size],
-                    kv_size * sizeof(float));
-      }
-      const float* chunk_q = &q[first_row * q_size];
-      float* chunk_out = &attn[first_row * q_size];
-      bool handled = false;
-      if (attention_ != nullptr) {
-        ASSIGN_OR_RETURN(handled, attention_->Attend(layer, chunk_q, n, chunk.start_pos,
-                                                     attention_shape, view, chunk_out));
-      }
-      if (!handled) {
-        CausalAttentionCpu(chunk_q, n, chunk.start_pos, attention_shape, view, chunk_out);
-      }
-      RETURN_IF_ERROR(chunk.kv->LayerDone(layer, chunk.start_pos, n));
-      first_row += n;
-    }
-    // x += attn . Wo^T
-    MatMulTransposedWeight(attn.data(), rows, q_size, l.o.data(), hidden, h.data());
-    AddInPlace(h.data(), rows * hidden, x.data());
-    RmsNormCpu(x.data(), l.post_attention_norm.data(), rows, hidden, c.rms_norm_eps, h.data());
-    MatMulTransposedWeight(h.data(), rows, hidden, l.gate.data(), c.intermediate_size, gate.data());
-    MatMulTransposedWeight(h.data(), rows, hidden, l.up.data(), c.intermediate_size, up.data());
-    SwiGluCpu(gate.data(), up.data(), rows * c.intermediate_size, gate.data());
-    MatMulTransposedWeight(gate.data(), rows, c.intermediate_size, l.down.data(), hidden, h.data());
-    AddInPlace(h.data(), rows * hidden, x.data());
+    RETURN_IF_ERROR(AttentionBlock(layer, batch, positions, &x));
+    MlpBlock(layer, &x);
   }
   // Final norm and LM head only for the rows that need logits.
   std::vector<int64_t> logit_rows;

@@ -32,10 +32,21 @@ class AttentionOverride {
                                       float* out) = 0;
 };
 
+struct LlamaCpuOptions {
+  // Tensor-parallel shards, computed one after the other in this process: shard r holds query
+  // heads [r H/N, (r+1) H/N), their KV heads, the same slice of the MLP's intermediate columns
+  // and the matching columns of o_proj and down_proj; the shards' partial outputs of o_proj
+  // and of down_proj are summed (the all-reduce of a multi-GPU run) before the residual add.
+  // Heads, KV heads and intermediate_size must divide by it. The KV cache layout is the same
+  // for every N. With an AttentionOverride installed it must be 1.
+  int64_t tensor_parallel = 1;
+};
+
 class LlamaCpu : public LanguageModel {
  public:
   // Loads config.json and the safetensors weights of `model_dir` (converted to fp32).
-  static absl::StatusOr<std::unique_ptr<LlamaCpu>> Load(const std::string& model_dir);
+  static absl::StatusOr<std::unique_ptr<LlamaCpu>> Load(const std::string& model_dir,
+                                                        const LlamaCpuOptions& options = {});
 
   const ModelConfig& config() const override;
   KvShape kv_shape() const override;
@@ -50,7 +61,13 @@ class LlamaCpu : public LanguageModel {
  private:
   struct Weights;
   LlamaCpu();
+  // One layer's attention or MLP over all shards, the partials summed into `x`.
+  absl::Status AttentionBlock(int64_t layer, absl::Span<const SequenceChunk> batch,
+                              const std::vector<int64_t>& positions, std::vector<float>* x);
+  void MlpBlock(int64_t layer, std::vector<float>* x);
+
   ModelConfig config_;
+  int64_t shards_ = 1;
   std::unique_ptr<Weights> weights_;
   AttentionOverride* attention_ = nullptr;
 };

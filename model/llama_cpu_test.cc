@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kernels/sampling.h"
 #include "model/checkpoint_maker.h"
 
 namespace sparseaccel {
@@ -77,6 +78,66 @@ TEST(LlamaCpuTest, DecodeStepsEqualFullRecompute) {
   }
   EXPECT_EQ(pool.free_blocks(), 16);
   EXPECT_LT(MaxRelativeError(stepped, full), 1e-5);
+}
+
+// Tensor-parallel shards (heads, KV heads and MLP columns split, partial o_proj and down_proj
+// outputs summed) compute the unsharded model: the same logits up to fp32 summation order,
+// the same greedy tokens and the same KV cache, for a prefill on a paged cache and decode steps.
+TEST(LlamaCpuTest, TensorParallelShardsComputeTheUnshardedModel) {
+  const char* base = getenv("TEST_TMPDIR");
+  const std::string dir = std::string(base ? base : "/tmp") + "/tensor_parallel";
+  CheckpointOptions options;
+  options.config = PresetConfig("tiny").value();
+  options.config.num_attention_heads = 8;
+  options.config.num_key_value_heads = 4;
+  options.config.head_dim = 16;
+  options.seed = 1017;
+  options.init_std = 0.08;
+  options.dtype = DType::kBF16;
+  ASSERT_TRUE(WriteRandomCheckpoint(dir, options).ok());
+  std::random_device seed;
+  std::mt19937 rng(seed());
+  const std::vector<int32_t> tokens = RandomTokens(37, options.config.vocab_size, &rng);
+  // Logits of a 33-token prefill and 4 decode steps, and the cache rows they wrote.
+  const auto run = [&](int64_t shards, std::vector<float>* k_rows) {
+    absl::StatusOr<std::unique_ptr<LlamaCpu>> model = LlamaCpu::Load(dir, {shards});
+    EXPECT_TRUE(model.ok()) << model.status();
+    KvBlockPool pool((*model)->kv_shape(), 8, 8);
+    PagedKvStore kv(&pool);
+    std::vector<float> logits;
+    absl::Span<const int32_t> all(tokens);
+    EXPECT_TRUE((*model)
+                    ->Forward({SequenceChunk{all.subspan(0, 33), 0, &kv, LogitsFor::kAll}}, &logits)
+                    .ok());
+    for (int64_t p = 33; p < 37; ++p) {
+      EXPECT_TRUE(
+          (*model)
+              ->Forward({SequenceChunk{all.subspan(p, 1), p, &kv, LogitsFor::kLast}}, &logits)
+              .ok());
+    }
+    const KvLayerView view = kv.Layer(1, 37).value();
+    for (int64_t p = 0; p < 37; ++p) {
+      k_rows->insert(k_rows->end(), view.KRow(p), view.KRow(p) + view.row_size);
+    }
+    return logits;
+  };
+  std::vector<float> k_one;
+  const std::vector<float> one = run(1, &k_one);
+  const int64_t vocab = options.config.vocab_size;
+  for (int64_t shards : {2, 4}) {
+    std::vector<float> k_sharded;
+    const std::vector<float> sharded = run(shards, &k_sharded);
+    ASSERT_EQ(sharded.size(), one.size());
+    EXPECT_LT(MaxRelativeError(sharded, one), 1e-5) << shards << " shards";
+    EXPECT_LT(MaxRelativeError(k_sharded, k_one), 1e-5) << shards << " shards";
+    for (size_t r = 0; r < one.size() / vocab; ++r) {
+      EXPECT_EQ(SampleTokenCpu(&sharded[r * vocab], vocab, {}, 0),
+                SampleTokenCpu(&one[r * vocab], vocab, {}, 0))
+          << shards << " shards, row " << r;
+    }
+  }
+  EXPECT_EQ(LlamaCpu::Load(dir, {3}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(LlamaCpu::Load(dir, {0}).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(LlamaCpuTest, BatchedSequencesEqualEachAlone) {

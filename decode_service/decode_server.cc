@@ -180,8 +180,36 @@ void DecodeServer::UpdateGauges() {
   }
 }
 
+namespace {
+
+// The request's fields against the kMax* limits (decode_server.h).
+absl::Status CheckRequestLimits(const v1::GenerateRequest& request) {
+  if (request.request_id().size() > kMaxRequestIdBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("request_id has ", request.request_id().size(),
+                                                   " bytes; at most ", kMaxRequestIdBytes));
+  }
+  if (request.stop_size() > kMaxStopStrings) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(request.stop_size(), " stop strings; at most ", kMaxStopStrings));
+  }
+  for (const std::string& stop : request.stop()) {
+    if (stop.size() > kMaxStopStringBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("a stop string has ", stop.size(), " bytes; at most ", kMaxStopStringBytes));
+    }
+  }
+  if (request.stop_token_ids_size() > kMaxStopTokenIds) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(request.stop_token_ids_size(), " stop token ids; at most ", kMaxStopTokenIds));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<std::vector<int32_t>> DecodeServer::PromptTokens(
     const v1::GenerateRequest& request) const {
+  RETURN_IF_ERROR(CheckRequestLimits(request));
   const Tokenizer* tokenizer = options_.tokenizer;
   const bool needs_tokenizer = request.prompt_case() == v1::GenerateRequest::kText ||
                                request.prompt_case() == v1::GenerateRequest::kChat ||

@@ -23,6 +23,14 @@
 
 namespace sparseaccel {
 
+// What one Generate request may carry, whoever sends it: a request over any of these is
+// INVALID_ARGUMENT before it costs anything (stop strings are matched against every decoded
+// token's text, stop ids looked up per token).
+inline constexpr int kMaxRequestIdBytes = 128;
+inline constexpr int kMaxStopStrings = 16;
+inline constexpr int kMaxStopStringBytes = 256;
+inline constexpr int kMaxStopTokenIds = 64;
+
 struct DecodeServerOptions {
   // Prefill services, used round robin.
   std::vector<std::string> prefill_addresses;

@@ -396,12 +396,30 @@ TEST(ServiceTest, MalformedRequestsAreInvalidArgument) {
       {"negative token id", MakeRequest({-1}, 4)},
       {"over-long prompt", MakeRequest(RandomPrompt(1001, &rng), 4)},
   };
+  // Over the per-request limits (checked before the tokenizer is needed).
+  GenerateRequest limit = MakeRequest(prompt, 4);
+  limit.set_request_id(std::string(kMaxRequestIdBytes + 1, 'r'));
+  cases.push_back({"long request_id", limit});
+  limit = MakeRequest(prompt, 4);
+  for (int i = 0; i <= kMaxStopStrings; ++i) limit.add_stop("s");
+  cases.push_back({"too many stop strings", limit});
+  limit = MakeRequest(prompt, 4);
+  limit.add_stop(std::string(kMaxStopStringBytes + 1, 'x'));
+  cases.push_back({"long stop string", limit});
+  limit = MakeRequest(prompt, 4);
+  for (int i = 0; i <= kMaxStopTokenIds; ++i) limit.add_stop_token_ids(i);
+  cases.push_back({"too many stop token ids", limit});
   for (auto& [name, request] : cases) {
     Outcome outcome = services.Generate(request);
     EXPECT_EQ(outcome.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << name;
     EXPECT_FALSE(outcome.status.error_message().empty()) << name;
     EXPECT_TRUE(outcome.tokens.empty()) << name;
   }
+  // At the limits a request is served.
+  GenerateRequest at_limits = MakeRequest(prompt, 4);
+  at_limits.set_request_id(std::string(kMaxRequestIdBytes, 'r'));
+  for (int i = 0; i < kMaxStopTokenIds; ++i) at_limits.add_stop_token_ids(i);
+  EXPECT_TRUE(services.Generate(at_limits).status.ok());
   // Without a tokenizer only token ids are understood.
   GenerateRequest text;
   text.set_text("hello");

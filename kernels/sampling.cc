@@ -5,15 +5,10 @@
 #include <numeric>
 #include <vector>
 
+#include "common/counter_random.h"
+
 namespace sparseaccel {
 namespace {
-
-uint64_t SplitMix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
 
 int32_t Argmax(const float* logits, int64_t vocab_size) {
   int64_t best = 0;
@@ -25,10 +20,7 @@ int32_t Argmax(const float* logits, int64_t vocab_size) {
 
 }  // namespace
 
-double SamplingUniform(uint64_t seed, uint64_t step) {
-  const uint64_t bits = SplitMix64(SplitMix64(seed) ^ step);
-  return static_cast<double>(bits >> 11) * (1.0 / 9007199254740992.0);
-}
+double SamplingUniform(uint64_t seed, uint64_t step) { return CounterUniform(seed, step); }
 
 int32_t SampleTokenCpu(const float* logits, int64_t vocab_size, const SamplingParams& params,
                        uint64_t step) {

@@ -13,20 +13,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/counter_random.h"
 #include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace sparseaccel {
 namespace {
-
-// splitmix64: a counter-based generator, so every element is a pure function of
-// (seed, tensor, index) and tensors fill in parallel with identical results.
-uint64_t SplitMix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
 
 uint64_t HashName(const std::string& name) {
   uint64_t h = 1469598103934665603ull;  // FNV-1a.

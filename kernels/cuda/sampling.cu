@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/counter_random.h"
 #include "kernels/cuda/cuda_check.cuh"
 #include "kernels/cuda/cuda_kernels.h"
 
@@ -57,19 +58,6 @@ absl::StatusOr<SampleLayout> LayoutFor(int64_t rows, int64_t vocab_size) {
       static_cast<const int32_t*>(nullptr)));
   layout.total = at + Align256(layout.cub_bytes);
   return layout;
-}
-
-__device__ uint64_t SplitMix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
-// Same bits as SamplingUniform() in kernels/sampling.cc.
-__device__ double Uniform(uint64_t seed, uint64_t step) {
-  const uint64_t bits = SplitMix64(SplitMix64(seed) ^ step);
-  return static_cast<double>(bits >> 11) * (1.0 / 9007199254740992.0);
 }
 
 __global__ void FillIdsKernel(int64_t rows, int64_t vocab_size, int32_t* ids, int32_t* offsets) {
@@ -198,7 +186,7 @@ __global__ void __launch_bounds__(kSampleThreads)
     keep = last < keep ? last + 1 : keep;
     total = mass;
   }
-  const double target = Uniform(p.seed, p.step) * total;
+  const double target = CounterUniform(p.seed, p.step) * total;
   double mass;
   int64_t pick = FirstPrefix(
       keep, weight, [&](double prefix) { return target < prefix; }, &mass, shared);

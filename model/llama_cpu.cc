@@ -86,7 +86,6 @@ std::vector<float> ColumnSlice(const std::vector<float>& m, int64_t rows, int64_
 
 }  // namespace
 
-// Shard `r` of `n` of a layer's projections (full HF tensors in `full`).
 LlamaCpu::Weights::Shard LlamaCpu::Weights::ShardOf(const Shard& full, const ModelConfig& c,
                                                     int64_t r, int64_t n) {
   const int64_t hidden = c.hidden_size, d = c.head_dim;

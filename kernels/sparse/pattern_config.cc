@@ -207,7 +207,7 @@ std::string SparseConfigToJson(const SparseConfig& config) {
 HeadPattern PatternAtLength(const HeadPattern& pattern, int64_t n, int64_t budget_tokens) {
   if (budget_tokens <= 0 || n == budget_tokens) return pattern;
   HeadPattern scaled = pattern;
-  // Rounded to nearest; a window of at least one block, at least one key block.
+  // Rounded to nearest; never below what an index of each pattern keeps anyway.
   const auto scale = [&](int64_t budget) {
     return (budget * n + budget_tokens / 2) / budget_tokens;
   };

@@ -116,28 +116,11 @@ absl::StatusOr<ModelSearch> Search() {
   return absl::InvalidArgumentError(absl::StrCat("unknown --device '", device, "' (cpu, cuda)"));
 }
 
-// A candidate's budgets as one string, e.g. "window=1024 sink=64".
-std::string Budgets(const HeadPattern& p) {
-  switch (p.kind) {
-    case HeadPattern::Kind::kAShape:
-      return absl::StrCat("sink=", p.sink, " window=", p.window);
-    case HeadPattern::Kind::kVerticalSlash:
-      return absl::StrCat("vertical=", p.vertical_slash.vertical,
-                          " slash=", p.vertical_slash.slash);
-    case HeadPattern::Kind::kBlockSparse:
-      return absl::StrCat("top_k=", p.top_k);
-    case HeadPattern::Kind::kDense:
-      break;
-  }
-  return "";
-}
-
 // Debug detail of the report: what one candidate measured on one head (worst case).
 void LogCandidate(int64_t layer, int64_t head, const HeadPattern& pattern, const Fidelity& f) {
   LogDebug("pattern_search.candidate", {{"layer", layer},
                                         {"head", head},
-                                        {"pattern", std::string(PatternName(pattern.kind))},
-                                        {"budgets", Budgets(pattern)},
+                                        {"candidate", HeadPatternToJson(pattern)},
                                         {"density", f.density},
                                         {"recall", f.recall},
                                         {"tail_recall", f.tail_recall},

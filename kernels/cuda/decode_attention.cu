@@ -60,16 +60,19 @@ __device__ __forceinline__ void Unpack8(const uint4& bits, float (&dst)[8]) {
   }
 }
 
-// Merges the online-softmax state (max, sum, o) of `other` into `mine`.
-__device__ __forceinline__ void MergeState(float& max, float& sum, float (&o)[8], float other_max,
-                                           float other_sum, const float (&other_o)[8]) {
+// Merges the online-softmax state (max, sum, o) of `other` into `mine`; an empty state has
+// max -INFINITY and contributes nothing.
+template <int kWidth>
+__device__ __forceinline__ void MergeState(float& max, float& sum, float (&o)[kWidth],
+                                           float other_max, float other_sum,
+                                           const float (&other_o)[kWidth]) {
   const float merged = fmaxf(max, other_max);
   const float mine = max == -INFINITY ? 0.f : exp2f(max - merged);
   const float theirs = other_max == -INFINITY ? 0.f : exp2f(other_max - merged);
   max = merged;
   sum = sum * mine + other_sum * theirs;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) o[i] = o[i] * mine + other_o[i] * theirs;
+  for (int i = 0; i < kWidth; ++i) o[i] = o[i] * mine + other_o[i] * theirs;
 }
 
 template <int kHeadDim, int kMaxGroup>
@@ -241,15 +244,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
 
 // Online-softmax state of one output element: running max, sum of weights, weighted o.
 struct MergeAccumulator {
-  float max = -INFINITY, sum = 0.f, o = 0.f;
+  float max = -INFINITY, sum = 0.f, o[1] = {0.f};
 
   __device__ __forceinline__ void Add(float other_max, float other_sum, float other_o) {
-    if (other_max == -INFINITY) return;
-    const float merged = fmaxf(max, other_max);
-    const float mine = exp2f(max - merged), theirs = exp2f(other_max - merged);
-    max = merged;
-    sum = sum * mine + other_sum * theirs;
-    o = o * mine + other_o * theirs;
+    const float other[1] = {other_o};
+    MergeState(max, sum, o, other_max, other_sum, other);
   }
 };
 
@@ -278,10 +277,10 @@ __global__ void DecodeMergeKernel(PagedDecodeArgs args, int num_splits) {
   if (group != 0) return;
 #pragma unroll
   for (int g = 1; g < kMergeGroups; ++g) {
-    acc.Add(shared[g][d].max, shared[g][d].sum, shared[g][d].o);
+    acc.Add(shared[g][d].max, shared[g][d].sum, shared[g][d].o[0]);
   }
   args.out[seq * args.out_stride + head * kHeadDim + d] =
-      FloatToBf16Bits(acc.sum > 0 ? acc.o / acc.sum : 0.f);
+      FloatToBf16Bits(acc.sum > 0 ? acc.o[0] / acc.sum : 0.f);
 }
 
 // Blocks of one DecodeChunkKernel variant resident at once on the current device, found once

@@ -72,6 +72,27 @@ absl::StatusOr<HeadPattern> ParseHead(const Json& json, const std::string& where
   return head;
 }
 
+Json HeadJson(const HeadPattern& head) {
+  Json entry = {{"pattern", std::string(PatternName(head.kind))}};
+  switch (head.kind) {
+    case HeadPattern::Kind::kDense:
+      break;
+    case HeadPattern::Kind::kAShape:
+      entry["sink"] = head.sink;
+      entry["window"] = head.window;
+      break;
+    case HeadPattern::Kind::kVerticalSlash:
+      entry["vertical"] = head.vertical_slash.vertical;
+      entry["slash"] = head.vertical_slash.slash;
+      entry["last_q"] = head.vertical_slash.last_q;
+      break;
+    case HeadPattern::Kind::kBlockSparse:
+      entry["top_k"] = head.top_k;
+      break;
+  }
+  return entry;
+}
+
 }  // namespace
 
 absl::string_view PatternName(HeadPattern::Kind kind) {
@@ -165,30 +186,13 @@ absl::StatusOr<SparseConfig> LoadSparseConfig(const std::string& path) {
   return config;
 }
 
+std::string HeadPatternToJson(const HeadPattern& head) { return HeadJson(head).dump(); }
+
 std::string SparseConfigToJson(const SparseConfig& config) {
   Json layers = Json::array();
   for (const auto& heads : config.heads) {
     Json row = Json::array();
-    for (const HeadPattern& head : heads) {
-      Json entry = {{"pattern", std::string(PatternName(head.kind))}};
-      switch (head.kind) {
-        case HeadPattern::Kind::kDense:
-          break;
-        case HeadPattern::Kind::kAShape:
-          entry["sink"] = head.sink;
-          entry["window"] = head.window;
-          break;
-        case HeadPattern::Kind::kVerticalSlash:
-          entry["vertical"] = head.vertical_slash.vertical;
-          entry["slash"] = head.vertical_slash.slash;
-          entry["last_q"] = head.vertical_slash.last_q;
-          break;
-        case HeadPattern::Kind::kBlockSparse:
-          entry["top_k"] = head.top_k;
-          break;
-      }
-      row.push_back(entry);
-    }
+    for (const HeadPattern& head : heads) row.push_back(HeadJson(head));
     layers.push_back(row);
   }
   Json json = {{"version", config.version},

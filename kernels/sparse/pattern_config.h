@@ -45,6 +45,9 @@ absl::string_view PatternName(HeadPattern::Kind kind);
 absl::StatusOr<SparseConfig> ParseSparseConfig(absl::string_view json_text);
 absl::StatusOr<SparseConfig> LoadSparseConfig(const std::string& path);
 std::string SparseConfigToJson(const SparseConfig& config);
+// One head's entry of SparseConfigToJson on one line, e.g.
+// {"pattern":"a_shape","sink":64,"window":1024}.
+std::string HeadPatternToJson(const HeadPattern& head);
 
 // A head's pattern for a prompt of `num_tokens` whose budgets were chosen at `budget_tokens`
 // (0: as they are): A-shape windows, block-sparse top-k and vertical-slash column and diagonal

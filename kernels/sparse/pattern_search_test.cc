@@ -194,6 +194,16 @@ TEST(PatternConfigTest, RoundTrips) {
   EXPECT_EQ(absolute->budget_tokens, 0);
 }
 
+TEST(PatternConfigTest, OneHeadIsOneLineOfTheConfigsJson) {
+  const SparseConfig config = ExampleConfig();
+  EXPECT_EQ(HeadPatternToJson(config.heads[0][0]), R"({"pattern":"dense"})");
+  EXPECT_EQ(HeadPatternToJson(config.heads[0][1]),
+            R"({"pattern":"a_shape","sink":64,"window":256})");
+  EXPECT_EQ(HeadPatternToJson(config.heads[0][2]),
+            R"({"last_q":64,"pattern":"vertical_slash","slash":300,"vertical":100})");
+  EXPECT_EQ(HeadPatternToJson(config.heads[1][0]), R"({"pattern":"block_sparse","top_k":5})");
+}
+
 TEST(PatternConfigTest, BadConfigsFailCleanly) {
   const std::string good = SparseConfigToJson(ExampleConfig());
   auto replaced = [&](const std::string& from, const std::string& to) {

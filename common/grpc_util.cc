@@ -42,12 +42,14 @@ int WaitForTerminationSignal() {
   return signal;
 }
 
-std::unique_ptr<grpc::Server> StartGrpcServer(const std::string& address, grpc::Service* service,
-                                              int* bound_port) {
+std::unique_ptr<grpc::Server> StartGrpcServer(
+    const std::string& address, grpc::Service* service, int* bound_port,
+    std::shared_ptr<grpc::ServerCredentials> credentials) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), bound_port);
+  builder.AddListeningPort(address, credentials ? credentials : grpc::InsecureServerCredentials(),
+                           bound_port);
   builder.RegisterService(service);
   // KV chunks are ~1 MiB; leave room for large token-id prompts too.
   builder.SetMaxReceiveMessageSize(64 << 20);

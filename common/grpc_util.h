@@ -22,10 +22,12 @@ void BlockTerminationSignals();
 // Waits for SIGTERM or SIGINT (blocked by BlockTerminationSignals) and returns its number.
 int WaitForTerminationSignal();
 
-// Builds a server on `address` with health checking and reflection. The port actually bound
+// Builds a server on `address` with health checking and reflection, over `credentials`
+// (null: plaintext; MakeServerCredentials in common/tls.h for TLS). The port actually bound
 // (for ":0") goes to *bound_port. Null on failure (logged).
-std::unique_ptr<grpc::Server> StartGrpcServer(const std::string& address, grpc::Service* service,
-                                              int* bound_port);
+std::unique_ptr<grpc::Server> StartGrpcServer(
+    const std::string& address, grpc::Service* service, int* bound_port,
+    std::shared_ptr<grpc::ServerCredentials> credentials = nullptr);
 
 // Stops accepting calls and lets running ones finish for up to `grace`, then cancels the rest.
 void ShutdownGracefully(grpc::Server* server, absl::Duration grace);

@@ -103,7 +103,9 @@ DecodeServer::DecodeServer(DecodeEngine* engine, const ModelConfig& config,
       config_(config),
       options_(std::move(options)),
       prefill_(RemotePrefillOptions{options_.prefill_addresses, options_.model_fingerprint,
-                                    options_.kv_streams, options_.kv_receive_window_bytes}),
+                                    options_.kv_streams, options_.kv_receive_window_bytes,
+                                    options_.prefill_credentials,
+                                    options_.prefill_tls_server_name}),
       requests_(prometheus::BuildCounter()
                     .Name("sparseaccel_generate_requests_total")
                     .Help("Generate requests by outcome (gRPC code) and finish reason.")

@@ -38,6 +38,9 @@ struct DecodeServerOptions {
   int32_t kv_streams = 8;
   // HTTP/2 receive window per KV stream (RemotePrefillOptions::receive_window_bytes).
   int32_t kv_receive_window_bytes = 0;
+  // TLS to the prefill services (RemotePrefillOptions::credentials, tls_server_name).
+  std::shared_ptr<grpc::ChannelCredentials> prefill_credentials;
+  std::string prefill_tls_server_name;
   // Fingerprint of the local model; the prefill side must match it.
   std::string model_fingerprint;
   int64_t max_prompt_tokens = 131072;

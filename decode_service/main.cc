@@ -15,6 +15,8 @@
 #include "common/grpc_util.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "common/tls.h"
+#include "common/tls_flags.h"
 #include "decode_service/decode_server.h"
 #include "decode_service/step_metrics.h"
 #include "model/backend.h"
@@ -39,6 +41,13 @@ ABSL_FLAG(int64_t, max_batch, 32, "Sequences decoded together per step.");
 ABSL_FLAG(int64_t, max_waiting, 64, "Requests that may wait for KV space before rejection.");
 ABSL_FLAG(int64_t, max_prompt_tokens, 131072, "Longest prompt accepted.");
 ABSL_FLAG(int64_t, max_new_tokens, 4096, "Largest max_tokens accepted.");
+ABSL_FLAG(std::string, prefill_tls_ca, "",
+          "PEM CA of the prefill services' certificates: TLS to them (empty: plaintext).");
+ABSL_FLAG(std::string, prefill_tls_cert, "",
+          "PEM client certificate for prefill services that require one (mutual TLS).");
+ABSL_FLAG(std::string, prefill_tls_key, "", "PEM private key of --prefill_tls_cert.");
+ABSL_FLAG(std::string, prefill_tls_server_name, "",
+          "Name the prefill certificates must carry, instead of the addresses' host names.");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 30, "How long SIGTERM waits for running requests.");
 
 namespace sparseaccel {
@@ -89,6 +98,19 @@ int Run() {
   options.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
   options.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
   options.tokenizer = tokenizer.get();
+  ChannelTlsFiles prefill_tls;
+  prefill_tls.ca = absl::GetFlag(FLAGS_prefill_tls_ca);
+  prefill_tls.cert = absl::GetFlag(FLAGS_prefill_tls_cert);
+  prefill_tls.key = absl::GetFlag(FLAGS_prefill_tls_key);
+  prefill_tls.refresh_seconds = TlsRefreshSecondsFromFlags();
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> prefill_credentials =
+      MakeChannelCredentials(prefill_tls);
+  if (!prefill_credentials.ok()) {
+    LogError("decode.start_failed", {{"error", prefill_credentials.status().ToString()}});
+    return 1;
+  }
+  options.prefill_credentials = *prefill_credentials;
+  options.prefill_tls_server_name = absl::GetFlag(FLAGS_prefill_tls_server_name);
   DecodeServer service(&engine, (*model)->config(), options, registry.get());
   absl::StatusOr<std::unique_ptr<MetricsServer>> metrics =
       MetricsServer::Start("0.0.0.0", absl::GetFlag(FLAGS_metrics_port), registry,
@@ -97,13 +119,23 @@ int Run() {
     LogError("decode.start_failed", {{"error", metrics.status().ToString()}});
     return 1;
   }
+  const ServerTlsFiles tls = ServerTlsFilesFromFlags();
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = MakeServerCredentials(tls);
+  if (!credentials.ok()) {
+    LogError("decode.start_failed", {{"error", credentials.status().ToString()}});
+    return 1;
+  }
   int port = 0;
   std::unique_ptr<grpc::Server> server =
-      StartGrpcServer(absl::GetFlag(FLAGS_listen), &service, &port);
+      StartGrpcServer(absl::GetFlag(FLAGS_listen), &service, &port, *credentials);
   if (server == nullptr) return 1;
   LogInfo("decode.ready",
           {{"listen", absl::GetFlag(FLAGS_listen)},
            {"port", port},
+           {"tls", TlsMode(tls)},
+           {"prefill_tls", prefill_tls.ca.empty()     ? "off"
+                           : prefill_tls.cert.empty() ? "tls"
+                                                      : "mtls"},
            {"metrics_port", (*metrics)->port()},
            {"prefill", absl::GetFlag(FLAGS_prefill_addresses)},
            {"device", absl::GetFlag(FLAGS_device)},

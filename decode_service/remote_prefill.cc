@@ -115,8 +115,12 @@ RemotePrefillClient::RemotePrefillClient(RemotePrefillOptions options)
         args.SetInt(GRPC_ARG_HTTP2_MAX_FRAME_SIZE,
                     std::min(options_.receive_window_bytes, (1 << 24) - 1));
       }
-      target.stubs.push_back(v1::PrefillService::NewStub(
-          grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args)));
+      if (!options_.tls_server_name.empty()) {
+        args.SetSslTargetNameOverride(options_.tls_server_name);
+      }
+      target.stubs.push_back(v1::PrefillService::NewStub(grpc::CreateCustomChannel(
+          address, options_.credentials ? options_.credentials : grpc::InsecureChannelCredentials(),
+          args)));
     }
     targets_.push_back(std::move(target));
   }

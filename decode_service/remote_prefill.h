@@ -16,6 +16,7 @@
 
 #include "absl/status/statusor.h"
 #include "decode_service/decode_engine.h"
+#include "grpcpp/security/credentials.h"
 #include "proto/sparseaccel.grpc.pb.h"
 
 namespace sparseaccel {
@@ -30,6 +31,10 @@ struct RemotePrefillOptions {
   // bandwidth probe): what the prefill side may send ahead while a chunk is being checked and
   // uploaded. Also the largest HTTP/2 frame accepted.
   int32_t receive_window_bytes = 0;
+  // Channel credentials (common/tls.h; null: plaintext) and, when set, the name the prefill
+  // services' certificates must carry instead of the addresses' host names.
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+  std::string tls_server_name;
 };
 
 struct RemotePrefillResult {

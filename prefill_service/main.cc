@@ -12,6 +12,8 @@
 #include "common/grpc_util.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "common/tls.h"
+#include "common/tls_flags.h"
 #include "kernels/sparse/pattern_config.h"
 #include "model/backend.h"
 #include "model/fingerprint.h"
@@ -82,8 +84,7 @@ int Run() {
   options.max_kv_streams = absl::GetFlag(FLAGS_max_kv_streams);
   // The GPU engine's K/V are bf16: shipping them as bf16 halves the bytes and loses nothing.
   if (cuda) options.kv_dtype = KvDtype::kBf16;
-  const std::unique_ptr<HostMemoryPinner> pinner =
-      NewHostMemoryPinner(absl::GetFlag(FLAGS_device));
+  const std::unique_ptr<HostMemoryPinner> pinner = NewHostMemoryPinner(absl::GetFlag(FLAGS_device));
   absl::StatusOr<std::unique_ptr<PrefillEngine>> engine =
       PrefillEngine::Create(model->get(), *fingerprint, options, pinner.get());
   if (!engine.ok()) {
@@ -99,12 +100,19 @@ int Run() {
     LogError("prefill.start_failed", {{"error", metrics.status().ToString()}});
     return 1;
   }
+  const ServerTlsFiles tls = ServerTlsFilesFromFlags();
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = MakeServerCredentials(tls);
+  if (!credentials.ok()) {
+    LogError("prefill.start_failed", {{"error", credentials.status().ToString()}});
+    return 1;
+  }
   int port = 0;
   std::unique_ptr<grpc::Server> server =
-      StartGrpcServer(absl::GetFlag(FLAGS_listen), &service, &port);
+      StartGrpcServer(absl::GetFlag(FLAGS_listen), &service, &port, *credentials);
   if (server == nullptr) return 1;
   LogInfo("prefill.ready", {{"listen", absl::GetFlag(FLAGS_listen)},
                             {"port", port},
+                            {"tls", TlsMode(tls)},
                             {"metrics_port", (*metrics)->port()},
                             {"model", model_dir},
                             {"fingerprint", *fingerprint},

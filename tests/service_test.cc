@@ -14,6 +14,7 @@
 #include "absl/synchronization/notification.h"
 #include "common/grpc_util.h"
 #include "common/metrics.h"
+#include "common/tls.h"
 #include "decode_service/decode_server.h"
 #include "decode_service/step_metrics.h"
 #include "gtest/gtest.h"
@@ -29,6 +30,7 @@
 #include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
 #include "prefill_service/prefill_server.h"
+#include "tests/test_certs.h"
 
 namespace sparseaccel {
 namespace {
@@ -120,6 +122,9 @@ struct ServiceOptions {
   LanguageModel* prefill_model = nullptr;  // Null: the shared model.
   const Tokenizer* tokenizer = nullptr;    // Null: token-id prompts only.
   int32_t kv_streams = 3;                  // Streams the decode side reads KV over.
+  // TLS of the two ports and of the calls to them (common/tls.h); null: plaintext.
+  std::shared_ptr<grpc::ServerCredentials> prefill_tls, decode_tls;
+  std::shared_ptr<grpc::ChannelCredentials> to_prefill_tls, client_tls;
 };
 
 // Both services on loopback ports; `prefill_front` optionally stands between them.
@@ -132,7 +137,8 @@ class ServicePair {
                                model.fingerprint, options.prefill, /*pinner=*/nullptr);
     prefill_service_ = std::make_unique<PrefillServer>(prefill_engine_.get(), &prefill_registry_);
     if (options.start_prefill) {
-      prefill_server_ = StartGrpcServer("127.0.0.1:0", prefill_service_.get(), &prefill_port_);
+      prefill_server_ = StartGrpcServer("127.0.0.1:0", prefill_service_.get(), &prefill_port_,
+                                        options.prefill_tls);
     } else {
       prefill_port_ = 1;  // Nothing listens on port 1.
     }
@@ -156,11 +162,14 @@ class ServicePair {
     decode_options.max_new_tokens = 64;
     decode_options.tokenizer = options.tokenizer;
     decode_options.kv_streams = options.kv_streams;
+    decode_options.prefill_credentials = options.to_prefill_tls;
     decode_service_ = std::make_unique<DecodeServer>(decode_engine_.get(), model.llama->config(),
                                                      decode_options, &decode_registry_);
-    decode_server_ = StartGrpcServer("127.0.0.1:0", decode_service_.get(), &decode_port_);
+    decode_server_ =
+        StartGrpcServer("127.0.0.1:0", decode_service_.get(), &decode_port_, options.decode_tls);
     stub_ = v1::DecodeService::NewStub(grpc::CreateChannel(
-        "127.0.0.1:" + std::to_string(decode_port_), grpc::InsecureChannelCredentials()));
+        "127.0.0.1:" + std::to_string(decode_port_),
+        options.client_tls ? options.client_tls : grpc::InsecureChannelCredentials()));
   }
 
   ~ServicePair() {
@@ -208,10 +217,13 @@ class ServicePair {
   prometheus::Registry& prefill_registry() { return prefill_registry_; }
   prometheus::Registry& decode_registry() { return decode_registry_; }
   v1::DecodeService::Stub* stub() { return stub_.get(); }
-  // A client of the prefill service itself, as the decode service is.
-  std::unique_ptr<v1::PrefillService::Stub> PrefillStub() const {
-    return v1::PrefillService::NewStub(grpc::CreateChannel(
-        "127.0.0.1:" + std::to_string(prefill_port_), grpc::InsecureChannelCredentials()));
+  // A client of the prefill service itself, as the decode service is (plaintext unless
+  // `credentials` are given).
+  std::unique_ptr<v1::PrefillService::Stub> PrefillStub(
+      std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr) const {
+    return v1::PrefillService::NewStub(
+        grpc::CreateChannel("127.0.0.1:" + std::to_string(prefill_port_),
+                            credentials ? credentials : grpc::InsecureChannelCredentials()));
   }
 
  private:
@@ -613,6 +625,55 @@ TEST(ServiceTest, StopStringEndsTheTextBeforeIt) {
       std::find(full.tokens.begin(), full.tokens.end(), full.tokens[3]) - full.tokens.begin();
   EXPECT_EQ(id_stopped.tokens.size(), first + 1);
   EXPECT_TRUE(services.Drained());
+}
+
+// The status of a Prefill call of `prompt` through `stub`, its stream read to the end.
+grpc::StatusCode PrefillCallStatus(v1::PrefillService::Stub* stub,
+                                   const std::vector<int32_t>& prompt) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  auto reader = stub->Prefill(&context, PrefillRequestOf(prompt));
+  v1::PrefillResponse response;
+  while (reader->Read(&response)) {
+  }
+  return reader->Finish().error_code();
+}
+
+// Certificates made here: the prefill port requires a client certificate from the cluster CA
+// (the decode service has one), the public port serves TLS. The tokens equal a plaintext
+// pair's; a caller without a client certificate, or in plaintext, gets nothing from Prefill.
+TEST(ServiceTest, MutualTlsBetweenTheServicesServesTheSameTokens) {
+  TestCa ca("cluster ca");
+  const std::string dir = ::testing::TempDir() + "/service_tls_";
+  const auto write = [&](const std::string& name, const Pem& pem) {
+    WriteFileOrDie(dir + name + ".crt", pem.cert);
+    WriteFileOrDie(dir + name + ".key", pem.key);
+    return dir + name;
+  };
+  const std::string prefill = write("prefill", ca.Issue("prefill")),
+                    decode = write("decode", ca.Issue("decode")),
+                    decode_client = write("decode_client", ca.Issue("decode-client"));
+  const std::string roots = dir + "ca.crt";
+  WriteFileOrDie(roots, ca.cert_pem());
+  ServiceOptions options;
+  options.prefill_tls = *MakeServerCredentials({prefill + ".crt", prefill + ".key", roots});
+  options.to_prefill_tls =
+      *MakeChannelCredentials({roots, decode_client + ".crt", decode_client + ".key"});
+  options.decode_tls = *MakeServerCredentials({decode + ".crt", decode + ".key", ""});
+  options.client_tls = *MakeChannelCredentials({roots});
+  ServicePair secure(options);
+  ServicePair plain;
+  std::mt19937 rng(7);
+  const std::vector<int32_t> prompt = RandomPrompt(40, &rng);
+  const Outcome over_tls = secure.Generate(MakeRequest(prompt, 8));
+  ASSERT_TRUE(over_tls.status.ok()) << over_tls.status.error_message();
+  EXPECT_EQ(over_tls.tokens, plain.Generate(MakeRequest(prompt, 8)).tokens);
+  EXPECT_EQ(PrefillCallStatus(secure.PrefillStub(*MakeChannelCredentials({roots})).get(), prompt),
+            grpc::StatusCode::UNAVAILABLE)
+      << "no client certificate";
+  EXPECT_EQ(PrefillCallStatus(secure.PrefillStub().get(), prompt), grpc::StatusCode::UNAVAILABLE)
+      << "plaintext";
+  EXPECT_TRUE(secure.Drained());
 }
 
 TEST(ServiceTest, PrefillServiceDownIsUnavailable) {

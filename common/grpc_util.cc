@@ -62,6 +62,19 @@ std::unique_ptr<grpc::Server> StartGrpcServer(
   return server;
 }
 
+std::unique_ptr<grpc::Server> StartHealthServer(const std::string& address, int* bound_port) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), bound_port);
+  builder.SetMaxReceiveMessageSize(4 << 10);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || *bound_port == 0) {
+    LogError("grpc.health_listen_failed", {{"address", address}});
+    return nullptr;
+  }
+  return server;
+}
+
 void ShutdownGracefully(grpc::Server* server, absl::Duration grace) {
   server->Shutdown(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(absl::ToInt64Milliseconds(grace)));

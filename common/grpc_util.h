@@ -29,6 +29,11 @@ std::unique_ptr<grpc::Server> StartGrpcServer(
     const std::string& address, grpc::Service* service, int* bound_port,
     std::shared_ptr<grpc::ServerCredentials> credentials = nullptr);
 
+// A plaintext server on `address` that serves only grpc.health.v1.Health (SERVING until it is
+// shut down): what Kubernetes gRPC probes reach when the service's own port is TLS. Shut it
+// down when the service starts draining. Null on failure (logged).
+std::unique_ptr<grpc::Server> StartHealthServer(const std::string& address, int* bound_port);
+
 // Stops accepting calls and lets running ones finish for up to `grace`, then cancels the rest.
 void ShutdownGracefully(grpc::Server* server, absl::Duration grace);
 

@@ -12,6 +12,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "common/tls.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/sparseaccel.grpc.pb.h"
 
@@ -25,6 +26,8 @@ ABSL_FLAG(int32_t, top_k, 0, "Top-k cut (0: none).");
 ABSL_FLAG(float, top_p, 1, "Nucleus cut.");
 ABSL_FLAG(uint64_t, seed, 0, "Sampling seed.");
 ABSL_FLAG(int32_t, timeout_seconds, 60, "Deadline of the call.");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA of the decode service's certificate: connect over TLS (empty: plaintext).");
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
@@ -46,8 +49,16 @@ int main(int argc, char** argv) {
   request.mutable_sampling()->set_top_k(absl::GetFlag(FLAGS_top_k));
   request.mutable_sampling()->set_top_p(absl::GetFlag(FLAGS_top_p));
   request.mutable_sampling()->set_seed(absl::GetFlag(FLAGS_seed));
+  sparseaccel::ChannelTlsFiles tls;
+  tls.ca = absl::GetFlag(FLAGS_tls_ca);
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      sparseaccel::MakeChannelCredentials(tls);
+  if (!credentials.ok()) {
+    std::fprintf(stderr, "%s\n", credentials.status().ToString().c_str());
+    return 2;
+  }
   auto stub = sparseaccel::v1::DecodeService::NewStub(
-      grpc::CreateChannel(absl::GetFlag(FLAGS_server), grpc::InsecureChannelCredentials()));
+      grpc::CreateChannel(absl::GetFlag(FLAGS_server), *credentials));
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() +
                        std::chrono::seconds(absl::GetFlag(FLAGS_timeout_seconds)));

@@ -15,8 +15,8 @@
 #include "common/grpc_util.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "common/server_flags.h"
 #include "common/tls.h"
-#include "common/tls_flags.h"
 #include "decode_service/decode_server.h"
 #include "decode_service/step_metrics.h"
 #include "model/backend.h"
@@ -119,20 +119,16 @@ int Run() {
     LogError("decode.start_failed", {{"error", metrics.status().ToString()}});
     return 1;
   }
-  const ServerTlsFiles tls = ServerTlsFilesFromFlags();
-  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = MakeServerCredentials(tls);
-  if (!credentials.ok()) {
-    LogError("decode.start_failed", {{"error", credentials.status().ToString()}});
+  absl::StatusOr<ServicePorts> ports = StartServiceFromFlags(absl::GetFlag(FLAGS_listen), &service);
+  if (!ports.ok()) {
+    LogError("decode.start_failed", {{"error", ports.status().ToString()}});
     return 1;
   }
-  int port = 0;
-  std::unique_ptr<grpc::Server> server =
-      StartGrpcServer(absl::GetFlag(FLAGS_listen), &service, &port, *credentials);
-  if (server == nullptr) return 1;
   LogInfo("decode.ready",
           {{"listen", absl::GetFlag(FLAGS_listen)},
-           {"port", port},
-           {"tls", TlsMode(tls)},
+           {"port", ports->port},
+           {"tls", ports->tls},
+           {"health_port", ports->health_port},
            {"prefill_tls", prefill_tls.ca.empty()     ? "off"
                            : prefill_tls.cert.empty() ? "tls"
                                                       : "mtls"},
@@ -144,7 +140,7 @@ int Run() {
            {"fingerprint", *fingerprint}});
   const int signal = WaitForTerminationSignal();
   LogInfo("decode.draining", {{"signal", signal}, {"active", service.active_requests()}});
-  ShutdownGracefully(server.get(), absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds)));
+  ShutdownService(&*ports, absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds)));
   LogInfo("decode.stopped");
   return 0;
 }

@@ -12,8 +12,8 @@
 #include "common/grpc_util.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "common/server_flags.h"
 #include "common/tls.h"
-#include "common/tls_flags.h"
 #include "kernels/sparse/pattern_config.h"
 #include "model/backend.h"
 #include "model/fingerprint.h"
@@ -100,26 +100,22 @@ int Run() {
     LogError("prefill.start_failed", {{"error", metrics.status().ToString()}});
     return 1;
   }
-  const ServerTlsFiles tls = ServerTlsFilesFromFlags();
-  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = MakeServerCredentials(tls);
-  if (!credentials.ok()) {
-    LogError("prefill.start_failed", {{"error", credentials.status().ToString()}});
+  absl::StatusOr<ServicePorts> ports = StartServiceFromFlags(absl::GetFlag(FLAGS_listen), &service);
+  if (!ports.ok()) {
+    LogError("prefill.start_failed", {{"error", ports.status().ToString()}});
     return 1;
   }
-  int port = 0;
-  std::unique_ptr<grpc::Server> server =
-      StartGrpcServer(absl::GetFlag(FLAGS_listen), &service, &port, *credentials);
-  if (server == nullptr) return 1;
   LogInfo("prefill.ready", {{"listen", absl::GetFlag(FLAGS_listen)},
-                            {"port", port},
-                            {"tls", TlsMode(tls)},
+                            {"port", ports->port},
+                            {"tls", ports->tls},
+                            {"health_port", ports->health_port},
                             {"metrics_port", (*metrics)->port()},
                             {"model", model_dir},
                             {"fingerprint", *fingerprint},
                             {"kv_host_buffer_bytes", options.host_buffer_bytes}});
   const int signal = WaitForTerminationSignal();
   LogInfo("prefill.draining", {{"signal", signal}, {"active", service.active_requests()}});
-  ShutdownGracefully(server.get(), absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds)));
+  ShutdownService(&*ports, absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds)));
   LogInfo("prefill.stopped");
   return 0;
 }

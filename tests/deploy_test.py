@@ -27,9 +27,14 @@ def source(path):
     return open(os.path.join(ROOT, path)).read()
 
 
+def flags_in(*paths):
+    return set().union(*(re.findall(r"ABSL_FLAG\([^,]+, (\w+),", source(p)) for p in paths))
+
+
+# Both servers also take the TLS and health-port flags of common/server_flags.cc.
 flags = {
-    "prefill_server": set(re.findall(r"ABSL_FLAG\([^,]+, (\w+),", source("prefill_service/main.cc"))),
-    "decode_server": set(re.findall(r"ABSL_FLAG\([^,]+, (\w+),", source("decode_service/main.cc"))),
+    "prefill_server": flags_in("prefill_service/main.cc", "common/server_flags.cc"),
+    "decode_server": flags_in("decode_service/main.cc", "common/server_flags.cc"),
 }
 documents = []
 for path in sorted(glob.glob(os.path.join(ROOT, "deploy/k8s/*.yaml"))):
@@ -51,8 +56,19 @@ for doc in documents:
     annotations = doc["spec"]["template"]["metadata"]["annotations"]
     check(int(annotations["prometheus.io/port"]) == ports["metrics"],
           "%s scrape annotation port mismatch" % binary)
-    check(container["readinessProbe"]["grpc"]["port"] == ports["grpc"],
-          "%s readiness probe port" % binary)
+    # gRPC probes speak plaintext: with TLS on the gRPC port they go to the health port.
+    probe_port = ports["health"] if "tls_cert" in args else ports["grpc"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        check(container[probe]["grpc"]["port"] == probe_port, "%s %s port" % (binary, probe))
+    if "health_port" in args:
+        check(int(args["health_port"]) == ports["health"], "%s health port mismatch" % binary)
+    mounts = {m["mountPath"].rstrip("/"): m["name"] for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in doc["spec"]["template"]["spec"]["volumes"]}
+    for name, value in args.items():
+        if "tls" in name and value.startswith("/"):
+            mount = os.path.dirname(value)
+            check(mount in mounts and "secret" in volumes.get(mounts[mount], {}),
+                  "%s --%s is not on a mounted Secret" % (binary, name))
     grace = int(args.get("shutdown_grace_seconds", 30))
     check(doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace,
           "%s terminationGracePeriodSeconds must exceed --shutdown_grace_seconds" % binary)

@@ -8,7 +8,9 @@
 #include <string>
 #include <thread>
 
+#include "absl/synchronization/notification.h"
 #include "common/grpc_util.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "gtest/gtest.h"
 #include "proto/sparseaccel.grpc.pb.h"
 #include "tests/test_certs.h"
@@ -62,6 +64,32 @@ class TlsTest : public ::testing::Test {
     return reader->Finish().error_code();
   }
 
+  // grpc.health.v1.Health/Check of the server as a whole, in plaintext: OK with the response
+  // SERVING (field 1 = 1) or the call's error.
+  static grpc::Status HealthCheck(int port, std::string* response_bytes) {
+    grpc::GenericStub stub(grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
+                                               grpc::InsecureChannelCredentials()));
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    grpc::Slice empty(std::string{});  // An empty HealthCheckRequest: service "".
+    grpc::ByteBuffer request(&empty, 1), response;
+    grpc::Status status;
+    absl::Notification done;
+    stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
+                   &response, [&](grpc::Status s) {
+                     status = std::move(s);
+                     done.Notify();
+                   });
+    done.WaitForNotification();
+    std::vector<grpc::Slice> slices;
+    if (status.ok() && response.Dump(&slices).ok()) {
+      for (const grpc::Slice& slice : slices) {
+        response_bytes->append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+      }
+    }
+    return status;
+  }
+
   void TearDown() override {
     if (server_) server_->Shutdown();
   }
@@ -112,6 +140,26 @@ TEST_F(TlsTest, RotatedServerCertificateAppliesWithoutARestart) {
     code = Call(port, trusts_new);
   }
   EXPECT_EQ(code, grpc::StatusCode::UNIMPLEMENTED) << "the new certificate never applied";
+}
+
+// Kubernetes gRPC probes speak plaintext: beside a mutual-TLS port, the health port answers
+// them SERVING and nothing else; once it is shut down (draining), probes fail.
+TEST_F(TlsTest, HealthPortAnswersPlaintextProbesOnly) {
+  TestCa ca("test ca");
+  const std::string server = Write("server", ca.Issue("localhost"));
+  const int port = Serve({server + ".crt", server + ".key", WriteCa("clients", ca)});
+  int health_port = 0;
+  std::unique_ptr<grpc::Server> health = StartHealthServer("127.0.0.1:0", &health_port);
+  ASSERT_NE(health, nullptr);
+  std::string serving;
+  ASSERT_TRUE(HealthCheck(health_port, &serving).ok());
+  EXPECT_EQ(serving, std::string("\x08\x01", 2)) << "status SERVING";
+  std::string ignored;
+  EXPECT_EQ(HealthCheck(port, &ignored).error_code(), grpc::StatusCode::UNAVAILABLE)
+      << "the TLS port in plaintext";
+  EXPECT_EQ(Call(health_port, {}), grpc::StatusCode::UNIMPLEMENTED) << "no service there";
+  health->Shutdown();
+  EXPECT_FALSE(HealthCheck(health_port, &ignored).ok());
 }
 
 TEST_F(TlsTest, BadFilesAreInvalidArgumentAtStartup) {

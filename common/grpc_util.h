@@ -8,6 +8,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "grpcpp/generic/async_generic_service.h"
 #include "grpcpp/grpcpp.h"
 
 namespace sparseaccel {
@@ -32,7 +33,12 @@ std::unique_ptr<grpc::Server> StartGrpcServer(
 // A plaintext server on `address` that serves only grpc.health.v1.Health (SERVING until it is
 // shut down): what Kubernetes gRPC probes reach when the service's own port is TLS. Shut it
 // down when the service starts draining. Null on failure (logged).
-std::unique_ptr<grpc::Server> StartHealthServer(const std::string& address, int* bound_port);
+struct HealthServer {
+  // Answers every other method UNIMPLEMENTED (a server needs one service of its own).
+  std::unique_ptr<grpc::CallbackGenericService> unimplemented;
+  std::unique_ptr<grpc::Server> server;  // Declared last: stops before the service goes.
+};
+std::unique_ptr<HealthServer> StartHealthServer(const std::string& address, int* bound_port);
 
 // Stops accepting calls and lets running ones finish for up to `grace`, then cancels the rest.
 void ShutdownGracefully(grpc::Server* server, absl::Duration grace);

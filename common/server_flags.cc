@@ -55,7 +55,7 @@ absl::StatusOr<ServicePorts> StartServiceFromFlags(const std::string& listen,
 }
 
 void ShutdownService(ServicePorts* ports, absl::Duration grace) {
-  if (ports->health) ports->health->Shutdown();
+  if (ports->health) ports->health->server->Shutdown();
   ShutdownGracefully(ports->server.get(), grace);
 }
 

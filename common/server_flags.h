@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "common/grpc_util.h"
 #include "common/tls.h"
 #include "grpcpp/grpcpp.h"
 
@@ -22,7 +23,7 @@ unsigned TlsRefreshSecondsFromFlags();
 // A service's gRPC server on `listen` as the flags say (TLS, health port), started.
 struct ServicePorts {
   std::unique_ptr<grpc::Server> server;
-  std::unique_ptr<grpc::Server> health;  // Null without --health_port.
+  std::unique_ptr<HealthServer> health;  // Null without --health_port.
   int port = 0;
   int health_port = 0;
   std::string tls;  // TlsMode: off, tls, mtls.

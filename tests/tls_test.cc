@@ -149,7 +149,7 @@ TEST_F(TlsTest, HealthPortAnswersPlaintextProbesOnly) {
   const std::string server = Write("server", ca.Issue("localhost"));
   const int port = Serve({server + ".crt", server + ".key", WriteCa("clients", ca)});
   int health_port = 0;
-  std::unique_ptr<grpc::Server> health = StartHealthServer("127.0.0.1:0", &health_port);
+  std::unique_ptr<HealthServer> health = StartHealthServer("127.0.0.1:0", &health_port);
   ASSERT_NE(health, nullptr);
   std::string serving;
   ASSERT_TRUE(HealthCheck(health_port, &serving).ok());
@@ -158,7 +158,7 @@ TEST_F(TlsTest, HealthPortAnswersPlaintextProbesOnly) {
   EXPECT_EQ(HealthCheck(port, &ignored).error_code(), grpc::StatusCode::UNAVAILABLE)
       << "the TLS port in plaintext";
   EXPECT_EQ(Call(health_port, {}), grpc::StatusCode::UNIMPLEMENTED) << "no service there";
-  health->Shutdown();
+  health->server->Shutdown();
   EXPECT_FALSE(HealthCheck(health_port, &ignored).ok());
 }
 

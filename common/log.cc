@@ -93,4 +93,11 @@ void Log(LogLevel level, std::string_view event, std::initializer_list<LogField>
   (void)unused;
 }
 
+std::string StatusForLog(const absl::Status& status) {
+  if (status.ok()) return "OK";
+  const std::string code = absl::StatusCodeToString(status.code());
+  if (absl::IsInvalidArgument(status) || absl::IsOutOfRange(status)) return code;
+  return absl::StrCat(code, ": ", status.message());
+}
+
 }  // namespace sparseaccel

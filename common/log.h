@@ -12,6 +12,7 @@
 #include <string_view>
 #include <utility>
 
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 
 namespace sparseaccel {
@@ -53,6 +54,11 @@ inline void LogWarning(std::string_view event, std::initializer_list<LogField> f
 inline void LogError(std::string_view event, std::initializer_list<LogField> fields = {}) {
   Log(LogLevel::kError, event, fields);
 }
+
+// A request's status for its log line: "OK", or the code's name, followed by the message
+// only for codes about the server's side. INVALID_ARGUMENT and OUT_OF_RANGE messages can quote
+// the request (a token id, a stop string): they go to the client, never into logs.
+std::string StatusForLog(const absl::Status& status);
 
 }  // namespace sparseaccel
 

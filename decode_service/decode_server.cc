@@ -292,7 +292,7 @@ grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
         .Increment();
     UpdateGauges();
     LogInfo("generate.done", {{"request_id", request_id},
-                              {"status", status.ok() ? std::string("OK") : status.ToString()},
+                              {"status", StatusForLog(status)},
                               {"finish_reason", FinishName(finish)},
                               {"prompt_tokens", prompt_tokens},
                               {"completion_tokens", generated},

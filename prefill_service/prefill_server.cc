@@ -181,7 +181,7 @@ void PrefillServer::Record(const v1::PrefillRequest& request,
   if (!stats.ok()) {
     LogWarning("prefill.failed", {{"request_id", request.request_id()},
                                   {"tokens", request.token_ids_size()},
-                                  {"status", stats.status().ToString()}});
+                                  {"status", StatusForLog(stats.status())}});
     return;
   }
   prefill_seconds_.Add({{"context", bucket}}, LatencyBuckets()).Observe(stats->seconds);

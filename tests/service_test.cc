@@ -577,6 +577,36 @@ TEST(ServiceTest, TextAndChatPromptsStreamTextDeltas) {
   EXPECT_TRUE(services.Drained());
 }
 
+// What both services log for requests (good ones, a bad token id, text with stop strings) holds
+// lengths, ids of requests and status codes, never prompt text, stop strings or token ids.
+TEST(ServiceTest, LogsCarryNoPromptTextStopStringsOrTokenIds) {
+  std::unique_ptr<Tokenizer> tokenizer = MakeTinyTokenizer();
+  ASSERT_NE(tokenizer, nullptr);
+  ServiceOptions options;
+  options.tokenizer = tokenizer.get();
+  ServicePair services(options);
+  const std::string secret = "Wombat passkey 73919";
+  ::testing::internal::CaptureStderr();
+  GenerateRequest text = TextRequest(secret, 6);
+  text.add_stop("zebracrossing");
+  const Outcome good = services.Generate(text);
+  const Outcome good_ids = services.Generate(MakeRequest({487, 499, 503}, 4));
+  const Outcome bad_id = services.Generate(MakeRequest({5, 88888, 6}, 4));
+  const std::string logs = ::testing::internal::GetCapturedStderr();
+  ASSERT_TRUE(good.status.ok()) << good.status.error_message();
+  ASSERT_TRUE(good_ids.status.ok()) << good_ids.status.error_message();
+  ASSERT_EQ(bad_id.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(bad_id.status.error_message().find("88888"), std::string::npos)
+      << "the client is told which id";
+  EXPECT_NE(logs.find("generate.done"), std::string::npos) << logs;
+  EXPECT_NE(logs.find("INVALID_ARGUMENT"), std::string::npos) << logs;
+  for (const std::string& leak :
+       {std::string("Wombat"), std::string("73919"), std::string("zebracrossing"),
+        std::string("4242"), std::string("88888")}) {
+    EXPECT_EQ(logs.find(leak), std::string::npos) << leak << " in the logs:\n" << logs;
+  }
+}
+
 TEST(ServiceTest, StopStringEndsTheTextBeforeIt) {
   std::unique_ptr<Tokenizer> tokenizer = MakeTinyTokenizer();
   ASSERT_NE(tokenizer, nullptr);

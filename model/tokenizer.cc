@@ -11,6 +11,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
+#include "common/files.h"
 #include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 #include "re2/re2.h"
@@ -201,15 +202,6 @@ std::vector<std::string> TopLevelAlternatives(absl::string_view pattern) {
     alternatives.back().push_back(c);
   }
   return alternatives;
-}
-
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  if (in.bad()) return absl::DataLossError(absl::StrCat("cannot read ", path));
-  return buffer.str();
 }
 
 // A token field of tokenizer_config.json: a string or an AddedToken object {"content": ...}.

@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "common/files.h"
 #include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -174,11 +175,9 @@ absl::StatusOr<SparseConfig> ParseSparseConfig(absl::string_view text) {
 }
 
 absl::StatusOr<SparseConfig> LoadSparseConfig(const std::string& path) {
-  std::ifstream file(path);
-  if (!file) return absl::NotFoundError(absl::StrCat("cannot read ", path));
-  std::stringstream text;
-  text << file.rdbuf();
-  absl::StatusOr<SparseConfig> config = ParseSparseConfig(text.str());
+  absl::StatusOr<std::string> text = ReadFile(path);
+  if (!text.ok()) return text.status();
+  absl::StatusOr<SparseConfig> config = ParseSparseConfig(*text);
   if (!config.ok()) {
     return absl::Status(config.status().code(),
                         absl::StrCat(path, ": ", std::string(config.status().message())));

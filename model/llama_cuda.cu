@@ -177,14 +177,37 @@ struct LlamaCuda::State {
     }
   }
 
+  // Which kernels run a linear layer: cuBLASLt, or SmallBatchLinear (with SwiGLU and the
+  // residual add fused) in decode steps of few sequences. Prefill stays on cuBLASLt, so
+  // Prefill()'s last row and Forward()'s agree bit for bit.
+  enum class LinearPath { kCublasLt, kSmallBatch };
+  LinearPath DecodePath(int64_t batch) const {
+    return batch <= options.small_batch_linear_rows ? LinearPath::kSmallBatch
+                                                    : LinearPath::kCublasLt;
+  }
+
   absl::Status Norm(uint16_t* x, int64_t rows, const DeviceBuffer& weight, uint16_t* out) {
     return cuda::AddRmsNorm(x, nullptr, weight.as<uint16_t>(), rows, config.hidden_size,
                             static_cast<float>(config.rms_norm_eps), out, stream);
   }
 
-  absl::Status Linear(const uint16_t* x, const DeviceBuffer& w, void* out, int64_t m, int64_t n,
-                      int64_t k, bool accumulate) {
-    return gemm->Linear(x, w.as<uint16_t>(), out, CUDA_R_16BF, m, n, k, accumulate, stream);
+  // out = x w^T for `m` rows with `epilogue` (cuda::LinearEpilogue), on `path`; SwiGLU on the
+  // cuBLASLt path goes through the gate_up scratch.
+  absl::Status Project(const uint16_t* x, const DeviceBuffer& w, void* out, int64_t m, int64_t n,
+                       int64_t k, cuda::LinearEpilogue epilogue, LinearPath path) {
+    using cuda::LinearEpilogue;
+    cuda::SmallBatchLinearArgs small{x, w.as<uint16_t>(), out, m, n, k, epilogue};
+    if (path == LinearPath::kSmallBatch && cuda::SmallBatchLinearFits(small)) {
+      return cuda::SmallBatchLinear(small, stream);
+    }
+    const bool accumulate = epilogue == LinearEpilogue::kAccumulateBf16;
+    const cudaDataType_t type = epilogue == LinearEpilogue::kStoreF32 ? CUDA_R_32F : CUDA_R_16BF;
+    if (epilogue != LinearEpilogue::kSwiGluBf16) {
+      return gemm->Linear(x, w.as<uint16_t>(), out, type, m, n, k, accumulate, stream);
+    }
+    uint16_t* gate = gate_up.as<uint16_t>();
+    RETURN_IF_ERROR(gemm->Linear(x, w.as<uint16_t>(), gate, type, m, n, k, false, stream));
+    return cuda::SwiGlu(gate, gate + n / 2, m, n / 2, n, static_cast<uint16_t*>(out), stream);
   }
 
   // Chunk-sized scratch for `rows` rows.
@@ -199,15 +222,16 @@ struct LlamaCuda::State {
 
   // Final norm and LM head for rows [first_row, first_row + rows) of the residual stream
   // (rows <= kLogitsRowsPerGemm) into the device `logits` buffer, fp32.
-  absl::Status DeviceLogits(int64_t first_row, int64_t rows) {
+  absl::Status DeviceLogits(int64_t first_row, int64_t rows,
+                            LinearPath path = LinearPath::kCublasLt) {
     const ModelConfig& c = config;
     RETURN_IF_ERROR(logits.Reserve(static_cast<size_t>(rows * c.vocab_size) * sizeof(float)));
     RETURN_IF_ERROR(normed.Reserve(Bf16Bytes(rows * c.hidden_size)));
     RETURN_IF_ERROR(Norm(residual.as<uint16_t>() + first_row * c.hidden_size, rows, final_norm,
                          normed.as<uint16_t>()));
     const DeviceBuffer& head = c.tie_word_embeddings ? embed : lm_head;
-    return gemm->Linear(normed.as<uint16_t>(), head.as<uint16_t>(), logits.as<float>(), CUDA_R_32F,
-                        rows, c.vocab_size, c.hidden_size, false, stream);
+    return Project(normed.as<uint16_t>(), head, logits.as<float>(), rows, c.vocab_size,
+                   c.hidden_size, cuda::LinearEpilogue::kStoreF32, path);
   }
 
   // Logits of `rows` rows from `first_row`, appended to `out`.
@@ -227,15 +251,21 @@ struct LlamaCuda::State {
     return absl::OkStatus();
   }
 
-  // The first half of a decoder layer on `m` rows of the residual stream `x`, the rows at
-  // device `row_positions`: the fused QKV projection of the normed rows into `qkv_rows`
-  // ([m][qkv_width]), RoPE applied to Q and K.
+  // The first half of a decoder layer on `m` rows of the residual stream `x`: the fused QKV
+  // projection of the normed rows into `qkv_rows` ([m][qkv_width]), before RoPE.
+  absl::Status NormAndProjectQkv(const LayerWeights& w, uint16_t* x, int64_t m, uint16_t* qkv_rows,
+                                 LinearPath path = LinearPath::kCublasLt) {
+    const ModelConfig& c = config;
+    RETURN_IF_ERROR(Norm(x, m, w.input_norm, normed.as<uint16_t>()));
+    return Project(normed.as<uint16_t>(), w.qkv, qkv_rows, m, qkv_width, c.hidden_size,
+                   cuda::LinearEpilogue::kStoreBf16, path);
+  }
+
+  // NormAndProjectQkv, then RoPE on Q and K of the rows at device `row_positions`.
   absl::Status ProjectQkv(const LayerWeights& w, uint16_t* x, int64_t m,
                           const int32_t* row_positions, uint16_t* qkv_rows) {
     const ModelConfig& c = config;
-    RETURN_IF_ERROR(Norm(x, m, w.input_norm, normed.as<uint16_t>()));
-    RETURN_IF_ERROR(
-        Linear(normed.as<uint16_t>(), w.qkv, qkv_rows, m, qkv_width, c.hidden_size, false));
+    RETURN_IF_ERROR(NormAndProjectQkv(w, x, m, qkv_rows));
     return cuda::ApplyRope(qkv_rows, qkv_width, c.num_attention_heads, qkv_rows + q_width,
                            qkv_width, c.num_key_value_heads, m, c.head_dim, row_positions,
                            inv_freq.as<float>(), stream);
@@ -253,16 +283,18 @@ struct LlamaCuda::State {
 
   // The second half: the output projection of `attn` added to `x`, then the MLP block, `x`
   // updated in place.
-  absl::Status OutputAndMlp(const LayerWeights& w, uint16_t* x, int64_t m) {
+  absl::Status OutputAndMlp(const LayerWeights& w, uint16_t* x, int64_t m,
+                            LinearPath path = LinearPath::kCublasLt) {
+    using cuda::LinearEpilogue;
     const ModelConfig& c = config;
-    RETURN_IF_ERROR(Linear(attn.as<uint16_t>(), w.o, x, m, c.hidden_size, q_width, true));
+    RETURN_IF_ERROR(Project(attn.as<uint16_t>(), w.o, x, m, c.hidden_size, q_width,
+                            LinearEpilogue::kAccumulateBf16, path));
     RETURN_IF_ERROR(Norm(x, m, w.post_norm, normed.as<uint16_t>()));
-    RETURN_IF_ERROR(Linear(normed.as<uint16_t>(), w.gate_up, gate_up.as<uint16_t>(), m,
-                           2 * c.intermediate_size, c.hidden_size, false));
-    RETURN_IF_ERROR(
-        cuda::SwiGlu(gate_up.as<uint16_t>(), gate_up.as<uint16_t>() + c.intermediate_size, m,
-                     c.intermediate_size, 2 * c.intermediate_size, act.as<uint16_t>(), stream));
-    return Linear(act.as<uint16_t>(), w.down, x, m, c.hidden_size, c.intermediate_size, true);
+    RETURN_IF_ERROR(Project(normed.as<uint16_t>(), w.gate_up, act.as<uint16_t>(), m,
+                            2 * c.intermediate_size, c.hidden_size, LinearEpilogue::kSwiGluBf16,
+                            path));
+    return Project(act.as<uint16_t>(), w.down, x, m, c.hidden_size, c.intermediate_size,
+                   LinearEpilogue::kAccumulateBf16, path);
   }
 
   // The layer's attention operands: Q in the fused QKV rows `qkv_rows`, K/V in
@@ -546,9 +578,11 @@ absl::StatusOr<std::unique_ptr<LlamaCuda>> LlamaCuda::Load(const std::string& mo
                                                            const LlamaCudaOptions& options) {
   if (options.prefill_chunk_tokens <= 0 || options.kv_block_tokens <= 0 ||
       options.kv_pool_tokens < 0 || options.max_decode_batch <= 0 ||
-      options.max_decode_batch > kLogitsRowsPerGemm) {
+      options.max_decode_batch > kLogitsRowsPerGemm || options.small_batch_linear_rows < 0 ||
+      options.small_batch_linear_rows > cuda::kSmallBatchLinearRows) {
     return absl::InvalidArgumentError(
-        "LlamaCudaOptions: sizes must be positive, max_decode_batch at most 256");
+        "LlamaCudaOptions: sizes must be positive, max_decode_batch at most 256, "
+        "small_batch_linear_rows 0 to 8");
   }
   ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(model_dir));
   ASSIGN_OR_RETURN(std::unique_ptr<TensorStore> store, TensorStore::OpenDirectory(model_dir));
@@ -940,22 +974,22 @@ absl::Status LlamaCuda::State::EnqueueDecode(int64_t batch, int64_t extent) {
   a.out = attn.as<uint16_t>();
   a.out_stride = q_width;
   uint16_t* x = residual.as<uint16_t>();
+  const LinearPath path = DecodePath(batch);
   RETURN_IF_ERROR(cuda::EmbeddingGather(d_tokens, batch, embed.as<uint16_t>(), c.vocab_size,
                                         c.hidden_size, x, stream));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     uint16_t* q = qkv.as<uint16_t>();
-    RETURN_IF_ERROR(ProjectQkv(layers[l], x, batch, d_positions, q));
-    RETURN_IF_ERROR(CopyRows(q + q_width, qkv_width, nullptr, PoolK(l), kv_width, d_slots, batch,
-                             kv_width, stream));
-    RETURN_IF_ERROR(CopyRows(q + q_width + kv_width, qkv_width, nullptr, PoolV(l), kv_width,
-                             d_slots, batch, kv_width, stream));
+    RETURN_IF_ERROR(NormAndProjectQkv(layers[l], x, batch, q, path));
+    RETURN_IF_ERROR(cuda::RopeAndStoreKv(q, qkv_width, c.num_attention_heads, c.num_key_value_heads,
+                                         batch, c.head_dim, d_positions, inv_freq.as<float>(),
+                                         d_slots, PoolK(l), PoolV(l), stream));
     a.q = q;
     a.k_pool = PoolK(l);
     a.v_pool = PoolV(l);
     RETURN_IF_ERROR(cuda::PagedDecodeAttention(a, stream));
-    RETURN_IF_ERROR(OutputAndMlp(layers[l], x, batch));
+    RETURN_IF_ERROR(OutputAndMlp(layers[l], x, batch, path));
   }
-  return DeviceLogits(0, batch);
+  return DeviceLogits(0, batch, path);
 }
 
 // One token for each sequence `ids[i]`, all in one batch; leaves the logits in the device

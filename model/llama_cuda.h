@@ -56,6 +56,10 @@ struct LlamaCudaOptions {
   // Decode steps run as CUDA graphs captured per (batch, K/V extent) (off: the same launches
   // one by one).
   bool decode_graphs = true;
+  // Decode steps of at most this many sequences (0 .. 8) run their linear layers as
+  // cuda::SmallBatchLinear, with SwiGLU and the residual add fused; larger steps and prefill
+  // use cuBLASLt. 0: cuBLASLt everywhere.
+  int64_t small_batch_linear_rows = 3;
   // Per-head sparse prefill patterns; its layers and heads must match the model.
   std::optional<SparseConfig> sparse;
 };

@@ -26,6 +26,8 @@ ABSL_FLAG(std::string, batches, "1,8,32", "Batch sizes.");
 ABSL_FLAG(int64_t, steps, 32, "Timed decode steps.");
 ABSL_FLAG(double, pool_gib, 40, "Device K/V pool size.");
 ABSL_FLAG(bool, decode_graphs, true, "Decode steps as captured CUDA graphs.");
+ABSL_FLAG(int64_t, small_batch_linear_rows, 3,
+          "Decode steps of at most this many sequences run SmallBatchLinear (0: cuBLASLt).");
 
 namespace sparseaccel {
 namespace {
@@ -61,6 +63,7 @@ int Run() {
   LlamaCudaOptions options;
   options.kv_block_tokens = 64;
   options.decode_graphs = absl::GetFlag(FLAGS_decode_graphs);
+  options.small_batch_linear_rows = absl::GetFlag(FLAGS_small_batch_linear_rows);
   options.kv_pool_tokens =
       static_cast<int64_t>(absl::GetFlag(FLAGS_pool_gib) * (1 << 30) / token_bytes);
   auto model = LlamaCuda::Load(absl::GetFlag(FLAGS_model), options);
@@ -111,10 +114,12 @@ int Run() {
       const double median = seconds[seconds.size() / 2];
       std::printf(
           "{\"context\": %ld, \"batch\": %ld, \"itl_ms\": %.3f, \"p90_ms\": %.3f, "
-          "\"tokens_per_s\": %.1f, \"steps\": %ld, \"decode_graphs\": %s}\n",
+          "\"tokens_per_s\": %.1f, \"steps\": %ld, \"decode_graphs\": %s, "
+          "\"small_batch_linear_rows\": %ld}\n",
           static_cast<long>(context), static_cast<long>(batch), median * 1e3,
           seconds[seconds.size() * 9 / 10] * 1e3, batch / median, static_cast<long>(steps),
-          options.decode_graphs ? "true" : "false");
+          options.decode_graphs ? "true" : "false",
+          static_cast<long>(options.small_batch_linear_rows));
       std::fflush(stdout);
     }
     (void)(*model)->EndSequence(*base);

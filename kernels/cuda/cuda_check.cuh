@@ -37,6 +37,16 @@ __device__ __forceinline__ uint16_t FloatToBf16Bits(float x) {
   return __bfloat16_as_ushort(__float2bfloat16_rn(x));
 }
 
+// 8 bf16 (one 16-byte load) as floats.
+__device__ __forceinline__ void Unpack8(const uint4& bits, float (&dst)[8]) {
+  const uint32_t words[4] = {bits.x, bits.y, bits.z, bits.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    dst[2 * i] = __uint_as_float(words[i] << 16);
+    dst[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+  }
+}
+
 }  // namespace cuda
 }  // namespace sparseaccel
 

@@ -40,10 +40,47 @@ absl::Status ApplyRope(uint16_t* q, int64_t q_stride, int64_t num_heads, uint16_
                        int64_t k_stride, int64_t num_kv_heads, int64_t rows, int64_t head_dim,
                        const int32_t* positions, const float* inv_freq, void* stream);
 
+// A decode step's RoPE and K/V store in one launch, on `rows` fused [q | k | v] rows of qkv
+// (row stride qkv_stride, num_heads then num_kv_heads heads of K and of V): Q rotated in place
+// as ApplyRope does, the rotated K and the V of row r written to row slots[r] (device int32)
+// of k_pool and v_pool ([num_kv_heads][head_dim] bf16 per row). The K in qkv is left as it was.
+absl::Status RopeAndStoreKv(uint16_t* qkv, int64_t qkv_stride, int64_t num_heads,
+                            int64_t num_kv_heads, int64_t rows, int64_t head_dim,
+                            const int32_t* positions, const float* inv_freq, const int32_t* slots,
+                            uint16_t* k_pool, uint16_t* v_pool, void* stream);
+
 // out[r][i] = bf16(silu(gate[r][i]) * up[r][i]) for `rows` rows of `width`; gate and up rows
 // at stride `in_stride` (a fused [gate | up] projection: up = gate + width), out rows dense.
 absl::Status SwiGlu(const uint16_t* gate, const uint16_t* up, int64_t rows, int64_t width,
                     int64_t in_stride, uint16_t* out, void* stream);
+
+// Linear layers of few rows (decode steps): out = x w^T with w in PyTorch's [n][k] layout,
+// bf16 operands, fp32 sums, each weight row read once for all rows of x. Meant for m up to
+// kSmallBatchLinearRows, where it reads the weights faster than cuBLASLt's GEMMs do, and folds
+// in the epilogue the layer needs next. Each output is summed in the same order whatever m
+// is, so a row's result does not depend on the batch it is in.
+constexpr int64_t kSmallBatchLinearRows = 8;
+enum class LinearEpilogue {
+  kStoreBf16,       // out[r][j] = bf16(sum): bf16 [m][n].
+  kStoreF32,        // out[r][j] = sum: fp32 [m][n].
+  kAccumulateBf16,  // out[r][j] = bf16(out[r][j] + sum): the residual add.
+  // Weight rows [0, n/2) are the gate and [n/2, n) the up projection (the fused gate_up):
+  // out[r][j] = bf16(silu(bf16(gate)) * bf16(up)), bf16 [m][n/2], as SwiGlu on a bf16 [gate |
+  // up] output gives. n even.
+  kSwiGluBf16,
+};
+struct SmallBatchLinearArgs {
+  const uint16_t* x = nullptr;  // [m][k], 16-byte aligned rows.
+  const uint16_t* w = nullptr;  // [n][k], 16-byte aligned.
+  void* out = nullptr;          // Dense rows; see LinearEpilogue. Not overlapping x or w.
+  int64_t m = 0;                // 1 .. kSmallBatchLinearRows.
+  int64_t n = 0;
+  int64_t k = 0;  // A multiple of 8.
+  LinearEpilogue epilogue = LinearEpilogue::kStoreBf16;
+};
+// Whether SmallBatchLinear takes these operands (shape and alignment).
+bool SmallBatchLinearFits(const SmallBatchLinearArgs& args);
+absl::Status SmallBatchLinear(const SmallBatchLinearArgs& args, void* stream);
 
 // Dense causal prefill attention (FlashAttention-2 style, tensor cores, fp32 online softmax).
 // K/V hold the prompt's positions 0..n_kv-1; the n queries sit at positions n_kv-n..n_kv-1,

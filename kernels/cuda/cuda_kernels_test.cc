@@ -12,6 +12,7 @@
 #include <random>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "kernels/activation.h"
 #include "kernels/attention.h"
@@ -178,6 +179,130 @@ TEST_F(CudaKernelsTest, SwiGluMatchesCpuOnFusedRows) {
     ASSERT_OK_AND_ASSIGN(out, ToHost<uint16_t>(d_out, rows * width));
     ExpectClose(FromBf16(out), expected, 1e-2, "swiglu width " + std::to_string(width));
   }
+}
+
+// The RoPE of ApplyRope and a store of K (rotated) and V at each row's pool slot, from fused
+// [q | k | v] rows: checked against ApplyRope on a copy, which the test above checks on CPU.
+TEST_F(CudaKernelsTest, RopeAndStoreKvRotatesLikeApplyRopeAndStoresAtSlots) {
+  for (const int64_t dim : {int64_t{128}, int64_t{12}}) {
+    const std::vector<float> inv_freq = RopeInverseFrequencies(dim, 500000.0, Llama3RopeScaling{});
+    const int64_t rows = 5, heads = 8, kv_heads = 2, pool_rows = 11;
+    const int64_t stride = (heads + 2 * kv_heads) * dim, kv_width = kv_heads * dim;
+    const std::vector<uint16_t> qkv = RandomBf16(rows * stride);
+    const std::vector<int32_t> positions = {0, 17, 4095, 131071, 9};
+    const std::vector<int32_t> slots = {10, 3, 0, 7, 4};
+    ASSERT_OK_AND_ASSIGN(d_fused, ToDevice(qkv));
+    ASSERT_OK_AND_ASSIGN(d_separate, ToDevice(qkv));
+    ASSERT_OK_AND_ASSIGN(d_pos, ToDevice(positions));
+    ASSERT_OK_AND_ASSIGN(d_slots, ToDevice(slots));
+    ASSERT_OK_AND_ASSIGN(d_freq, ToDevice(inv_freq));
+    ASSERT_OK_AND_ASSIGN(d_k, DeviceBuffer::Allocate(pool_rows * kv_width * 2));
+    ASSERT_OK_AND_ASSIGN(d_v, DeviceBuffer::Allocate(pool_rows * kv_width * 2));
+    ASSERT_OK(d_k.Fill(kNanBytes));
+    ASSERT_OK(d_v.Fill(kNanBytes));
+    ASSERT_OK(RopeAndStoreKv(d_fused.As<uint16_t>(), stride, heads, kv_heads, rows, dim,
+                             d_pos.As<int32_t>(), d_freq.As<float>(), d_slots.As<int32_t>(),
+                             d_k.As<uint16_t>(), d_v.As<uint16_t>(), nullptr));
+    uint16_t* separate = d_separate.As<uint16_t>();
+    ASSERT_OK(ApplyRope(separate, stride, heads, separate + heads * dim, stride, kv_heads, rows,
+                        dim, d_pos.As<int32_t>(), d_freq.As<float>(), nullptr));
+    ASSERT_OK_AND_ASSIGN(fused, ToHost<uint16_t>(d_fused, qkv.size()));
+    ASSERT_OK_AND_ASSIGN(rotated, ToHost<uint16_t>(d_separate, qkv.size()));
+    ASSERT_OK_AND_ASSIGN(k_pool, ToHost<uint16_t>(d_k, pool_rows * kv_width));
+    ASSERT_OK_AND_ASSIGN(v_pool, ToHost<uint16_t>(d_v, pool_rows * kv_width));
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t q_end = r * stride + heads * dim;
+      for (int64_t i = r * stride; i < q_end; ++i) ASSERT_EQ(fused[i], rotated[i]) << "q " << i;
+      for (int64_t i = q_end; i < (r + 1) * stride; ++i) {
+        ASSERT_EQ(fused[i], qkv[i]) << "K/V rows of qkv changed at " << i;
+      }
+      for (int64_t i = 0; i < kv_width; ++i) {
+        ASSERT_EQ(k_pool[slots[r] * kv_width + i], rotated[q_end + i]) << "k row " << r;
+        ASSERT_EQ(v_pool[slots[r] * kv_width + i], qkv[q_end + kv_width + i]) << "v row " << r;
+      }
+    }
+  }
+}
+
+// SmallBatchLinear against fp64 sums of the same bf16 operands, for every epilogue, row
+// count, k split over warps or not, a partial last step of loads; and each row bit for bit what the
+// same row gives alone (batch invariance). Bounds: fp32 sums 1e-4; one bf16 rounding 1e-2; SwiGLU
+// rounds gate and up before silu: 2e-2.
+TEST_F(CudaKernelsTest, SmallBatchLinearMatchesFp64ForEveryEpilogue) {
+  struct Case {
+    int64_t m, n, k;
+  };
+  for (const Case& c :
+       {Case{1, 1001, 4096}, Case{2, 64, 2048}, Case{3, 100, 264}, Case{8, 258, 1032}}) {
+    const std::vector<uint16_t> x = RandomBf16(c.m * c.k), w = RandomBf16(c.n * c.k, 0.05f);
+    const std::vector<uint16_t> base = RandomBf16(c.m * c.n);
+    std::vector<double> sums(c.m * c.n);
+    for (int64_t r = 0; r < c.m; ++r) {
+      for (int64_t j = 0; j < c.n; ++j) {
+        double s = 0;
+        for (int64_t i = 0; i < c.k; ++i)
+          s += double(FromBf16(x[r * c.k + i])) * FromBf16(w[j * c.k + i]);
+        sums[r * c.n + j] = s;
+      }
+    }
+    ASSERT_OK_AND_ASSIGN(d_x, ToDevice(x));
+    ASSERT_OK_AND_ASSIGN(d_w, ToDevice(w));
+    ASSERT_OK_AND_ASSIGN(d_out, DeviceBuffer::Allocate(c.m * c.n * sizeof(float)));
+    const std::string shape = absl::StrCat(" m ", c.m, " n ", c.n, " k ", c.k);
+    auto run = [&](LinearEpilogue epilogue, int64_t m, int64_t row0) -> absl::Status {
+      SmallBatchLinearArgs a;
+      a.x = d_x.As<uint16_t>() + row0 * c.k;
+      a.w = d_w.As<uint16_t>();
+      a.out = d_out.As<void>();
+      a.m = m;
+      a.n = c.n;
+      a.k = c.k;
+      a.epilogue = epilogue;
+      return SmallBatchLinear(a, nullptr);
+    };
+    ASSERT_OK(d_out.Fill(kNanBytes));
+    ASSERT_OK(run(LinearEpilogue::kStoreF32, c.m, 0));
+    ASSERT_OK_AND_ASSIGN(f32, ToHost<float>(d_out, c.m * c.n));
+    ExpectClose(f32, std::vector<float>(sums.begin(), sums.end()), 1e-4, "f32" + shape);
+    for (int64_t r = 0; r < c.m; ++r) {
+      ASSERT_OK(run(LinearEpilogue::kStoreF32, 1, r));
+      ASSERT_OK_AND_ASSIGN(alone, ToHost<float>(d_out, c.n));
+      for (int64_t j = 0; j < c.n; ++j)
+        ASSERT_EQ(alone[j], f32[r * c.n + j]) << "row " << r << shape;
+    }
+    ASSERT_OK(d_out.Fill(kNanBytes));
+    ASSERT_OK(run(LinearEpilogue::kStoreBf16, c.m, 0));
+    ASSERT_OK_AND_ASSIGN(bf16, ToHost<uint16_t>(d_out, c.m * c.n));
+    ExpectClose(FromBf16(bf16), std::vector<float>(sums.begin(), sums.end()), 1e-2, "bf16" + shape);
+    ASSERT_OK(d_out.CopyFrom(base.data(), base.size() * 2));
+    ASSERT_OK(run(LinearEpilogue::kAccumulateBf16, c.m, 0));
+    ASSERT_OK_AND_ASSIGN(accumulated, ToHost<uint16_t>(d_out, c.m * c.n));
+    std::vector<float> expected(c.m * c.n);
+    for (size_t i = 0; i < expected.size(); ++i) expected[i] = FromBf16(base[i]) + sums[i];
+    ExpectClose(FromBf16(accumulated), expected, 1e-2, "accumulate" + shape);
+    const int64_t half = c.n / 2;
+    if (c.n % 2 != 0) {
+      EXPECT_EQ(run(LinearEpilogue::kSwiGluBf16, c.m, 0).code(),
+                absl::StatusCode::kInvalidArgument);
+      continue;
+    }
+    ASSERT_OK(d_out.Fill(kNanBytes));
+    ASSERT_OK(run(LinearEpilogue::kSwiGluBf16, c.m, 0));
+    ASSERT_OK_AND_ASSIGN(act, ToHost<uint16_t>(d_out, c.m * half));
+    std::vector<float> gate(c.m * half), up(c.m * half), silu(c.m * half);
+    for (int64_t r = 0; r < c.m; ++r) {
+      for (int64_t j = 0; j < half; ++j) {
+        gate[r * half + j] = sums[r * c.n + j];
+        up[r * half + j] = sums[r * c.n + half + j];
+      }
+    }
+    SwiGluCpu(gate.data(), up.data(), c.m * half, silu.data());
+    ExpectClose(FromBf16(act), silu, 2e-2, "swiglu" + shape);
+  }
+  SmallBatchLinearArgs too_many;
+  too_many.m = kSmallBatchLinearRows + 1;
+  too_many.n = too_many.k = 8;
+  EXPECT_EQ(SmallBatchLinear(too_many, nullptr).code(), absl::StatusCode::kInvalidArgument);
 }
 
 // Attention bounds: the kernel rounds the softmax weights P to bf16 before P V (relative

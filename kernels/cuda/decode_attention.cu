@@ -50,16 +50,6 @@ __host__ __device__ Partials PartialsIn(void* workspace, int64_t num_seqs, int64
   return {base, base + num_seqs * num_heads * splits * head_dim};
 }
 
-// 8 bf16 (one 16-byte load) as floats.
-__device__ __forceinline__ void Unpack8(const uint4& bits, float (&dst)[8]) {
-  const uint32_t words[4] = {bits.x, bits.y, bits.z, bits.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    dst[2 * i] = __uint_as_float(words[i] << 16);
-    dst[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
-  }
-}
-
 // Merges the online-softmax state (max, sum, o) of `other` into `mine`; an empty state has
 // max -INFINITY and contributes nothing.
 template <int kWidth>

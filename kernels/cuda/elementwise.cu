@@ -61,13 +61,7 @@ template <int kVec>
 __device__ __forceinline__ void LoadBf16(const uint16_t* p, float (&v)[kVec]) {
   static_assert(kVec == 1 || kVec == 8, "one element or 16 bytes");
   if constexpr (kVec == 8) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[2 * i] = __uint_as_float(words[i] << 16);
-      v[2 * i + 1] = __uint_as_float(words[i] & 0xFFFF0000u);
-    }
+    Unpack8(*reinterpret_cast<const uint4*>(p), v);
   } else {
     v[0] = Bf16BitsToFloat(*p);
   }
@@ -133,40 +127,70 @@ __global__ void AddRmsNormKernel(uint16_t* x, const uint16_t* residual, const ui
   }
 }
 
+// What one RopeKernel launch rotates and where it stores: q in place; k rotated into k_out
+// (k itself for ApplyRope); v, when set, copied unrotated beside it. Row r of k goes to row
+// out_rows[r] of k_out / v_out (r when out_rows is null).
+struct RopeJob {
+  uint16_t* q;
+  int64_t q_stride;
+  int num_heads;
+  const uint16_t* k;
+  int64_t k_stride;
+  int num_kv_heads;
+  int head_dim;
+  const int32_t* positions;
+  const float* inv_freq;
+  uint16_t* k_out;
+  int64_t out_stride;
+  const int32_t* out_rows;
+  const uint16_t* v;  // At k_stride, like k; null: no V rows.
+  uint16_t* v_out;
+};
+
 // One block per row. The row's angles are computed once into shared memory (fp32 angle as the
 // CPU twin forms it, trig in double: the same rounding as the twin); then thread t rotates
 // pairs i .. i + kVec - 1 (i = kVec (t % (half / kVec))) of heads t / (half / kVec), + step..
 template <int kVec>
-__global__ void RopeKernel(uint16_t* q, int64_t q_stride, int num_heads, uint16_t* k,
-                           int64_t k_stride, int num_kv_heads, int head_dim,
-                           const int32_t* positions, const float* inv_freq) {
+__global__ void RopeKernel(RopeJob job) {
   extern __shared__ float cos_sin[];  // [half] cosines, then [half] sines.
-  const int half = head_dim / 2;
+  const int half = job.head_dim / 2;
   const int64_t r = blockIdx.x;
-  const float position = static_cast<float>(positions[r]);
+  const int64_t out_row = job.out_rows ? job.out_rows[r] : r;
+  const float position = static_cast<float>(job.positions[r]);
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    const double angle = static_cast<double>(position * inv_freq[i]);
+    const double angle = static_cast<double>(position * job.inv_freq[i]);
     cos_sin[i] = static_cast<float>(cos(angle));
     cos_sin[half + i] = static_cast<float>(sin(angle));
   }
   __syncthreads();
   const int vecs = half / kVec;
-  const int total = (num_heads + num_kv_heads) * vecs;
+  const int total = (job.num_heads + job.num_kv_heads) * vecs;
   for (int t = threadIdx.x; t < total; t += blockDim.x) {
     const int i = (t % vecs) * kVec, head = t / vecs;
-    uint16_t* h = head < num_heads ? q + r * q_stride + head * head_dim
-                                   : k + r * k_stride + (head - num_heads) * head_dim;
+    const bool is_q = head < job.num_heads;
+    const int64_t k_offset = (head - job.num_heads) * int64_t{job.head_dim};
+    const uint16_t* src =
+        is_q ? job.q + r * job.q_stride + head * job.head_dim : job.k + r * job.k_stride + k_offset;
+    uint16_t* dst = is_q ? job.q + r * job.q_stride + head * job.head_dim
+                         : job.k_out + out_row * job.out_stride + k_offset;
     float a[kVec], b[kVec], ra[kVec], rb[kVec];
-    LoadBf16(h + i, a);
-    LoadBf16(h + i + half, b);
+    LoadBf16(src + i, a);
+    LoadBf16(src + i + half, b);
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       const float cos_a = cos_sin[i + e], sin_a = cos_sin[half + i + e];
       ra[e] = a[e] * cos_a - b[e] * sin_a;
       rb[e] = b[e] * cos_a + a[e] * sin_a;
     }
-    StoreBf16(h + i, ra);
-    StoreBf16(h + i + half, rb);
+    StoreBf16(dst + i, ra);
+    StoreBf16(dst + i + half, rb);
+  }
+  if (job.v == nullptr) return;
+  const int64_t width = job.num_kv_heads * int64_t{job.head_dim};
+  for (int64_t i = threadIdx.x * int64_t{kVec}; i < width; i += blockDim.x * int64_t{kVec}) {
+    float v[kVec];
+    LoadBf16(job.v + r * job.k_stride + i, v);
+    StoreBf16(job.v_out + out_row * job.out_stride + i, v);
   }
 }
 
@@ -190,6 +214,20 @@ __global__ void SwiGluKernel(const uint16_t* gate, const uint16_t* up, int64_t r
 absl::Status CheckCount(int64_t count, const char* what) {
   if (count < 0) return absl::InvalidArgumentError(absl::StrCat(what, ": negative count"));
   return absl::OkStatus();
+}
+
+absl::Status LaunchRope(const RopeJob& job, int64_t rows, void* stream) {
+  if (rows < 0 || job.head_dim <= 0 || job.head_dim % 2 != 0 || job.num_heads < 0 ||
+      job.num_kv_heads < 0) {
+    return absl::InvalidArgumentError("rotary embedding: bad shape");
+  }
+  if (rows == 0) return absl::OkStatus();
+  const bool vectorized =
+      Vectorizable({job.q, job.k, job.k_out, job.v, job.v_out},
+                   {job.head_dim / 2, job.q_stride, job.k_stride, job.out_stride});
+  const auto kernel = vectorized ? RopeKernel<8> : RopeKernel<1>;
+  kernel<<<rows, kThreads, job.head_dim * sizeof(float), AsStream(stream)>>>(job);
+  return LaunchStatus("RopeKernel");
 }
 
 }  // namespace
@@ -230,17 +268,44 @@ absl::Status AddRmsNorm(uint16_t* x, const uint16_t* residual, const uint16_t* w
 absl::Status ApplyRope(uint16_t* q, int64_t q_stride, int64_t num_heads, uint16_t* k,
                        int64_t k_stride, int64_t num_kv_heads, int64_t rows, int64_t head_dim,
                        const int32_t* positions, const float* inv_freq, void* stream) {
-  if (rows < 0 || head_dim <= 0 || head_dim % 2 != 0 || num_heads < 0 || num_kv_heads < 0) {
-    return absl::InvalidArgumentError("ApplyRope: bad shape");
-  }
   if (k == nullptr) num_kv_heads = 0;
-  if (rows == 0) return absl::OkStatus();
-  const auto kernel =
-      Vectorizable({q, k}, {head_dim / 2, q_stride, k_stride}) ? RopeKernel<8> : RopeKernel<1>;
-  kernel<<<rows, kThreads, head_dim * sizeof(float), AsStream(stream)>>>(
-      q, q_stride, static_cast<int>(num_heads), k, k_stride, static_cast<int>(num_kv_heads),
-      static_cast<int>(head_dim), positions, inv_freq);
-  return LaunchStatus("RopeKernel");
+  const RopeJob job{q,
+                    q_stride,
+                    static_cast<int>(num_heads),
+                    k,
+                    k_stride,
+                    static_cast<int>(num_kv_heads),
+                    static_cast<int>(head_dim),
+                    positions,
+                    inv_freq,
+                    k,
+                    k_stride,
+                    nullptr,
+                    nullptr,
+                    nullptr};
+  return LaunchRope(job, rows, stream);
+}
+
+absl::Status RopeAndStoreKv(uint16_t* qkv, int64_t qkv_stride, int64_t num_heads,
+                            int64_t num_kv_heads, int64_t rows, int64_t head_dim,
+                            const int32_t* positions, const float* inv_freq, const int32_t* slots,
+                            uint16_t* k_pool, uint16_t* v_pool, void* stream) {
+  const int64_t q_width = num_heads * head_dim, kv_width = num_kv_heads * head_dim;
+  const RopeJob job{qkv,
+                    qkv_stride,
+                    static_cast<int>(num_heads),
+                    qkv + q_width,
+                    qkv_stride,
+                    static_cast<int>(num_kv_heads),
+                    static_cast<int>(head_dim),
+                    positions,
+                    inv_freq,
+                    k_pool,
+                    kv_width,
+                    slots,
+                    qkv + q_width + kv_width,
+                    v_pool};
+  return LaunchRope(job, rows, stream);
 }
 
 absl::Status SwiGlu(const uint16_t* gate, const uint16_t* up, int64_t rows, int64_t width,

@@ -106,6 +106,7 @@ DecodeServer::DecodeServer(DecodeEngine* engine, const ModelConfig& config,
                                     options_.kv_streams, options_.kv_receive_window_bytes,
                                     options_.prefill_credentials,
                                     options_.prefill_tls_server_name}),
+      stream_limit_(options_.max_streams_per_connection),
       requests_(prometheus::BuildCounter()
                     .Name("sparseaccel_generate_requests_total")
                     .Help("Generate requests by outcome (gRPC code) and finish reason.")
@@ -301,6 +302,8 @@ grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
     return ToGrpcStatus(status);
   };
 
+  absl::StatusOr<ConnectionStreamLimit::Slot> slot = stream_limit_.Acquire(context->peer());
+  if (!slot.ok()) return finish_request(slot.status());
   if (!prompt.ok()) return finish_request(prompt.status());
   const auto cancelled = [context] { return context->IsCancelled(); };
   absl::Time deadline = absl::FromChrono(context->deadline());

@@ -13,6 +13,7 @@
 
 #include "decode_service/decode_engine.h"
 #include "decode_service/remote_prefill.h"
+#include "decode_service/stream_limit.h"
 #include "model/tokenizer.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
@@ -45,6 +46,8 @@ struct DecodeServerOptions {
   std::string model_fingerprint;
   int64_t max_prompt_tokens = 131072;
   int64_t max_new_tokens = 4096;
+  // Generate calls running at once on one client connection (ConnectionStreamLimit).
+  int64_t max_streams_per_connection = 64;
   // The model's tokenizer, for text and chat prompts, text deltas and stop strings; null when
   // the model directory has none (then only token-id prompts are served). Not owned.
   const Tokenizer* tokenizer = nullptr;
@@ -71,6 +74,7 @@ class DecodeServer final : public v1::DecodeService::Service {
   RemotePrefillClient prefill_;
   std::atomic<uint64_t> next_request_id_{0};
   std::atomic<int64_t> active_{0};
+  ConnectionStreamLimit stream_limit_;
 
   prometheus::Family<prometheus::Counter>& requests_;
   prometheus::Family<prometheus::Histogram>& ttft_;

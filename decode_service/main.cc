@@ -48,6 +48,8 @@ ABSL_FLAG(std::string, prefill_tls_cert, "",
 ABSL_FLAG(std::string, prefill_tls_key, "", "PEM private key of --prefill_tls_cert.");
 ABSL_FLAG(std::string, prefill_tls_server_name, "",
           "Name the prefill certificates must carry, instead of the addresses' host names.");
+ABSL_FLAG(int64_t, max_streams_per_connection, 64,
+          "Generate calls one client connection may run at once (over it: RESOURCE_EXHAUSTED).");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 30, "How long SIGTERM waits for running requests.");
 
 namespace sparseaccel {
@@ -97,6 +99,7 @@ int Run() {
   options.kv_receive_window_bytes = absl::GetFlag(FLAGS_kv_receive_window_bytes);
   options.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
   options.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
+  options.max_streams_per_connection = absl::GetFlag(FLAGS_max_streams_per_connection);
   options.tokenizer = tokenizer.get();
   ChannelTlsFiles prefill_tls;
   prefill_tls.ca = absl::GetFlag(FLAGS_prefill_tls_ca);

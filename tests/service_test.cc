@@ -122,6 +122,7 @@ struct ServiceOptions {
   LanguageModel* prefill_model = nullptr;  // Null: the shared model.
   const Tokenizer* tokenizer = nullptr;    // Null: token-id prompts only.
   int32_t kv_streams = 3;                  // Streams the decode side reads KV over.
+  int64_t max_streams_per_connection = 64;
   // TLS of the two ports and of the calls to them (common/tls.h); null: plaintext.
   std::shared_ptr<grpc::ServerCredentials> prefill_tls, decode_tls;
   std::shared_ptr<grpc::ChannelCredentials> to_prefill_tls, client_tls;
@@ -162,6 +163,7 @@ class ServicePair {
     decode_options.max_new_tokens = 64;
     decode_options.tokenizer = options.tokenizer;
     decode_options.kv_streams = options.kv_streams;
+    decode_options.max_streams_per_connection = options.max_streams_per_connection;
     decode_options.prefill_credentials = options.to_prefill_tls;
     decode_service_ = std::make_unique<DecodeServer>(decode_engine_.get(), model.llama->config(),
                                                      decode_options, &decode_registry_);
@@ -212,6 +214,7 @@ class ServicePair {
   }
 
   int prefill_port() const { return prefill_port_; }
+  int decode_port() const { return decode_port_; }
   PrefillServer* prefill_service() { return prefill_service_.get(); }
   DecodeServer* decode_service() { return decode_service_.get(); }
   prometheus::Registry& prefill_registry() { return prefill_registry_; }
@@ -704,6 +707,56 @@ TEST(ServiceTest, MutualTlsBetweenTheServicesServesTheSameTokens) {
   EXPECT_EQ(PrefillCallStatus(secure.PrefillStub().get(), prompt), grpc::StatusCode::UNAVAILABLE)
       << "plaintext";
   EXPECT_TRUE(secure.Drained());
+}
+
+// Two calls hold a connection's two slots (decoding is paused in on_step); a third on the same
+// connection is RESOURCE_EXHAUSTED at once, one on a new connection is served.
+TEST(ServiceTest, StreamsPerConnectionAreLimited) {
+  absl::Notification release;
+  ServiceOptions options;
+  options.max_streams_per_connection = 2;
+  options.decode.on_step = [&](const DecodeStepTiming&) { release.WaitForNotification(); };
+  ServicePair services(options);
+  const GenerateRequest request = MakeRequest({1, 2, 3, 4}, 8);
+  std::vector<Outcome> held(2);
+  std::vector<std::thread> threads;
+  for (Outcome& outcome : held) {
+    threads.emplace_back([&services, &request, &outcome] { outcome = services.Generate(request); });
+  }
+  for (int i = 0; i < 500 && services.decode_service()->active_requests() < 2; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_EQ(services.decode_service()->active_requests(), 2);
+  const Outcome refused = services.Generate(request);
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(refused.status.error_message().find("per connection"), std::string::npos)
+      << refused.status.error_message();
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // A connection of its own.
+  auto other = v1::DecodeService::NewStub(
+      grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(services.decode_port()),
+                                grpc::InsecureChannelCredentials(), args));
+  grpc::Status other_status;
+  std::thread other_call([&] {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    auto reader = other->Generate(&context, request);
+    GenerateResponse response;
+    while (reader->Read(&response)) {
+    }
+    other_status = reader->Finish();
+  });
+  for (int i = 0; i < 500 && services.decode_service()->active_requests() < 3; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(services.decode_service()->active_requests(), 3) << "the new connection was refused";
+  release.Notify();
+  for (std::thread& t : threads) t.join();
+  other_call.join();
+  for (const Outcome& outcome : held)
+    EXPECT_TRUE(outcome.status.ok()) << outcome.status.error_message();
+  EXPECT_TRUE(other_status.ok()) << other_status.error_message();
+  EXPECT_TRUE(services.Drained());
 }
 
 TEST(ServiceTest, PrefillServiceDownIsUnavailable) {

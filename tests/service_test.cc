@@ -759,6 +759,18 @@ TEST(ServiceTest, StreamsPerConnectionAreLimited) {
   EXPECT_TRUE(services.Drained());
 }
 
+// A request message over the 64 MiB limit is refused by gRPC itself, before the service.
+TEST(ServiceTest, OversizedRequestIsResourceExhausted) {
+  ServicePair services;
+  GenerateRequest request;
+  request.set_text(std::string((64 << 20) + 1024, 'a'));
+  request.set_max_tokens(1);
+  const Outcome outcome = services.Generate(request);
+  EXPECT_EQ(outcome.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << outcome.status.error_message();
+  EXPECT_EQ(services.decode_service()->active_requests(), 0);
+}
+
 TEST(ServiceTest, PrefillServiceDownIsUnavailable) {
   ServiceOptions options;
   options.start_prefill = false;

@@ -538,12 +538,23 @@ GenerateRequest TextRequest(const std::string& text, int max_tokens) {
   return request;
 }
 
-TEST(ServiceTest, TextAndChatPromptsStreamTextDeltas) {
-  std::unique_ptr<Tokenizer> tokenizer = MakeTinyTokenizer();
-  ASSERT_NE(tokenizer, nullptr);
+ServiceOptions WithTokenizer(const Tokenizer* tokenizer) {
   ServiceOptions options;
-  options.tokenizer = tokenizer.get();
-  ServicePair services(options);
+  options.tokenizer = tokenizer;
+  return options;
+}
+
+// A service pair that takes text prompts (the tiny tokenizer).
+struct TextServicePair {
+  std::unique_ptr<Tokenizer> tokenizer = MakeTinyTokenizer();
+  ServicePair services{WithTokenizer(tokenizer.get())};
+};
+
+TEST(ServiceTest, TextAndChatPromptsStreamTextDeltas) {
+  TextServicePair text_pair;
+  ASSERT_NE(text_pair.tokenizer, nullptr);
+  const std::unique_ptr<Tokenizer>& tokenizer = text_pair.tokenizer;
+  ServicePair& services = text_pair.services;
   DecodeOptions plain;
   plain.skip_special_tokens = true;
   plain.clean_up_tokenization_spaces = DecodeOptions::CleanUp::kOff;
@@ -583,11 +594,10 @@ TEST(ServiceTest, TextAndChatPromptsStreamTextDeltas) {
 // What both services log for requests (good ones, a bad token id, text with stop strings) holds
 // lengths, ids of requests and status codes, never prompt text, stop strings or token ids.
 TEST(ServiceTest, LogsCarryNoPromptTextStopStringsOrTokenIds) {
-  std::unique_ptr<Tokenizer> tokenizer = MakeTinyTokenizer();
-  ASSERT_NE(tokenizer, nullptr);
-  ServiceOptions options;
-  options.tokenizer = tokenizer.get();
-  ServicePair services(options);
+  TextServicePair text_pair;
+  ASSERT_NE(text_pair.tokenizer, nullptr);
+  const std::unique_ptr<Tokenizer>& tokenizer = text_pair.tokenizer;
+  ServicePair& services = text_pair.services;
   const std::string secret = "Wombat passkey 73919";
   ::testing::internal::CaptureStderr();
   GenerateRequest text = TextRequest(secret, 6);
@@ -611,11 +621,10 @@ TEST(ServiceTest, LogsCarryNoPromptTextStopStringsOrTokenIds) {
 }
 
 TEST(ServiceTest, StopStringEndsTheTextBeforeIt) {
-  std::unique_ptr<Tokenizer> tokenizer = MakeTinyTokenizer();
-  ASSERT_NE(tokenizer, nullptr);
-  ServiceOptions options;
-  options.tokenizer = tokenizer.get();
-  ServicePair services(options);
+  TextServicePair text_pair;
+  ASSERT_NE(text_pair.tokenizer, nullptr);
+  const std::unique_ptr<Tokenizer>& tokenizer = text_pair.tokenizer;
+  ServicePair& services = text_pair.services;
   std::mt19937 rng(std::random_device{}());
   // Prompts of letters: the continuation then holds many two-letter words.
   std::string text;

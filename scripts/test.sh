@@ -12,4 +12,6 @@ fi
 # tools/npm/package-lock.json; also writes out/tokenizer/.
 scripts/install_node.sh
 tools/npm/export_tokenizer.sh
+# The Node gRPC client example's packages (clients/node/package-lock.json).
+npm ci --prefix clients/node --no-audit --no-fund --loglevel=error
 exec tools/test_summary.sh "${@:-//...}"

@@ -1,8 +1,10 @@
 // The decode service: the public Generate API. Prompts are prefilled by prefill services; their
 // KV caches arrive over gRPC and decoding runs here in one continuous batch.
 //   decode_server --model_dir DIR --listen 0.0.0.0:50052 --metrics_port 9465 \
-//                 --prefill_addresses host1:50051,host2:50051
+//                 --prefill_addresses host1:50051,host2:50051 [--openai_port 8000]
 
+#include <algorithm>
+#include <cstdint>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -18,6 +20,8 @@
 #include "common/server_flags.h"
 #include "common/tls.h"
 #include "decode_service/decode_server.h"
+#include "decode_service/openai_api.h"
+#include "decode_service/openai_http.h"
 #include "decode_service/step_metrics.h"
 #include "model/backend.h"
 #include "model/fingerprint.h"
@@ -51,9 +55,38 @@ ABSL_FLAG(std::string, prefill_tls_server_name, "",
 ABSL_FLAG(int64_t, max_streams_per_connection, 64,
           "Generate calls one client connection may run at once (over it: RESOURCE_EXHAUSTED).");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 30, "How long SIGTERM waits for running requests.");
+ABSL_FLAG(int32_t, openai_port, 0,
+          "Port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+          "/v1/models, /health); 0: off.");
+ABSL_FLAG(std::string, served_model_name, "",
+          "Model id of the OpenAI API (empty: the base name of --model_dir).");
+ABSL_FLAG(int32_t, openai_request_timeout_seconds, 600,
+          "Deadline of each OpenAI API generation (HTTP 504 past it); 0: none.");
 
 namespace sparseaccel {
 namespace {
+
+// The OpenAI-compatible HTTP API on --openai_port (null when it is 0), calling the service's
+// Generate through an in-process channel of `server`. All its calls share that one channel, so
+// --max_streams_per_connection bounds them together (HTTP 429 over it).
+absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> StartOpenAiFromFlags(
+    grpc::Server* server, const std::string& model_dir) {
+  OpenAiHttpOptions options;
+  options.port = absl::GetFlag(FLAGS_openai_port);
+  if (options.port == 0) return nullptr;
+  options.api.served_model_name = absl::GetFlag(FLAGS_served_model_name);
+  if (options.api.served_model_name.empty()) {
+    options.api.served_model_name = ModelNameOfDirectory(model_dir);
+  }
+  options.api.default_chat_max_tokens =
+      static_cast<int32_t>(std::min<int64_t>(absl::GetFlag(FLAGS_max_new_tokens), INT32_MAX));
+  const int32_t timeout = absl::GetFlag(FLAGS_openai_request_timeout_seconds);
+  options.request_timeout = timeout > 0 ? absl::Seconds(timeout) : absl::InfiniteDuration();
+  // One thread per open connection: the calls the stream limit admits, and some to spare.
+  options.threads = static_cast<int>(
+      std::min<int64_t>(absl::GetFlag(FLAGS_max_streams_per_connection) + 16, 1024));
+  return OpenAiHttpServer::Start(server->InProcessChannel(grpc::ChannelArguments()), options);
+}
 
 int Run() {
   const std::string model_dir = absl::GetFlag(FLAGS_model_dir);
@@ -127,6 +160,13 @@ int Run() {
     LogError("decode.start_failed", {{"error", ports.status().ToString()}});
     return 1;
   }
+  absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> openai =
+      StartOpenAiFromFlags(ports->server.get(), model_dir);
+  if (!openai.ok()) {
+    LogError("decode.start_failed", {{"error", openai.status().ToString()}});
+    ShutdownService(&*ports, absl::ZeroDuration());
+    return 1;
+  }
   LogInfo("decode.ready",
           {{"listen", absl::GetFlag(FLAGS_listen)},
            {"port", ports->port},
@@ -136,6 +176,7 @@ int Run() {
                            : prefill_tls.cert.empty() ? "tls"
                                                       : "mtls"},
            {"metrics_port", (*metrics)->port()},
+           {"openai_port", *openai ? (*openai)->port() : 0},
            {"prefill", absl::GetFlag(FLAGS_prefill_addresses)},
            {"device", absl::GetFlag(FLAGS_device)},
            {"kv_pool_mib", (*model)->kv_pool_blocks() * (*model)->kv_block_bytes() / (1 << 20)},
@@ -143,7 +184,17 @@ int Run() {
            {"fingerprint", *fingerprint}});
   const int signal = WaitForTerminationSignal();
   LogInfo("decode.draining", {{"signal", signal}, {"active", service.active_requests()}});
-  ShutdownService(&*ports, absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds)));
+  const absl::Time drained_by =
+      absl::Now() + absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds));
+  if (*openai) {
+    // The gRPC server's shutdown closes the in-process transport, cutting the calls on it: HTTP
+    // requests drain first (probes fail and the HTTP port is closed meanwhile).
+    if (ports->health) ports->health->server->Shutdown();
+    (*openai)->StopAccepting();
+    (*openai)->WaitUntilIdle(drained_by);
+  }
+  ShutdownService(&*ports, std::max(drained_by - absl::Now(), absl::ZeroDuration()));
+  openai->reset();
   LogInfo("decode.stopped");
   return 0;
 }

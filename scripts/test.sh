@@ -14,4 +14,6 @@ scripts/install_node.sh
 tools/npm/export_tokenizer.sh
 # The Node gRPC client example's packages (clients/node/package-lock.json).
 npm ci --prefix clients/node --no-audit --no-fund --loglevel=error
+# The official openai client for //tests:openai_client_test (tests/openai/package-lock.json).
+npm ci --prefix tests/openai --no-audit --no-fund --loglevel=error
 exec tools/test_summary.sh "${@:-//...}"

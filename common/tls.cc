@@ -82,9 +82,21 @@ absl::Status CheckKeyPair(const std::string& cert_path, const std::string& key_p
 
 }  // namespace
 
+namespace {
+
+const char* ModeOf(bool encrypted, bool client_certificates) {
+  if (!encrypted) return "off";
+  return client_certificates ? "mtls" : "tls";
+}
+
+}  // namespace
+
 const char* TlsMode(const ServerTlsFiles& files) {
-  if (files.cert.empty()) return "off";
-  return files.client_ca.empty() ? "tls" : "mtls";
+  return ModeOf(!files.cert.empty(), !files.client_ca.empty());
+}
+
+const char* TlsMode(const ChannelTlsFiles& files) {
+  return ModeOf(!files.ca.empty(), !files.cert.empty());
 }
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(

@@ -32,8 +32,9 @@ struct ChannelTlsFiles {
   unsigned refresh_seconds = 60;
 };
 
-// "off", "tls" or "mtls" (client certificates required), for logs.
+// "off", "tls" or "mtls" (client certificates required, or presented), for logs.
 const char* TlsMode(const ServerTlsFiles& files);
+const char* TlsMode(const ChannelTlsFiles& files);
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
     const ServerTlsFiles& files);

@@ -10,6 +10,7 @@
 #include "common/log.h"
 #include "common/metrics.h"
 #include "common/status_macros.h"
+#include "model/config.h"
 #include "proto/sampling.h"
 
 namespace sparseaccel {
@@ -261,12 +262,7 @@ absl::StatusOr<std::vector<int32_t>> DecodeServer::PromptTokens(
     return absl::InvalidArgumentError(absl::StrCat("prompt has ", n, " tokens; with max_tokens ",
                                                    request.max_tokens(), " the limit is ", limit));
   }
-  for (int32_t id : prompt) {
-    if (id < 0 || id >= config_.vocab_size) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("token id ", id, " outside the vocabulary [0, ", config_.vocab_size, ")"));
-    }
-  }
+  RETURN_IF_ERROR(CheckTokenIds(prompt, config_.vocab_size));
   for (const std::string& stop : request.stop()) {
     if (stop.empty()) return absl::InvalidArgumentError("empty stop string");
   }

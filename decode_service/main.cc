@@ -18,6 +18,7 @@
 #include "common/log.h"
 #include "common/metrics.h"
 #include "common/server_flags.h"
+#include "common/status_macros.h"
 #include "common/tls.h"
 #include "decode_service/decode_server.h"
 #include "decode_service/openai_api.h"
@@ -88,6 +89,50 @@ absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> StartOpenAiFromFlags(
   return OpenAiHttpServer::Start(server->InProcessChannel(grpc::ChannelArguments()), options);
 }
 
+// The model's tokenizer; null without tokenizer.json (then only token-id prompts are served).
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizerIfPresent(const std::string& model_dir) {
+  if (!std::ifstream(model_dir + "/tokenizer.json").good()) return nullptr;
+  return Tokenizer::Load(model_dir);
+}
+
+// The prefill services and the limits from the flags; `prefill_tls` gets the channel TLS files.
+absl::StatusOr<DecodeServerOptions> DecodeServerOptionsFromFlags(ChannelTlsFiles* prefill_tls) {
+  DecodeServerOptions options;
+  options.prefill_addresses =
+      absl::StrSplit(absl::GetFlag(FLAGS_prefill_addresses), ',', absl::SkipEmpty());
+  options.kv_streams = absl::GetFlag(FLAGS_kv_streams);
+  options.kv_receive_window_bytes = absl::GetFlag(FLAGS_kv_receive_window_bytes);
+  options.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
+  options.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
+  options.max_streams_per_connection = absl::GetFlag(FLAGS_max_streams_per_connection);
+  prefill_tls->ca = absl::GetFlag(FLAGS_prefill_tls_ca);
+  prefill_tls->cert = absl::GetFlag(FLAGS_prefill_tls_cert);
+  prefill_tls->key = absl::GetFlag(FLAGS_prefill_tls_key);
+  prefill_tls->refresh_seconds = TlsRefreshSecondsFromFlags();
+  ASSIGN_OR_RETURN(options.prefill_credentials, MakeChannelCredentials(*prefill_tls));
+  options.prefill_tls_server_name = absl::GetFlag(FLAGS_prefill_tls_server_name);
+  return options;
+}
+
+// After SIGTERM: HTTP requests drain first (the gRPC server's shutdown closes the in-process
+// transport, cutting the calls on it; probes fail and the HTTP port is closed meanwhile), then
+// the gRPC calls, within --shutdown_grace_seconds in all.
+void DrainAndStop(ServicePorts* ports, std::unique_ptr<OpenAiHttpServer> openai) {
+  const absl::Time drained_by =
+      absl::Now() + absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds));
+  if (openai != nullptr) {
+    if (ports->health) ports->health->server->Shutdown();
+    openai->StopAccepting();
+    openai->WaitUntilIdle(drained_by);
+  }
+  ShutdownService(ports, std::max(drained_by - absl::Now(), absl::ZeroDuration()));
+}
+
+int StartFailed(const absl::Status& status) {
+  LogError("decode.start_failed", {{"error", status.ToString()}});
+  return 1;
+}
+
 int Run() {
   const std::string model_dir = absl::GetFlag(FLAGS_model_dir);
   SequencePoolOptions pool;
@@ -96,25 +141,16 @@ int Run() {
   pool.max_batch = absl::GetFlag(FLAGS_max_batch);
   absl::StatusOr<std::unique_ptr<SequenceModel>> model =
       LoadSequenceModel(absl::GetFlag(FLAGS_device), model_dir, pool);
-  if (!model.ok()) {
-    LogError("decode.start_failed", {{"error", model.status().ToString()}});
-    return 1;
-  }
+  if (!model.ok()) return StartFailed(model.status());
   absl::StatusOr<std::string> fingerprint = ModelFingerprint(model_dir);
-  if (!fingerprint.ok()) {
-    LogError("decode.start_failed", {{"error", fingerprint.status().ToString()}});
-    return 1;
-  }
-  // Without tokenizer.json the service still serves token-id prompts.
-  std::unique_ptr<Tokenizer> tokenizer;
-  if (std::ifstream(model_dir + "/tokenizer.json").good()) {
-    absl::StatusOr<std::unique_ptr<Tokenizer>> loaded = Tokenizer::Load(model_dir);
-    if (!loaded.ok()) {
-      LogError("decode.start_failed", {{"error", loaded.status().ToString()}});
-      return 1;
-    }
-    tokenizer = *std::move(loaded);
-  }
+  if (!fingerprint.ok()) return StartFailed(fingerprint.status());
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = LoadTokenizerIfPresent(model_dir);
+  if (!tokenizer.ok()) return StartFailed(tokenizer.status());
+  ChannelTlsFiles prefill_tls;
+  absl::StatusOr<DecodeServerOptions> options = DecodeServerOptionsFromFlags(&prefill_tls);
+  if (!options.ok()) return StartFailed(options.status());
+  options->model_fingerprint = *fingerprint;
+  options->tokenizer = tokenizer->get();
   auto registry = std::make_shared<prometheus::Registry>();
   DecodeStepMetrics step_metrics(registry.get());
   DecodeEngineOptions engine_options;
@@ -124,77 +160,35 @@ int Run() {
     step_metrics.Observe(timing);
   };
   DecodeEngine engine(model->get(), engine_options);
-  DecodeServerOptions options;
-  options.prefill_addresses =
-      absl::StrSplit(absl::GetFlag(FLAGS_prefill_addresses), ',', absl::SkipEmpty());
-  options.model_fingerprint = *fingerprint;
-  options.kv_streams = absl::GetFlag(FLAGS_kv_streams);
-  options.kv_receive_window_bytes = absl::GetFlag(FLAGS_kv_receive_window_bytes);
-  options.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
-  options.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
-  options.max_streams_per_connection = absl::GetFlag(FLAGS_max_streams_per_connection);
-  options.tokenizer = tokenizer.get();
-  ChannelTlsFiles prefill_tls;
-  prefill_tls.ca = absl::GetFlag(FLAGS_prefill_tls_ca);
-  prefill_tls.cert = absl::GetFlag(FLAGS_prefill_tls_cert);
-  prefill_tls.key = absl::GetFlag(FLAGS_prefill_tls_key);
-  prefill_tls.refresh_seconds = TlsRefreshSecondsFromFlags();
-  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> prefill_credentials =
-      MakeChannelCredentials(prefill_tls);
-  if (!prefill_credentials.ok()) {
-    LogError("decode.start_failed", {{"error", prefill_credentials.status().ToString()}});
-    return 1;
-  }
-  options.prefill_credentials = *prefill_credentials;
-  options.prefill_tls_server_name = absl::GetFlag(FLAGS_prefill_tls_server_name);
-  DecodeServer service(&engine, (*model)->config(), options, registry.get());
+  DecodeServer service(&engine, (*model)->config(), *options, registry.get());
   absl::StatusOr<std::unique_ptr<MetricsServer>> metrics =
       MetricsServer::Start("0.0.0.0", absl::GetFlag(FLAGS_metrics_port), registry,
                            [&service] { service.UpdateGauges(); });
-  if (!metrics.ok()) {
-    LogError("decode.start_failed", {{"error", metrics.status().ToString()}});
-    return 1;
-  }
+  if (!metrics.ok()) return StartFailed(metrics.status());
   absl::StatusOr<ServicePorts> ports = StartServiceFromFlags(absl::GetFlag(FLAGS_listen), &service);
-  if (!ports.ok()) {
-    LogError("decode.start_failed", {{"error", ports.status().ToString()}});
-    return 1;
-  }
+  if (!ports.ok()) return StartFailed(ports.status());
   absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> openai =
       StartOpenAiFromFlags(ports->server.get(), model_dir);
   if (!openai.ok()) {
-    LogError("decode.start_failed", {{"error", openai.status().ToString()}});
     ShutdownService(&*ports, absl::ZeroDuration());
-    return 1;
+    return StartFailed(openai.status());
   }
   LogInfo("decode.ready",
           {{"listen", absl::GetFlag(FLAGS_listen)},
            {"port", ports->port},
            {"tls", ports->tls},
            {"health_port", ports->health_port},
-           {"prefill_tls", prefill_tls.ca.empty()     ? "off"
-                           : prefill_tls.cert.empty() ? "tls"
-                                                      : "mtls"},
+           {"prefill_tls", TlsMode(prefill_tls)},
            {"metrics_port", (*metrics)->port()},
            {"openai_port", *openai ? (*openai)->port() : 0},
            {"prefill", absl::GetFlag(FLAGS_prefill_addresses)},
            {"device", absl::GetFlag(FLAGS_device)},
            {"kv_pool_mib", (*model)->kv_pool_blocks() * (*model)->kv_block_bytes() / (1 << 20)},
-           {"tokenizer", tokenizer != nullptr},
+           {"tokenizer", *tokenizer != nullptr},
            {"fingerprint", *fingerprint}});
   const int signal = WaitForTerminationSignal();
   LogInfo("decode.draining", {{"signal", signal}, {"active", service.active_requests()}});
-  const absl::Time drained_by =
-      absl::Now() + absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds));
-  if (*openai) {
-    // The gRPC server's shutdown closes the in-process transport, cutting the calls on it: HTTP
-    // requests drain first (probes fail and the HTTP port is closed meanwhile).
-    if (ports->health) ports->health->server->Shutdown();
-    (*openai)->StopAccepting();
-    (*openai)->WaitUntilIdle(drained_by);
-  }
-  ShutdownService(&*ports, std::max(drained_by - absl::Now(), absl::ZeroDuration()));
-  openai->reset();
+  DrainAndStop(&*ports, *std::move(openai));
   LogInfo("decode.stopped");
   return 0;
 }

@@ -273,4 +273,14 @@ std::string ModelConfigToJson(const ModelConfig& c) {
   return json.dump(2) + "\n";
 }
 
+absl::Status CheckTokenIds(absl::Span<const int32_t> ids, int64_t vocab_size) {
+  for (int32_t id : ids) {
+    if (id < 0 || id >= vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("token id ", id, " outside the vocabulary [0, ", vocab_size, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace sparseaccel

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 
 namespace sparseaccel {
 
@@ -50,6 +51,9 @@ struct ModelConfig {
 // attention_bias or mlp_bias set to true). Rope settings are read from `rope_scaling` +
 // `rope_theta` (transformers 4.x) or from `rope_parameters` (transformers 5.x) alike.
 absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text);
+
+// InvalidArgument naming the first id outside the vocabulary [0, vocab_size).
+absl::Status CheckTokenIds(absl::Span<const int32_t> ids, int64_t vocab_size);
 
 // Reads and parses `<model_dir>/config.json` (NotFound when absent).
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir);

@@ -12,6 +12,7 @@
 #include "kernels/parallel.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
+#include "model/config.h"
 #include "model/safetensors.h"
 
 namespace sparseaccel {
@@ -271,12 +272,7 @@ absl::Status LlamaCpu::Forward(absl::Span<const SequenceChunk> batch, std::vecto
                        chunk.start_pos + static_cast<int64_t>(chunk.tokens.size()),
                        " exceed max_position_embeddings ", c.max_position_embeddings));
     }
-    for (int32_t token : chunk.tokens) {
-      if (token < 0 || token >= c.vocab_size) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("token id ", token, " outside the vocabulary [0, ", c.vocab_size, ")"));
-      }
-    }
+    RETURN_IF_ERROR(CheckTokenIds(chunk.tokens, c.vocab_size));
     rows += static_cast<int64_t>(chunk.tokens.size());
   }
   if (attention_ != nullptr && shards_ > 1) {

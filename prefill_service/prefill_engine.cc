@@ -9,6 +9,7 @@
 #include "common/metrics.h"
 #include "common/status_macros.h"
 #include "kernels/sampling.h"
+#include "model/config.h"
 #include "proto/sampling.h"
 
 namespace sparseaccel {
@@ -55,12 +56,7 @@ absl::Status PrefillEngine::Validate(const v1::PrefillRequest& request) const {
     return absl::InvalidArgumentError(
         absl::StrCat("prompt has ", n, " tokens, the limit is ", limit));
   }
-  for (int32_t id : request.token_ids()) {
-    if (id < 0 || id >= config.vocab_size) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("token id ", id, " outside the vocabulary [0, ", config.vocab_size, ")"));
-    }
-  }
+  RETURN_IF_ERROR(CheckTokenIds(request.token_ids(), config.vocab_size));
   RETURN_IF_ERROR(ValidateSampling(request.sampling()));
   if (!v1::KvChecksum_IsValid(request.kv_checksum())) {
     return absl::InvalidArgumentError(

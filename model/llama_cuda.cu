@@ -11,6 +11,7 @@
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/sparse_attention.h"
 #include "kernels/rope.h"
+#include "model/config.h"
 #include "model/cuda/cuda_util.cuh"
 #include "model/cuda/gemm.cuh"
 #include "model/cuda/graph_cache.cuh"
@@ -482,12 +483,7 @@ struct LlamaCuda::State {
   }
 
   absl::Status CheckTokens(absl::Span<const int32_t> tokens, int64_t start) const {
-    for (int32_t t : tokens) {
-      if (t < 0 || t >= config.vocab_size) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("token id ", t, " out of range [0, ", config.vocab_size, ")"));
-      }
-    }
+    RETURN_IF_ERROR(CheckTokenIds(tokens, config.vocab_size));
     if (start < 0 || start + static_cast<int64_t>(tokens.size()) > config.max_position_embeddings) {
       return absl::InvalidArgumentError(
           absl::StrCat("positions [", start, ", ", start + tokens.size(),

@@ -225,9 +225,9 @@ TEST_F(CudaKernelsTest, RopeAndStoreKvRotatesLikeApplyRopeAndStoresAtSlots) {
 }
 
 // SmallBatchLinear against fp64 sums of the same bf16 operands, for every epilogue, row
-// count, k split over warps or not, a partial last step of loads; and each row bit for bit what the
-// same row gives alone (batch invariance). Bounds: fp32 sums 1e-4; one bf16 rounding 1e-2; SwiGLU
-// rounds gate and up before silu: 2e-2.
+// count, a partial last block and a partial last step of loads; and each row bit for bit what
+// the same row gives alone (batch invariance). Bounds: fp32 sums 1e-4; one bf16 rounding 1e-2;
+// SwiGLU rounds gate and up before silu: 2e-2.
 TEST_F(CudaKernelsTest, SmallBatchLinearMatchesFp64ForEveryEpilogue) {
   struct Case {
     int64_t m, n, k;

@@ -4,10 +4,11 @@
 // streaming loads, kUnroll of them per row in flight per lane before their first use; the rows
 // of x come from L1/L2. Lane sums are reduced over the warp and lane 0 applies the epilogue.
 // A lane sums the same k indices in the same order for every m, so results are
-// batch-invariant.
+// batch-invariant. Tried on an H100 and slower for decode steps of 1-3 rows (bench/README.md):
+// slicing k over more warps (3-10%), and launching it to overlap the kernel before it
+// (programmatic dependent launch, the first weight loads issued before the wait: 1-5%).
 
 #include <cstdint>
-#include <utility>
 
 #include "kernels/cuda/cuda_check.cuh"
 #include "kernels/cuda/cuda_kernels.h"
@@ -137,14 +138,6 @@ absl::Status LaunchRows(const SmallBatchLinearArgs& a, cudaStream_t stream) {
   return LaunchStatus("SmallBatchLinearKernel");
 }
 
-template <int... kRows>
-absl::Status LaunchFor(const SmallBatchLinearArgs& a, cudaStream_t stream,
-                       std::integer_sequence<int, kRows...>) {
-  absl::Status status = absl::InvalidArgumentError("SmallBatchLinear: bad row count");
-  ((a.m == kRows + 1 ? (status = LaunchRows<kRows + 1>(a, stream), true) : false) || ...);
-  return status;
-}
-
 }  // namespace
 
 bool SmallBatchLinearFits(const SmallBatchLinearArgs& a) {
@@ -160,8 +153,26 @@ absl::Status SmallBatchLinear(const SmallBatchLinearArgs& args, void* stream) {
         "SmallBatchLinear: m ", args.m, " (1..", kSmallBatchLinearRows, "), n ", args.n, ", k ",
         args.k, " (a multiple of 8), 16-byte aligned x and w, n even for SwiGLU"));
   }
-  return LaunchFor(args, AsStream(stream),
-                   std::make_integer_sequence<int, kSmallBatchLinearRows>());
+  const cudaStream_t s = AsStream(stream);
+  static_assert(kSmallBatchLinearRows == 8, "one case per row count");
+  switch (args.m) {
+    case 1:
+      return LaunchRows<1>(args, s);
+    case 2:
+      return LaunchRows<2>(args, s);
+    case 3:
+      return LaunchRows<3>(args, s);
+    case 4:
+      return LaunchRows<4>(args, s);
+    case 5:
+      return LaunchRows<5>(args, s);
+    case 6:
+      return LaunchRows<6>(args, s);
+    case 7:
+      return LaunchRows<7>(args, s);
+    default:
+      return LaunchRows<8>(args, s);
+  }
 }
 
 }  // namespace cuda

@@ -8,6 +8,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev libxxhash-dev libssl-dev libre2-dev
   prometheus-cpp-dev libcpp-httplib-dev nlohmann-json3-dev libopenblas-dev
   python3 python3-grpcio python3-protobuf python3-numpy python3-yaml curl
+  prometheus
 )
 missing=()
 for p in "${packages[@]}"; do

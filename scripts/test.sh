@@ -16,4 +16,7 @@ tools/npm/export_tokenizer.sh
 npm ci --prefix clients/node --no-audit --no-fund --loglevel=error
 # The official openai client for //tests:openai_client_test (tests/openai/package-lock.json).
 npm ci --prefix tests/openai --no-audit --no-fund --loglevel=error
+# The manifest and Dockerfile validators for //tests:k8s_schema_test and //tests:dockerfile_test
+# (deploy/validate/package-lock.json: kubernetes-models, typescript, dockerfile-utils).
+npm ci --prefix deploy/validate --no-audit --no-fund --loglevel=error
 exec tools/test_summary.sh "${@:-//...}"

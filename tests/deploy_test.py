@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """Checks deploy/: the Kubernetes manifests parse and are consistent with the services' flags and
-ports, and every metric the Grafana dashboard queries is one the services export."""
+ports (every --flag is one the binary defines; both run --device=cuda on one nvidia.com/gpu),
+and every metric the Grafana dashboard queries is one the services export."""
 import glob
 import json
 import os
@@ -47,10 +48,28 @@ for doc in documents:
     container = doc["spec"]["template"]["spec"]["containers"][0]
     binary = os.path.basename(container["command"][0])
     check(binary in flags, "unknown binary %s" % binary)
+    # The image has the binaries under /app/ (deploy/Dockerfile).
+    check(container["command"][0] == "/app/" + binary, "%s is not under /app/" % binary)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    args = dict(a[2:].split("=", 1) for a in container["args"])
-    for name in args:
-        check(name in flags.get(binary, ()), "%s has no flag --%s" % (binary, name))
+    # Every --flag of the command line (command and args) is one the binary defines; absl
+    # also takes --noflag for booleans. A flag without =value is a boolean set to true.
+    args = {}
+    for arg in container["command"][1:] + container.get("args", []):
+        if not arg.startswith("--"):
+            failures.append("%s: %r is not a --flag" % (binary, arg))
+            continue
+        name, _, value = arg[2:].partition("=")
+        defined = flags.get(binary, ())
+        check(name in defined or (name.startswith("no") and name[2:] in defined),
+              "%s has no flag --%s" % (binary, name))
+        check(name not in args, "%s: --%s given twice" % (binary, name))
+        args[name] = value
+    # Both services run the GPU engine on the one GPU their pod asks for.
+    check(args.get("device") == "cuda", "%s does not run --device=cuda" % binary)
+    limits = container.get("resources", {}).get("limits", {})
+    check(str(limits.get("nvidia.com/gpu")) == "1",
+          "%s: resources.limits nvidia.com/gpu is %s, not 1" % (binary,
+                                                               limits.get("nvidia.com/gpu")))
     check(args["listen"].endswith(":%d" % ports["grpc"]), "%s listen/port mismatch" % binary)
     check(int(args["metrics_port"]) == ports["metrics"], "%s metrics port mismatch" % binary)
     annotations = doc["spec"]["template"]["metadata"]["annotations"]

@@ -9,34 +9,13 @@ clients/node/node_modules (scripts/test.sh installs them).
 """
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
-ROOT = os.environ.get("TEST_SRCDIR", "")
-if ROOT:
-    ROOT = os.path.join(ROOT, os.environ.get("TEST_WORKSPACE", "sparseaccel"))
-else:
-    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import ROOT, free_port, wait_ready  # pylint: disable=wrong-import-position
 MAX_TOKENS = 12
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(log_path, event, seconds=60):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with open(log_path) as f:
-            if event in f.read():
-                return True
-        time.sleep(0.1)
-    return False
 
 
 def token_ids(output):

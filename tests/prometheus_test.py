@@ -19,7 +19,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,11 +26,8 @@ import time
 import urllib.parse
 import urllib.request
 
-ROOT = os.environ.get("TEST_SRCDIR", "")
-if ROOT:
-    ROOT = os.path.join(ROOT, os.environ.get("TEST_WORKSPACE", "sparseaccel"))
-else:
-    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import ROOT, free_port, wait_ready  # pylint: disable=wrong-import-position
 REQUESTS = 3
 MAX_TOKENS = 8
 # Histograms observed only on the GPU engine (peak GPU memory of a prefill): on the CPU their
@@ -46,22 +42,6 @@ GRAFANA_VARIABLES = {
     "__range_s": "3600",
     "__range_ms": "3600000",
 }
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(log_path, event, seconds=60):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with open(log_path) as f:
-            if event in f.read():
-                return True
-        time.sleep(0.1)
-    return False
 
 
 def get(url, timeout=5):

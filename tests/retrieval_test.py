@@ -18,11 +18,8 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.environ.get("TEST_SRCDIR", "")
-if ROOT:
-    ROOT = os.path.join(ROOT, os.environ.get("TEST_WORKSPACE", "sparseaccel"))
-else:
-    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import ROOT  # pylint: disable=wrong-import-position
 MODEL = os.path.join(ROOT, "bench", "retrieval", "passkey_model")
 RETRIEVAL = os.path.join(ROOT, "bench", "retrieval")
 TARGET = 0.15

@@ -20,7 +20,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,11 +29,8 @@ import urllib.request
 
 import grpc
 
-ROOT = os.environ.get("TEST_SRCDIR", "")
-if ROOT:
-    ROOT = os.path.join(ROOT, os.environ.get("TEST_WORKSPACE", "sparseaccel"))
-else:
-    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import ROOT, free_port  # pylint: disable=wrong-import-position
 sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
 import generate  # pylint: disable=wrong-import-position  # load_stubs
 
@@ -44,12 +40,6 @@ RSS_BOUND_MIB = 64
 VOCAB = 512  # make_checkpoint --preset tiny
 KILLS_AT = (0.3, 0.6)  # Fractions of the run at which the prefill service is killed.
 DOWN_SECONDS = 2.0
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def binary(folder, name):

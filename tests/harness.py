@@ -36,3 +36,17 @@ def log_has(path, text):
 def wait_ready(log_path, event, seconds=60):
     """Waits for a service's ready event (e.g. "decode.ready") in its log."""
     return wait_for(lambda: log_has(log_path, event), seconds, interval=0.1)
+
+
+def stop(processes):
+    """Terminates the services a test started and waits for them to exit."""
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=40)
+
+
+def report(failures):
+    """Prints one FAIL line per failure; the test's exit code."""
+    for failure in failures:
+        print("FAIL: " + failure)
+    return 1 if failures else 0

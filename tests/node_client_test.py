@@ -14,7 +14,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ROOT, free_port, wait_ready  # pylint: disable=wrong-import-position
+from harness import ROOT, free_port, report, stop, wait_ready  # pylint: disable=wrong-import-position
 MAX_TOKENS = 12
 
 
@@ -67,12 +67,8 @@ def main():
         if bad.returncode != 1 or "INVALID_ARGUMENT" not in bad.stderr:
             failures.append("bad request: exit %d, stderr %r" % (bad.returncode, bad.stderr))
     finally:
-        for process in services:
-            process.terminate()
-            process.wait(timeout=40)
-    for failure in failures:
-        print("FAIL: " + failure)
-    return 1 if failures else 0
+        stop(services)
+    return report(failures)
 
 
 if __name__ == "__main__":

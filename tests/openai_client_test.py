@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ROOT, free_port, wait_for, log_has  # pylint: disable=wrong-import-position
+from harness import ROOT, free_port, log_has, report, stop, wait_for  # pylint: disable=wrong-import-position
 PROMPT = "The capital of France is"
 MAX_TOKENS = 12
 
@@ -183,12 +183,8 @@ def main():
             raise SystemExit("the decode service did not reach the restarted prefill service")
         drain_check(base, decode, failures)
     finally:
-        for process in (prefill, decode):
-            process.terminate()
-            process.wait(timeout=40)
-    for failure in failures:
-        print("FAIL: " + failure)
-    return 1 if failures else 0
+        stop((prefill, decode))
+    return report(failures)
 
 
 if __name__ == "__main__":

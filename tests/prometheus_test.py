@@ -27,7 +27,7 @@ import urllib.parse
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ROOT, free_port, wait_ready  # pylint: disable=wrong-import-position
+from harness import ROOT, free_port, report, stop, wait_ready  # pylint: disable=wrong-import-position
 REQUESTS = 3
 MAX_TOKENS = 8
 # Histograms observed only on the GPU engine (peak GPU memory of a prefill): on the CPU their
@@ -248,13 +248,9 @@ def main():
     finally:
         if prometheus:
             prometheus.stop()
-        for process in processes:
-            process.terminate()
-            process.wait(timeout=40)
-    for failure in failures:
-        print("FAIL: " + failure)
+        stop(processes)
     print("prometheus test: %d failures in %.1f s" % (len(failures), time.monotonic() - started))
-    return 1 if failures else 0
+    return report(failures)
 
 
 if __name__ == "__main__":

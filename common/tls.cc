@@ -80,10 +80,6 @@ absl::Status CheckKeyPair(const std::string& cert_path, const std::string& key_p
   return absl::OkStatus();
 }
 
-}  // namespace
-
-namespace {
-
 const char* ModeOf(bool encrypted, bool client_certificates) {
   if (!encrypted) return "off";
   return client_certificates ? "mtls" : "tls";

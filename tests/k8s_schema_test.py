@@ -16,11 +16,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.environ.get("TEST_SRCDIR", "")
-if ROOT:
-    ROOT = os.path.join(ROOT, os.environ.get("TEST_WORKSPACE", "sparseaccel"))
-else:
-    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import ROOT, report  # pylint: disable=wrong-import-position
 VALIDATOR = os.path.realpath(os.path.join(ROOT, "deploy", "validate", "validate_k8s.js"))
 
 # (what, manifest, text in it, replacement, expected in the validator's output)
@@ -81,10 +78,8 @@ def main():
             failures.append("%s: expected %r in:\n%s" % (what, expected, "\n".join(lines)))
     if failures:
         print(output)
-    for failure in failures:
-        print("FAIL: " + failure)
     print("k8s schema test: %d failures in %.1f s" % (len(failures), time.monotonic() - started))
-    return 1 if failures else 0
+    return report(failures)
 
 
 if __name__ == "__main__":

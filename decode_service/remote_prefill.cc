@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "common/grpc_util.h"
 #include "common/status_macros.h"
@@ -49,9 +50,24 @@ class CallGroup {
   absl::Status failure_ ABSL_GUARDED_BY(mu_);
 };
 
+// How a failed Prefill or FetchKv call ends the request: request errors pass through,
+// transport failures become UNAVAILABLE. `call` names the call for the message.
+absl::Status RemoteCallFailure(const grpc::Status& status, grpc::ServerContext* client,
+                               absl::string_view call) {
+  absl::Status remote = FromGrpcStatus(status);
+  if (client->IsCancelled()) return absl::CancelledError("client went away during prefill");
+  if (remote.code() == absl::StatusCode::kInvalidArgument ||
+      remote.code() == absl::StatusCode::kFailedPrecondition ||
+      remote.code() == absl::StatusCode::kDeadlineExceeded) {
+    return remote;
+  }
+  return absl::UnavailableError(absl::StrCat(call, " failed: ", remote.ToString()));
+}
+
 // Reads one FetchKv stream of the transfer into `kv` until it ends.
 void ReadFetchStream(v1::PrefillService::Stub* stub, const std::string& transfer_id,
-                     const std::string& address, KvStreamReader* kv, CallGroup* group) {
+                     const std::string& address, grpc::ServerContext* client, KvStreamReader* kv,
+                     CallGroup* group) {
   v1::KvFetchRequest request;
   request.set_kv_transfer_id(transfer_id);
   std::unique_ptr<grpc::ClientReader<v1::PrefillResponse>> reader =
@@ -70,8 +86,8 @@ void ReadFetchStream(v1::PrefillService::Stub* stub, const std::string& transfer
   // NOT_FOUND: the transfer was over before this stream joined, or the call reached another
   // replica behind the same address; the other streams carry the chunks (Complete checks).
   if (!finished.ok() && finished.error_code() != grpc::StatusCode::NOT_FOUND) {
-    group->Fail(absl::UnavailableError(absl::StrCat("KV stream from prefill service ", address,
-                                                    " failed: ", finished.error_message())));
+    group->Fail(RemoteCallFailure(finished, client,
+                                  absl::StrCat("KV stream from prefill service ", address)));
   }
 }
 
@@ -79,21 +95,6 @@ absl::Status WithAddress(const absl::Status& status, const std::string& address)
   if (status.ok()) return status;
   return absl::Status(status.code(),
                       absl::StrCat("prefill service ", address, ": ", status.message()));
-}
-
-// How a failed Prefill call ends the request: request errors pass through, transport failures
-// become UNAVAILABLE.
-absl::Status PrefillCallFailure(const grpc::Status& status, grpc::ServerContext* client,
-                                const std::string& address) {
-  absl::Status remote = FromGrpcStatus(status);
-  if (client->IsCancelled()) return absl::CancelledError("client went away during prefill");
-  if (remote.code() == absl::StatusCode::kInvalidArgument ||
-      remote.code() == absl::StatusCode::kFailedPrecondition ||
-      remote.code() == absl::StatusCode::kDeadlineExceeded) {
-    return remote;
-  }
-  return absl::UnavailableError(
-      absl::StrCat("prefill service ", address, " failed: ", remote.ToString()));
 }
 
 }  // namespace
@@ -173,7 +174,8 @@ absl::StatusOr<RemotePrefillResult> RemotePrefillClient::Run(
             std::min<int32_t>(message.header().kv_streams(), target.stubs.size());
         for (int32_t i = 1; i < streams && !message.header().kv_transfer_id().empty(); ++i) {
           fetchers.emplace_back(ReadFetchStream, target.stubs[i].get(),
-                                message.header().kv_transfer_id(), target.address, &kv, &group);
+                                message.header().kv_transfer_id(), target.address, client, &kv,
+                                &group);
         }
         return absl::OkStatus();
       }
@@ -203,7 +205,9 @@ absl::StatusOr<RemotePrefillResult> RemotePrefillClient::Run(
   const grpc::Status status = reader->Finish();
   for (std::thread& fetcher : fetchers) fetcher.join();
   RETURN_IF_ERROR(group.failure());
-  if (!status.ok()) return PrefillCallFailure(status, client, target.address);
+  if (!status.ok()) {
+    return RemoteCallFailure(status, client, absl::StrCat("prefill service ", target.address));
+  }
   if (!have_trailer) {
     return absl::UnavailableError(
         absl::StrCat("prefill stream from ", target.address, " ended early"));

@@ -40,6 +40,7 @@ RSS_BOUND_MIB = 64
 VOCAB = 512  # make_checkpoint --preset tiny
 KILLS_AT = (0.3, 0.6)  # Fractions of the run at which the prefill service is killed.
 DOWN_SECONDS = 2.0
+RECONNECT_SECONDS = 2.0  # decode_service/remote_prefill.cc: kMaxReconnectBackoffMs, doubled.
 
 
 def binary(folder, name):
@@ -50,6 +51,7 @@ class Prefill:
     """The prefill service on a fixed port, killed and restarted on demand."""
 
     def __init__(self, model, port, log):
+        self.address = "127.0.0.1:%d" % port
         self.command = [binary("prefill_service", "prefill_server"), "--model_dir", model,
                         "--listen", "127.0.0.1:%d" % port, "--metrics_port", "0",
                         "--sparse_config", "none"]
@@ -67,7 +69,10 @@ class Prefill:
         self.process.wait()
         time.sleep(DOWN_SECONDS)
         self.start()
-        outage[1] = time.monotonic() + 3.0  # Until it has loaded again.
+        # Until it answers health checks again (loading takes longer on a busy machine), plus
+        # the decode service's longest reconnect backoff (1 s) with a margin.
+        wait_healthy(self.address)
+        outage[1] = time.monotonic() + RECONNECT_SECONDS
 
 
 def health(address):
@@ -170,7 +175,7 @@ def client(stub, pb, seed, stop_at, prefill, record):
 def main():
     work = os.environ.get("TEST_TMPDIR") or tempfile.mkdtemp(prefix="soak_test_")
     model = os.path.join(work, "tiny")
-    subprocess.run([binary("model", "make_checkpoint"), "--out", model, "--preset", "tiny",
+    subprocess.run([binary("model/tools", "make_checkpoint"), "--out", model, "--preset", "tiny",
                     "--seed", "3"], check=True, stderr=subprocess.DEVNULL)
     pb, pb_grpc = generate.load_stubs()
     prefill_port, decode_port, metrics_port = free_port(), free_port(), free_port()

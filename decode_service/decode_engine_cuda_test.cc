@@ -14,9 +14,9 @@
 #include "decode_service/decode_engine.h"
 #include "gtest/gtest.h"
 #include "kernels/sampling.h"
-#include "model/checkpoint_maker.h"
-#include "model/llama_cuda.h"
-#include "model/safetensors.h"
+#include "model/checkpoint/checkpoint_maker.h"
+#include "model/cuda/llama_cuda.h"
+#include "model/checkpoint/safetensors.h"
 
 namespace sparseaccel {
 namespace {

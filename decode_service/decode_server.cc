@@ -10,7 +10,7 @@
 #include "common/log.h"
 #include "common/metrics.h"
 #include "common/status_macros.h"
-#include "model/config.h"
+#include "model/checkpoint/config.h"
 #include "proto/sampling.h"
 
 namespace sparseaccel {

@@ -14,7 +14,7 @@
 #include "decode_service/decode_engine.h"
 #include "decode_service/remote_prefill.h"
 #include "decode_service/stream_limit.h"
-#include "model/tokenizer.h"
+#include "model/text/tokenizer.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"

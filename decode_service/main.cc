@@ -1,6 +1,6 @@
 // The decode service: the public Generate API. Prompts are prefilled by prefill services; their
 // KV caches arrive over gRPC and decoding runs here in one continuous batch.
-//   decode_server --model_dir DIR --listen 0.0.0.0:50052 --metrics_port 9465 \
+//   decode_server --model_dir DIR --listen 0.0.0.0:50052 --metrics_port 9465
 //                 --prefill_addresses host1:50051,host2:50051 [--openai_port 8000]
 
 #include <algorithm>
@@ -25,8 +25,8 @@
 #include "decode_service/openai_http.h"
 #include "decode_service/step_metrics.h"
 #include "model/backend.h"
-#include "model/fingerprint.h"
-#include "model/tokenizer.h"
+#include "model/checkpoint/fingerprint.h"
+#include "model/text/tokenizer.h"
 
 ABSL_FLAG(std::string, model_dir, "", "Hugging Face checkpoint directory.");
 ABSL_FLAG(std::string, listen, "0.0.0.0:50052", "gRPC listen address.");

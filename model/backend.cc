@@ -3,9 +3,9 @@
 #include "absl/strings/str_cat.h"
 #include "model/host_sequence_model.h"
 #include "model/llama_cpu.h"
-#include "model/sparse_prefill.h"
+#include "model/sparse/sparse_prefill.h"
 #ifdef SPARSEACCEL_WITH_CUDA
-#include "model/llama_cuda.h"
+#include "model/cuda/llama_cuda.h"
 #endif
 
 namespace sparseaccel {

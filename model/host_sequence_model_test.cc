@@ -6,9 +6,9 @@
 
 #include "gtest/gtest.h"
 #include "kernels/sampling.h"
-#include "model/checkpoint_maker.h"
+#include "model/checkpoint/checkpoint_maker.h"
 #include "model/llama_cpu.h"
-#include "model/safetensors.h"
+#include "model/checkpoint/safetensors.h"
 
 namespace sparseaccel {
 namespace {

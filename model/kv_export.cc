@@ -7,7 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "model/language_model.h"
-#include "model/safetensors.h"
+#include "model/checkpoint/safetensors.h"
 
 namespace sparseaccel {
 namespace {

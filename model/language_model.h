@@ -9,7 +9,7 @@
 
 #include "absl/status/status.h"
 #include "absl/types/span.h"
-#include "model/config.h"
+#include "model/checkpoint/config.h"
 #include "model/kv_cache.h"
 #include "model/kv_export.h"
 

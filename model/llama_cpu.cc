@@ -12,8 +12,8 @@
 #include "kernels/parallel.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
-#include "model/config.h"
-#include "model/safetensors.h"
+#include "model/checkpoint/config.h"
+#include "model/checkpoint/safetensors.h"
 
 namespace sparseaccel {
 

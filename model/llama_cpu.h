@@ -15,7 +15,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "kernels/attention.h"
-#include "model/config.h"
+#include "model/checkpoint/config.h"
 #include "model/kv_cache.h"
 #include "model/language_model.h"
 

@@ -11,7 +11,7 @@
 
 #include "gtest/gtest.h"
 #include "kernels/sampling.h"
-#include "model/checkpoint_maker.h"
+#include "model/checkpoint/checkpoint_maker.h"
 
 namespace sparseaccel {
 namespace {

@@ -16,7 +16,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "kernels/sampling.h"
-#include "model/config.h"
+#include "model/checkpoint/config.h"
 #include "model/kv_cache.h"
 
 namespace sparseaccel {

@@ -16,7 +16,7 @@
 #include "common/tls.h"
 #include "kernels/sparse/pattern_config.h"
 #include "model/backend.h"
-#include "model/fingerprint.h"
+#include "model/checkpoint/fingerprint.h"
 #include "prefill_service/prefill_server.h"
 
 ABSL_FLAG(std::string, model_dir, "", "Hugging Face checkpoint directory.");

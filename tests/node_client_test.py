@@ -25,7 +25,7 @@ def token_ids(output):
 def main():
     work = os.environ.get("TEST_TMPDIR") or tempfile.mkdtemp(prefix="node_client_test_")
     model = os.path.join(work, "tiny")
-    subprocess.run([os.path.join(ROOT, "model", "make_checkpoint"), "--out", model, "--preset",
+    subprocess.run([os.path.join(ROOT, "model", "tools", "make_checkpoint"), "--out", model, "--preset",
                     "tiny", "--seed", "5"], check=True, stderr=subprocess.DEVNULL)
     prefill_port, decode_port = free_port(), free_port()
     prefill_log, decode_log = os.path.join(work, "prefill.log"), os.path.join(work, "decode.log")

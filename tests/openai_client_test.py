@@ -131,7 +131,7 @@ def drain_check(base, decode, failures):
 def main():
     work = os.environ.get("TEST_TMPDIR") or tempfile.mkdtemp(prefix="openai_client_test_")
     model = os.path.join(work, "tiny")
-    subprocess.run([os.path.join(ROOT, "model", "make_checkpoint"), "--out", model, "--preset",
+    subprocess.run([os.path.join(ROOT, "model", "tools", "make_checkpoint"), "--out", model, "--preset",
                     "tiny", "--seed", "5", "--tokenizer_json", tokenizer_files(work)],
                    check=True, stderr=subprocess.DEVNULL)
     prefill_port, decode_port, metrics_port, openai_port = (free_port() for _ in range(4))

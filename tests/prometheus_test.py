@@ -170,7 +170,7 @@ def main():
     started = time.monotonic()
     work = os.environ.get("TEST_TMPDIR") or tempfile.mkdtemp(prefix="prometheus_test_")
     model = os.path.join(work, "tiny")
-    subprocess.run([os.path.join(ROOT, "model", "make_checkpoint"), "--out", model, "--preset",
+    subprocess.run([os.path.join(ROOT, "model", "tools", "make_checkpoint"), "--out", model, "--preset",
                     "tiny", "--seed", "5"], check=True, stderr=subprocess.DEVNULL)
     prefill_port, decode_port = free_port(), free_port()
     metrics = {"prefill": "127.0.0.1:%d" % free_port(), "decode": "127.0.0.1:%d" % free_port()}

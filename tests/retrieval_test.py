@@ -44,7 +44,7 @@ def main():
             run([sys.executable, os.path.join(RETRIEVAL, "passkey.py"), "--tokens", str(tokens),
                  "--count", "1", "--seed", "100"], stdout=f)
     searched = os.path.join(work, "searched.json")
-    run([os.path.join(ROOT, "model", "pattern_search"), "--model", MODEL, "--prompt_file",
+    run([os.path.join(ROOT, "model", "tools", "pattern_search"), "--model", MODEL, "--prompt_file",
          calibration, "--out", searched, "--target_density", str(TARGET), "--dense_below", "0"],
         stderr=subprocess.DEVNULL)
     results = os.path.join(work, "results.json")

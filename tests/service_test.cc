@@ -21,13 +21,13 @@
 #include "httplib.h"
 #include "kernels/sampling.h"
 #include "kv_stream/kv_stream.h"
-#include "model/checkpoint_maker.h"
-#include "model/fingerprint.h"
+#include "model/checkpoint/checkpoint_maker.h"
+#include "model/checkpoint/fingerprint.h"
 #include "model/host_sequence_model.h"
 #include "model/llama_cpu.h"
-#include "model/safetensors.h"
-#include "model/sparse_prefill.h"
-#include "model/tokenizer.h"
+#include "model/checkpoint/safetensors.h"
+#include "model/sparse/sparse_prefill.h"
+#include "model/text/tokenizer.h"
 #include "nlohmann/json.hpp"
 #include "prefill_service/prefill_server.h"
 #include "tests/test_certs.h"
@@ -623,7 +623,6 @@ TEST(ServiceTest, LogsCarryNoPromptTextStopStringsOrTokenIds) {
 TEST(ServiceTest, StopStringEndsTheTextBeforeIt) {
   TextServicePair text_pair;
   ASSERT_NE(text_pair.tokenizer, nullptr);
-  const std::unique_ptr<Tokenizer>& tokenizer = text_pair.tokenizer;
   ServicePair& services = text_pair.services;
   std::mt19937 rng(std::random_device{}());
   // Prompts of letters: the continuation then holds many two-letter words.

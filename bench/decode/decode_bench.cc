@@ -18,7 +18,7 @@
 #include "absl/strings/str_split.h"
 #include "common/log.h"
 #include "kernels/sampling.h"
-#include "model/llama_cuda.h"
+#include "model/cuda/llama_cuda.h"
 
 ABSL_FLAG(std::string, model, "", "Checkpoint directory.");
 ABSL_FLAG(std::string, contexts, "4096,32768", "Context lengths.");

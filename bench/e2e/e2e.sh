@@ -17,9 +17,9 @@ mode="${1:-}"
 
 if [[ "$mode" == stage ]]; then
   set -e
-  targets=(//prefill_service:prefill_server //decode_service:decode_server //model:make_checkpoint
+  targets=(//prefill_service:prefill_server //decode_service:decode_server //model/tools:make_checkpoint
            //bench/ttft:ttft_bench //bench/e2e:e2e_client
-           //model:llama_cuda_test //decode_service:decode_engine_cuda_test
+           //model/cuda:llama_cuda_test //decode_service:decode_engine_cuda_test
            //bench/decode:decode_bench)
   bazel build "${targets[@]}"
   bin="$(bazel info bazel-bin 2>/dev/null)"

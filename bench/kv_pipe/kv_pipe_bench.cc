@@ -44,7 +44,7 @@
 #include "grpcpp/grpcpp.h"
 #include "model/host_sequence_model.h"
 #include "model/language_model.h"
-#include "model/safetensors.h"
+#include "model/checkpoint/safetensors.h"
 #include "model/sequence_model.h"
 #include "nlohmann/json.hpp"
 #include "prefill_service/prefill_engine.h"

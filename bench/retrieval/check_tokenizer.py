@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Checks that the tokenizer.json of passkey.write_tokenizer gives passkey.encode's ids in C++.
 
-A text prompt sent to the decode service is encoded by model/tokenizer.cc, while training and
+A text prompt sent to the decode service is encoded by model/text/tokenizer.cc, while training and
 eval.py use passkey.encode; a mismatch would silently change every prompt, so this compares
 the two on passkey prompts and on text with multi-byte characters and whitespace runs.
 

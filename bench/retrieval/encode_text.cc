@@ -12,7 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_join.h"
-#include "model/tokenizer.h"
+#include "model/text/tokenizer.h"
 
 int main(int argc, char** argv) {
   if (argc != 2) {

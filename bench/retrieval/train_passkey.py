@@ -79,7 +79,7 @@ def accuracy(model, length, count, seed, device):
 
 
 def fix_config(out):
-    """Writes every field model/config.cc reads into config.json: transformers saves only those
+    """Writes every field model/checkpoint/config.cc reads into config.json: transformers saves only those
     that differ from LlamaConfig's defaults, and the C++ defaults must never decide the shape."""
     path = os.path.join(out, "config.json")
     with open(path) as f:

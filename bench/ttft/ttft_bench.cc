@@ -17,7 +17,7 @@
 #include "absl/strings/str_split.h"
 #include "common/log.h"
 #include "kernels/sampling.h"
-#include "model/llama_cuda.h"
+#include "model/cuda/llama_cuda.h"
 
 ABSL_FLAG(std::string, model, "", "Checkpoint directory.");
 ABSL_FLAG(std::string, lengths, "4096,16384,32768,65536,131072", "Prompt lengths.");

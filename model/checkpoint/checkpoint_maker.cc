@@ -1,4 +1,4 @@
-#include "model/checkpoint_maker.h"
+#include "model/checkpoint/checkpoint_maker.h"
 
 #include <dirent.h>
 #include <sys/stat.h>

@@ -1,5 +1,5 @@
-#ifndef SPARSEACCEL_MODEL_CHECKPOINT_MAKER_H_
-#define SPARSEACCEL_MODEL_CHECKPOINT_MAKER_H_
+#ifndef SPARSEACCEL_MODEL_CHECKPOINT_CHECKPOINT_MAKER_H_
+#define SPARSEACCEL_MODEL_CHECKPOINT_CHECKPOINT_MAKER_H_
 
 // Writes deterministic random-weight Llama checkpoints in Hugging Face's exact layout
 // (config.json, generation_config.json, model.safetensors or shards + index), for tests and
@@ -10,8 +10,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "model/config.h"
-#include "model/safetensors.h"
+#include "model/checkpoint/config.h"
+#include "model/checkpoint/safetensors.h"
 
 namespace sparseaccel {
 
@@ -39,4 +39,4 @@ absl::Status WriteRandomCheckpoint(const std::string& out_dir, const CheckpointO
 
 }  // namespace sparseaccel
 
-#endif  // SPARSEACCEL_MODEL_CHECKPOINT_MAKER_H_
+#endif  // SPARSEACCEL_MODEL_CHECKPOINT_CHECKPOINT_MAKER_H_

@@ -1,5 +1,5 @@
-#ifndef SPARSEACCEL_MODEL_CONFIG_H_
-#define SPARSEACCEL_MODEL_CONFIG_H_
+#ifndef SPARSEACCEL_MODEL_CHECKPOINT_CONFIG_H_
+#define SPARSEACCEL_MODEL_CHECKPOINT_CONFIG_H_
 
 // The Llama family's Hugging Face `config.json` (Llama 2, 3, 3.1, 3.2): what the engines need to
 // build and run a model, parsed and validated. Unsupported architectures or settings are errors.
@@ -65,4 +65,4 @@ std::string ModelConfigToJson(const ModelConfig& config);
 
 }  // namespace sparseaccel
 
-#endif  // SPARSEACCEL_MODEL_CONFIG_H_
+#endif  // SPARSEACCEL_MODEL_CHECKPOINT_CONFIG_H_

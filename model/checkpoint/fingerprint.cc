@@ -1,4 +1,4 @@
-#include "model/fingerprint.h"
+#include "model/checkpoint/fingerprint.h"
 
 #include <algorithm>
 #include <fstream>
@@ -6,8 +6,8 @@
 
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
-#include "model/config.h"
-#include "model/safetensors.h"
+#include "model/checkpoint/config.h"
+#include "model/checkpoint/safetensors.h"
 
 namespace sparseaccel {
 namespace {

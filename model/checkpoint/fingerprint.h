@@ -1,5 +1,5 @@
-#ifndef SPARSEACCEL_MODEL_FINGERPRINT_H_
-#define SPARSEACCEL_MODEL_FINGERPRINT_H_
+#ifndef SPARSEACCEL_MODEL_CHECKPOINT_FINGERPRINT_H_
+#define SPARSEACCEL_MODEL_CHECKPOINT_FINGERPRINT_H_
 
 #include <string>
 
@@ -14,4 +14,4 @@ absl::StatusOr<std::string> ModelFingerprint(const std::string& model_dir);
 
 }  // namespace sparseaccel
 
-#endif  // SPARSEACCEL_MODEL_FINGERPRINT_H_
+#endif  // SPARSEACCEL_MODEL_CHECKPOINT_FINGERPRINT_H_

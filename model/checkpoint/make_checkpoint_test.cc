@@ -19,9 +19,9 @@
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "model/checkpoint_maker.h"
-#include "model/config.h"
-#include "model/safetensors.h"
+#include "model/checkpoint/checkpoint_maker.h"
+#include "model/checkpoint/config.h"
+#include "model/checkpoint/safetensors.h"
 #include "nlohmann/json.hpp"
 
 namespace sparseaccel {
@@ -250,7 +250,7 @@ TEST(CheckpointMakerTest, RejectsInvalidOptions) {
 // exit status.
 int RunMaker(const std::string& args, const std::string& env = "") {
   const std::string log = TempDir("logs") + "/make_checkpoint.log";
-  const std::string command = env + " model/make_checkpoint " + args + " >" + log + " 2>&1";
+  const std::string command = env + " model/tools/make_checkpoint " + args + " >" + log + " 2>&1";
   const int status = std::system(command.c_str());
   const int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   if (code != 0) std::cerr << command << " exited " << code << ":\n" << ReadText(log);

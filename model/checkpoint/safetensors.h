@@ -1,5 +1,5 @@
-#ifndef SPARSEACCEL_MODEL_SAFETENSORS_H_
-#define SPARSEACCEL_MODEL_SAFETENSORS_H_
+#ifndef SPARSEACCEL_MODEL_CHECKPOINT_SAFETENSORS_H_
+#define SPARSEACCEL_MODEL_CHECKPOINT_SAFETENSORS_H_
 
 // Reading and writing the safetensors format
 // (8-byte little-endian header length, JSON header, raw little-endian tensor bytes), one file or
@@ -122,4 +122,4 @@ float F16ToFloat(uint16_t bits);
 
 }  // namespace sparseaccel
 
-#endif  // SPARSEACCEL_MODEL_SAFETENSORS_H_
+#endif  // SPARSEACCEL_MODEL_CHECKPOINT_SAFETENSORS_H_

@@ -11,14 +11,14 @@
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/sparse_attention.h"
 #include "kernels/rope.h"
-#include "model/config.h"
+#include "model/checkpoint/config.h"
 #include "model/cuda/cuda_util.cuh"
 #include "model/cuda/gemm.cuh"
 #include "model/cuda/graph_cache.cuh"
 #include "model/cuda/kv_copy.cuh"
 #include "model/cuda/kv_transfer.cuh"
-#include "model/llama_cuda.h"
-#include "model/safetensors.h"
+#include "model/cuda/llama_cuda.h"
+#include "model/checkpoint/safetensors.h"
 
 namespace sparseaccel {
 namespace {

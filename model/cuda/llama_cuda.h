@@ -1,5 +1,5 @@
-#ifndef SPARSEACCEL_MODEL_LLAMA_CUDA_H_
-#define SPARSEACCEL_MODEL_LLAMA_CUDA_H_
+#ifndef SPARSEACCEL_MODEL_CUDA_LLAMA_CUDA_H_
+#define SPARSEACCEL_MODEL_CUDA_LLAMA_CUDA_H_
 
 // The Llama forward pass on one CUDA GPU: bf16 weights and activations, fp32 accumulation,
 // linear layers through cuBLASLt (model/cuda/gemm.cuh), the other steps through the kernels of
@@ -39,7 +39,7 @@
 #include "absl/types/span.h"
 #include "kernels/sampling.h"
 #include "kernels/sparse/pattern_config.h"
-#include "model/config.h"
+#include "model/checkpoint/config.h"
 #include "model/kv_cache.h"
 #include "model/language_model.h"
 #include "model/sequence_model.h"
@@ -192,4 +192,4 @@ class LlamaCuda : public LanguageModel, public SequenceModel {
 
 }  // namespace sparseaccel
 
-#endif  // SPARSEACCEL_MODEL_LLAMA_CUDA_H_
+#endif  // SPARSEACCEL_MODEL_CUDA_LLAMA_CUDA_H_

@@ -8,7 +8,7 @@
 // max|ref|); we hold the engine to max|gpu - cpu| / max|cpu| < 8e-2 (measured: 1.2e-2 to
 // 3.2e-2). A wrong kernel (index, mask, rope) gives errors of order 1.
 
-#include "model/llama_cuda.h"
+#include "model/cuda/llama_cuda.h"
 
 #include <algorithm>
 #include <cmath>
@@ -22,10 +22,10 @@
 #include "gtest/gtest.h"
 #include "kernels/cuda/device_memory.h"
 #include "kernels/sampling.h"
-#include "model/checkpoint_maker.h"
+#include "model/checkpoint/checkpoint_maker.h"
 #include "model/llama_cpu.h"
-#include "model/pattern_search_cuda.h"
-#include "model/sparse_prefill.h"
+#include "model/sparse/pattern_search_cuda.h"
+#include "model/sparse/sparse_prefill.h"
 
 namespace sparseaccel {
 namespace {

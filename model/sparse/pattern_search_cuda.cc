@@ -1,4 +1,4 @@
-#include "model/pattern_search_cuda.h"
+#include "model/sparse/pattern_search_cuda.h"
 
 #include <algorithm>
 #include <cmath>
@@ -11,7 +11,7 @@
 #include "kernels/cuda/device_memory.h"
 #include "kernels/cuda/sparse_attention.h"
 #include "kernels/sparse/pattern_search.h"
-#include "model/safetensors.h"
+#include "model/checkpoint/safetensors.h"
 
 namespace sparseaccel {
 namespace {

@@ -1,5 +1,5 @@
-#ifndef SPARSEACCEL_MODEL_PATTERN_SEARCH_CUDA_H_
-#define SPARSEACCEL_MODEL_PATTERN_SEARCH_CUDA_H_
+#ifndef SPARSEACCEL_MODEL_SPARSE_PATTERN_SEARCH_CUDA_H_
+#define SPARSEACCEL_MODEL_SPARSE_PATTERN_SEARCH_CUDA_H_
 
 // The pattern search (SearchModelPatterns, model/sparse_prefill.h) on the CUDA engine, for
 // models too large for the CPU one: each calibration prompt runs through
@@ -16,8 +16,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "model/llama_cuda.h"
-#include "model/sparse_prefill.h"
+#include "model/cuda/llama_cuda.h"
+#include "model/sparse/sparse_prefill.h"
 
 namespace sparseaccel {
 
@@ -29,4 +29,4 @@ absl::StatusOr<ModelSearch> SearchModelPatternsCuda(
 
 }  // namespace sparseaccel
 
-#endif  // SPARSEACCEL_MODEL_PATTERN_SEARCH_CUDA_H_
+#endif  // SPARSEACCEL_MODEL_SPARSE_PATTERN_SEARCH_CUDA_H_

@@ -1,4 +1,4 @@
-#include "model/sparse_prefill.h"
+#include "model/sparse/sparse_prefill.h"
 
 #include <algorithm>
 

@@ -1,5 +1,5 @@
-#ifndef SPARSEACCEL_MODEL_SPARSE_PREFILL_H_
-#define SPARSEACCEL_MODEL_SPARSE_PREFILL_H_
+#ifndef SPARSEACCEL_MODEL_SPARSE_SPARSE_PREFILL_H_
+#define SPARSEACCEL_MODEL_SPARSE_SPARSE_PREFILL_H_
 
 // Dynamic sparse attention in the CPU engine's prefill: each head runs its configured pattern
 // at the prompt's length (PatternAtLength), building its index from the head's actual Q and K;
@@ -82,4 +82,4 @@ ModelSearch CollectModelSearch(int64_t layers, int64_t heads, double target_dens
 
 }  // namespace sparseaccel
 
-#endif  // SPARSEACCEL_MODEL_SPARSE_PREFILL_H_
+#endif  // SPARSEACCEL_MODEL_SPARSE_SPARSE_PREFILL_H_

@@ -1,11 +1,11 @@
-#include "model/sparse_prefill.h"
+#include "model/sparse/sparse_prefill.h"
 
 #include <cmath>
 #include <random>
 
 #include "gtest/gtest.h"
 #include "kernels/sampling.h"
-#include "model/checkpoint_maker.h"
+#include "model/checkpoint/checkpoint_maker.h"
 
 namespace sparseaccel {
 namespace {

@@ -1,5 +1,5 @@
-#ifndef SPARSEACCEL_MODEL_CHAT_TEMPLATE_H_
-#define SPARSEACCEL_MODEL_CHAT_TEMPLATE_H_
+#ifndef SPARSEACCEL_MODEL_TEXT_CHAT_TEMPLATE_H_
+#define SPARSEACCEL_MODEL_TEXT_CHAT_TEMPLATE_H_
 
 // Llama 3 chat prompts, rendered in C++ to exactly the text that transformers'
 // `apply_chat_template` renders from the model's Jinja chat_template (no Jinja engine here).
@@ -57,4 +57,4 @@ std::string StripUnicodeWhitespace(absl::string_view text);
 
 }  // namespace sparseaccel
 
-#endif  // SPARSEACCEL_MODEL_CHAT_TEMPLATE_H_
+#endif  // SPARSEACCEL_MODEL_TEXT_CHAT_TEMPLATE_H_

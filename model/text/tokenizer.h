@@ -1,5 +1,5 @@
-#ifndef SPARSEACCEL_MODEL_TOKENIZER_H_
-#define SPARSEACCEL_MODEL_TOKENIZER_H_
+#ifndef SPARSEACCEL_MODEL_TEXT_TOKENIZER_H_
+#define SPARSEACCEL_MODEL_TEXT_TOKENIZER_H_
 
 // Byte-level BPE tokenizer of the Llama 3 family, loaded from a Hugging Face model directory
 // (`tokenizer.json` + `tokenizer_config.json`), producing the same ids as Hugging Face's
@@ -35,7 +35,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
-#include "model/chat_template.h"
+#include "model/text/chat_template.h"
 
 namespace re2 {
 class RE2;
@@ -177,4 +177,4 @@ size_t IncompleteUtf8Suffix(absl::string_view bytes);
 
 }  // namespace sparseaccel
 
-#endif  // SPARSEACCEL_MODEL_TOKENIZER_H_
+#endif  // SPARSEACCEL_MODEL_TEXT_TOKENIZER_H_

@@ -1,4 +1,4 @@
-#include "model/tokenizer.h"
+#include "model/text/tokenizer.h"
 
 #include <algorithm>
 #include <fstream>
@@ -11,7 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
-#include "model/chat_template.h"
+#include "model/text/chat_template.h"
 #include "nlohmann/json.hpp"
 
 namespace sparseaccel {

@@ -9,7 +9,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
-#include "model/checkpoint_maker.h"
+#include "model/checkpoint/checkpoint_maker.h"
 
 ABSL_FLAG(std::string, out, "", "Output directory (created if needed).");
 ABSL_FLAG(std::string, preset, "tiny", "Base shape: tiny, small or llama-3.1-8b.");

@@ -24,9 +24,9 @@
 #include "common/status_macros.h"
 #include "kernels/sampling.h"
 #include "kernels/sparse/pattern_search.h"
-#include "model/sparse_prefill.h"
+#include "model/sparse/sparse_prefill.h"
 #ifdef SPARSEACCEL_WITH_CUDA
-#include "model/pattern_search_cuda.h"
+#include "model/sparse/pattern_search_cuda.h"
 #endif
 
 ABSL_FLAG(std::string, model, "", "Checkpoint directory.");

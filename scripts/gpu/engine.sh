@@ -21,11 +21,11 @@ wants() { [[ "$stage" == all || ",$stage," == *",$1,"* ]]; }
 if [[ -n "${building:-}" ]]; then
   set -e
   targets=()
-  wants check && targets+=(//model:llama_cuda_test //decode_service:decode_engine_cuda_test
-                           //model:run_cuda //model:make_checkpoint)
-  wants bench && targets+=(//model:run_cuda //bench/decode:decode_bench)
-  (wants bench || wants sparse) && targets+=(//model:make_checkpoint //bench/ttft:ttft_bench)
-  wants sparse && targets+=(//model:pattern_search)
+  wants check && targets+=(//model/cuda:llama_cuda_test //decode_service:decode_engine_cuda_test
+                           //model/tools:run_model //model/tools:make_checkpoint)
+  wants bench && targets+=(//model/tools:run_model //bench/decode:decode_bench)
+  (wants bench || wants sparse) && targets+=(//model/tools:make_checkpoint //bench/ttft:ttft_bench)
+  wants sparse && targets+=(//model/tools:pattern_search)
   bazel build "${targets[@]}"
   bin="$(bazel info bazel-bin 2>/dev/null)"
   rm -rf out/engine

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Checks the CUDA engine (run_cuda) against Hugging Face transformers on the same checkpoint.
+"""Checks the CUDA engine (run_model --device cuda) against Hugging Face transformers.
 
-run_cuda prefills a pseudo-random prompt (logits at every position) and decodes greedily on a
-device sequence. transformers runs the prompt plus our generated tokens in one forward, in
+On the same checkpoint, run_model --device cuda prefills a pseudo-random prompt (logits at every
+position) and decodes greedily on a device sequence. transformers runs the prompt plus our generated tokens in one forward, in
 fp32 (TF32 off: the reference) and in bf16 (sdpa), so every row compares the same inputs:
   - norm_rel = ||ours - hf|| / ||hf|| over all rows, and max_row_rel = max over rows of
     max|ours - hf| / max|hf|;
@@ -44,7 +44,7 @@ def errors(ours, ref):
 
 def check(name, model_dir, bin_dir, prompt_len, steps, tokens_must_match, work):
     dump = os.path.join(work, name + ".logits")
-    run = subprocess.run([os.path.join(bin_dir, "run_cuda"), "--model", model_dir,
+    run = subprocess.run([os.path.join(bin_dir, "run_model"), "--device", "cuda", "--model", model_dir,
                           "--random_prompt", str(prompt_len), "--seed", "5",
                           "--decode", str(steps), "--dump_logits", dump],
                          check=True, capture_output=True, text=True)

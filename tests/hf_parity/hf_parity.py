@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks the CPU reference engine against Hugging Face transformers on the same checkpoint.
 
-For each model shape: writes a random-weight checkpoint with make_checkpoint, runs run_cpu on a
+For each model shape: writes a random-weight checkpoint with make_checkpoint, runs run_model on a
 pseudo-random prompt (logits at every prompt position plus greedy decode steps), runs
 transformers in fp32 (eager and sdpa attention) on the same ids, and compares:
   - max relative error per logits row, max|ours - hf| / max|hf|, worst row reported;
@@ -76,7 +76,7 @@ def main():
         subprocess.run([os.path.join(args.bin, "make_checkpoint"), "--out", model_dir,
                         "--dtype", "float32", "--seed", "11"] + flags, check=True)
         dump = os.path.join(args.work, name + ".logits")
-        ours = subprocess.run([os.path.join(args.bin, "run_cpu"), "--model", model_dir,
+        ours = subprocess.run([os.path.join(args.bin, "run_model"), "--model", model_dir,
                                "--random_prompt", str(args.prompt_len), "--seed", "5",
                                "--decode", str(args.steps), "--dump_logits", dump],
                               check=True, capture_output=True, text=True)

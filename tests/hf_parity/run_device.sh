@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (torch + transformers, no bazel): runs the HF parity check with binaries
-# staged by `scripts/stage_device.sh bazel-bin/model/run_cpu bazel-bin/model/make_checkpoint`.
+# staged by `scripts/stage_device.sh bazel-bin/model/tools/run_model bazel-bin/model/tools/make_checkpoint`.
 # Writes $OUT/hf_parity.json (or ./hf_parity.json without $OUT).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

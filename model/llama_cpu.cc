@@ -14,6 +14,7 @@
 #include "kernels/rope.h"
 #include "model/checkpoint/config.h"
 #include "model/checkpoint/safetensors.h"
+#include "model/llama_shapes.h"
 
 namespace sparseaccel {
 
@@ -30,8 +31,8 @@ struct LlamaCpu::Weights {
     std::vector<float> input_norm, post_attention_norm;
     std::vector<Shard> shards;
   };
-  // Shard `r` of `n` of a layer's projections, from the full HF tensors in `full`.
-  static Shard ShardOf(const Shard& full, const ModelConfig& c, int64_t r, int64_t n);
+  // Shard `t` of a layer's projections, from the full HF tensors in `full`.
+  static Shard ShardOf(const Shard& full, const ModelConfig& c, const TensorParallelShard& t);
   std::vector<float> embed;  // [vocab][hidden]
   std::vector<float> final_norm;
   std::vector<float> lm_head;  // Empty when tied to `embed`.
@@ -88,21 +89,22 @@ std::vector<float> ColumnSlice(const std::vector<float>& m, int64_t rows, int64_
 }  // namespace
 
 LlamaCpu::Weights::Shard LlamaCpu::Weights::ShardOf(const Shard& full, const ModelConfig& c,
-                                                    int64_t r, int64_t n) {
+                                                    const TensorParallelShard& t) {
   const int64_t hidden = c.hidden_size, d = c.head_dim;
-  const int64_t q_rows = c.num_attention_heads * d / n, kv_rows = c.num_key_value_heads * d / n;
-  const int64_t inter = c.intermediate_size / n;
+  const int64_t q_rows = t.heads * d, kv_rows = t.kv_heads * d;
   const auto rows = [&](const std::vector<float>& m, int64_t count) {
-    return ColumnSlice(m, 1, static_cast<int64_t>(m.size()), r * count * hidden, count * hidden);
+    return ColumnSlice(m, 1, static_cast<int64_t>(m.size()), t.rank * count * hidden,
+                       count * hidden);
   };
   Shard shard;
   shard.q = rows(full.q, q_rows);
   shard.k = rows(full.k, kv_rows);
   shard.v = rows(full.v, kv_rows);
-  shard.gate = rows(full.gate, inter);
-  shard.up = rows(full.up, inter);
-  shard.o = ColumnSlice(full.o, hidden, q_rows * n, r * q_rows, q_rows);
-  shard.down = ColumnSlice(full.down, hidden, inter * n, r * inter, inter);
+  shard.gate = rows(full.gate, t.intermediate);
+  shard.up = rows(full.up, t.intermediate);
+  shard.o = ColumnSlice(full.o, hidden, q_rows * t.count, t.first_head() * d, q_rows);
+  shard.down =
+      ColumnSlice(full.down, hidden, c.intermediate_size, t.first_intermediate(), t.intermediate);
   return shard;
 }
 
@@ -113,13 +115,8 @@ absl::StatusOr<std::unique_ptr<LlamaCpu>> LlamaCpu::Load(const std::string& mode
                                                          const LlamaCpuOptions& options) {
   ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(model_dir));
   const int64_t n = options.tensor_parallel;
-  if (n < 1 || config.num_attention_heads % n != 0 || config.num_key_value_heads % n != 0 ||
-      config.intermediate_size % n != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("tensor_parallel ", n, " must divide the heads (", config.num_attention_heads,
-                     "), KV heads (", config.num_key_value_heads, ") and intermediate_size (",
-                     config.intermediate_size, ")"));
-  }
+  // Every shard has the same shape; shard 0 checks that `n` divides the model.
+  RETURN_IF_ERROR(ShardOfModel(config, 0, n).status());
   ASSIGN_OR_RETURN(std::unique_ptr<TensorStore> store, TensorStore::OpenDirectory(model_dir));
   auto model = std::unique_ptr<LlamaCpu>(new LlamaCpu());
   model->config_ = config;
@@ -162,17 +159,13 @@ absl::StatusOr<std::unique_ptr<LlamaCpu>> LlamaCpu::Load(const std::string& mode
     if (n == 1) {
       l.shards.push_back(std::move(full));
     } else {
-      for (int64_t r = 0; r < n; ++r) l.shards.push_back(Weights::ShardOf(full, c, r, n));
+      for (int64_t r = 0; r < n; ++r) {
+        ASSIGN_OR_RETURN(const TensorParallelShard shard, ShardOfModel(c, r, n));
+        l.shards.push_back(Weights::ShardOf(full, c, shard));
+      }
     }
   }
-  Llama3RopeScaling scaling;
-  scaling.enabled = c.rope_scaling.type == RopeScaling::Type::kLlama3;
-  scaling.factor = c.rope_scaling.factor;
-  scaling.low_freq_factor = c.rope_scaling.low_freq_factor;
-  scaling.high_freq_factor = c.rope_scaling.high_freq_factor;
-  scaling.original_max_positions =
-      static_cast<double>(c.rope_scaling.original_max_position_embeddings);
-  w.inv_freq = RopeInverseFrequencies(c.head_dim, c.rope_theta, scaling);
+  w.inv_freq = RopeInverseFrequenciesOf(c);
   return model;
 }
 

@@ -23,6 +23,10 @@ ABSL_FLAG(std::string, model_dir, "", "Hugging Face checkpoint directory.");
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC listen address.");
 ABSL_FLAG(int32_t, metrics_port, 9464, "Port of the Prometheus /metrics endpoint (0: any).");
 ABSL_FLAG(std::string, device, "cpu", "Compute backend: cpu, or cuda in builds with nvcc.");
+ABSL_FLAG(int32_t, gpus, 0,
+          "With --device=cuda: 0 prefills on one GPU; N >= 1 tensor parallel over GPUs 0..N-1 "
+          "through NCCL (1: that path on one GPU). N must divide the heads, KV heads and "
+          "intermediate size.");
 ABSL_FLAG(int64_t, max_prompt_tokens, 131072, "Longest prompt accepted.");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 30, "How long SIGTERM waits for running requests.");
 ABSL_FLAG(int64_t, kv_chunk_bytes, 4 << 20, "Bytes of K and V per KV chunk message.");
@@ -64,8 +68,8 @@ int Run() {
     return 1;
   }
   if (!sparse->has_value()) LogInfo("prefill.dense_attention", {{"model", model_dir}});
-  absl::StatusOr<std::unique_ptr<LanguageModel>> model =
-      LoadLanguageModel(absl::GetFlag(FLAGS_device), model_dir, *std::move(sparse));
+  absl::StatusOr<std::unique_ptr<LanguageModel>> model = LoadLanguageModel(
+      absl::GetFlag(FLAGS_device), model_dir, *std::move(sparse), absl::GetFlag(FLAGS_gpus));
   if (!model.ok()) {
     LogError("prefill.start_failed", {{"error", model.status().ToString()}});
     return 1;
@@ -111,6 +115,7 @@ int Run() {
                             {"health_port", ports->health_port},
                             {"metrics_port", (*metrics)->port()},
                             {"model", model_dir},
+                            {"gpus", absl::GetFlag(FLAGS_gpus)},
                             {"fingerprint", *fingerprint},
                             {"kv_host_buffer_bytes", options.host_buffer_bytes}});
   const int signal = WaitForTerminationSignal();

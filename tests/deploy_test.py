@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """Checks deploy/: the Kubernetes manifests parse and are consistent with the services' flags and
-ports (every --flag is one the binary defines; both run --device=cuda on one nvidia.com/gpu),
+ports (every --flag is one the binary defines; both run --device=cuda on as many nvidia.com/gpu
+as they use),
 and every metric the Grafana dashboard queries is one the services export."""
 import glob
 import json
@@ -64,12 +65,14 @@ for doc in documents:
               "%s has no flag --%s" % (binary, name))
         check(name not in args, "%s: --%s given twice" % (binary, name))
         args[name] = value
-    # Both services run the GPU engine on the one GPU their pod asks for.
+    # Both services run the GPU engine on the GPUs their pod asks for: the prefill service on
+    # --gpus of them (0: one GPU without NCCL), the decode service on one.
     check(args.get("device") == "cuda", "%s does not run --device=cuda" % binary)
     limits = container.get("resources", {}).get("limits", {})
-    check(str(limits.get("nvidia.com/gpu")) == "1",
-          "%s: resources.limits nvidia.com/gpu is %s, not 1" % (binary,
-                                                               limits.get("nvidia.com/gpu")))
+    uses = max(1, int(args.get("gpus", "0")))
+    check(str(limits.get("nvidia.com/gpu")) == str(uses),
+          "%s: resources.limits nvidia.com/gpu is %s, the command uses %d" %
+          (binary, limits.get("nvidia.com/gpu"), uses))
     check(args["listen"].endswith(":%d" % ports["grpc"]), "%s listen/port mismatch" % binary)
     check(int(args["metrics_port"]) == ports["metrics"], "%s metrics port mismatch" % binary)
     annotations = doc["spec"]["template"]["metadata"]["annotations"]

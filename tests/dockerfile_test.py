@@ -241,9 +241,24 @@ def main():
     check(isinstance(build.keyring, str) and
           "/repos/debian%s/" % {"bookworm": "12", "trixie": "13"}.get(release, "?") in build.keyring,
           "cuda-keyring is not NVIDIA's repository for this Debian release: %s" % build.keyring)
+    # A toolkit package names its version (cuda-nvcc-13-0); a library released beside it
+    # (libnccl2) is pinned to its build for that version (=2.28.9-1+cuda13.0).
+    cuda_build = "+cuda%s.%s" % version.groups() if version else "?"
     for package in build.nvidia:
-        check(package.startswith(NVIDIA_PREFIXES), "%s: not an NVIDIA package" % package)
-        check(package.endswith(suffix), "%s: not CUDA %s" % (package, suffix[1:]))
+        name, _, pin = package.partition("=")
+        check(name.startswith(NVIDIA_PREFIXES), "%s: not an NVIDIA package" % package)
+        check(name.endswith(suffix) or pin.endswith(cuda_build),
+              "%s: not CUDA %s" % (package, suffix[1:]))
+    # The NCCL the image ships is the release whose nccl.h this machine compiles against.
+    header = os.path.join(os.environ.get("CUDA_PATH", "/usr/local/cuda"), "include", "nccl.h")
+    nccl = [p.partition("=")[2] for p in build.nvidia if p.startswith("libnccl2=")]
+    check(len(nccl) == 1, "build stage does not pin one libnccl2 (prefill_server --gpus)")
+    if os.path.exists(header) and nccl:
+        text = open(header).read()
+        release = ".".join(re.search(r"#define NCCL_%s (\d+)" % part, text).group(1)
+                           for part in ("MAJOR", "MINOR", "PATCH"))
+        check(nccl[0].startswith(release + "-"),
+              "libnccl2=%s, this machine's nccl.h is %s" % (nccl[0], release))
     configure = read("tools", "cuda_configure.bzl")
     needed = {"cuda-nvcc": True, "cuda-cudart-dev": "-lcudart_static" in configure,
               "libcublas-dev": "-lcublasLt" in configure, "cuda-cccl": True}  # cccl: CUB.

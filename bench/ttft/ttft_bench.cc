@@ -25,6 +25,7 @@ ABSL_FLAG(int64_t, reps, 3, "Timed runs per length up to 32K tokens (one above).
 ABSL_FLAG(int64_t, chunk, 4096, "Prefill chunk (tokens).");
 ABSL_FLAG(std::string, sparse_config, "", "Sparse attention config (empty: dense).");
 ABSL_FLAG(std::string, label, "dense", "Name of this configuration in the output.");
+ABSL_FLAG(int32_t, gpus, 0, "LlamaCudaOptions::gpus: 0 one GPU, N >= 1 tensor parallel over N.");
 
 namespace sparseaccel {
 namespace {
@@ -34,6 +35,7 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 int Run() {
   LlamaCudaOptions options;
   options.prefill_chunk_tokens = absl::GetFlag(FLAGS_chunk);
+  options.gpus = absl::GetFlag(FLAGS_gpus);
   if (!absl::GetFlag(FLAGS_sparse_config).empty()) {
     absl::StatusOr<SparseConfig> sparse = LoadSparseConfig(absl::GetFlag(FLAGS_sparse_config));
     if (!sparse.ok()) {
@@ -94,10 +96,11 @@ int Run() {
     const CudaMemoryStats memory = (*model)->MemoryStats();
     const bool sparse = (*model)->SparseStats().sparse_prefills > before.sparse_prefills;
     std::printf(
-        "{\"attention\": \"%s\", \"path\": \"%s\", \"tokens\": %ld, \"ttft_s\": %.4f, "
+        "{\"attention\": \"%s\", \"gpus\": %d, \"path\": \"%s\", \"tokens\": %ld, "
+        "\"ttft_s\": %.4f, "
         "\"reps\": %zu, \"weights_gib\": %.3f, \"peak_allocated_gib\": %.3f, "
         "\"peak_device_used_gib\": %.3f}\n",
-        label.c_str(), sparse ? "sparse" : "dense", static_cast<long>(n),
+        label.c_str(), absl::GetFlag(FLAGS_gpus), sparse ? "sparse" : "dense", static_cast<long>(n),
         seconds[seconds.size() / 2], seconds.size(), memory.weights / kGiB,
         memory.peak_allocated / kGiB, memory.peak_device_used / kGiB);
     std::fflush(stdout);

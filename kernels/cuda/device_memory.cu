@@ -49,6 +49,12 @@ absl::Status DeviceBuffer::Fill(uint8_t value) {
   return CudaStatus(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 }
 
+absl::StatusOr<int> DeviceCount() {
+  int count = 0;
+  CUDA_RETURN_IF_ERROR(cudaGetDeviceCount(&count));
+  return count;
+}
+
 absl::Status DeviceSynchronize() {
   return CudaStatus(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 }

@@ -62,6 +62,9 @@ absl::StatusOr<std::vector<T>> ToHost(const DeviceBuffer& buffer, size_t count) 
   return values;
 }
 
+// GPUs visible to this process.
+absl::StatusOr<int> DeviceCount();
+
 absl::Status DeviceSynchronize();
 
 // Copies `bytes` from device memory the caller does not own as a DeviceBuffer (a view another

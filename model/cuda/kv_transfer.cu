@@ -1,6 +1,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "common/status_macros.h"
 #include "kernels/cuda/cuda_kernels.h"
@@ -23,32 +24,75 @@ absl::StatusOr<SharedEvent> RecordedEvent(cudaStream_t stream) {
 }  // namespace
 
 absl::Status CudaHostPinner::Pin(void* data, size_t bytes) {
-  return CudaStatus(cudaHostRegister(data, bytes, cudaHostRegisterDefault), "cudaHostRegister");
+  // Portable: pinned for every GPU's context, so each GPU of a tensor-parallel engine copies
+  // its K/V columns into the slots at full speed.
+  return CudaStatus(cudaHostRegister(data, bytes, cudaHostRegisterPortable), "cudaHostRegister");
 }
 
 void CudaHostPinner::Unpin(void* data) { cudaHostUnregister(data); }
 
-absl::Status ExportLayerRows(int64_t layer, const uint16_t* k, const uint16_t* v, int64_t n,
-                             int64_t row, cudaStream_t compute, cudaStream_t copy,
-                             cudaEvent_t computed, cudaEvent_t copied, KvExporter* exporter) {
-  CUDA_RETURN_IF_ERROR(cudaEventRecord(computed, compute));
-  CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(copy, computed, 0));
+namespace {
+
+// Rows [first, first + count) of `part`'s K or V (`src`) into host rows of `row_bytes` at
+// `dst`, at the part's columns.
+absl::Status CopyColumns(const DeviceKvColumns& part, const uint16_t* src, int64_t first,
+                         int64_t count, size_t row_bytes, void* dst) {
+  const size_t width_bytes = static_cast<size_t>(part.width) * sizeof(uint16_t);
+  char* to = static_cast<char*>(dst) + part.offset * sizeof(uint16_t);
+  const uint16_t* from = src + first * part.width;
+  if (width_bytes == row_bytes) {
+    return CudaStatus(
+        cudaMemcpyAsync(to, from, count * row_bytes, cudaMemcpyDeviceToHost, part.copy),
+        "K/V copy to the host");
+  }
+  return CudaStatus(cudaMemcpy2DAsync(to, row_bytes, from, width_bytes, width_bytes, count,
+                                      cudaMemcpyDeviceToHost, part.copy),
+                    "K/V copy to the host");
+}
+
+absl::Status QueueLayerRows(int64_t layer, absl::Span<const DeviceKvColumns> parts, int64_t n,
+                            int64_t row, KvExporter* exporter) {
+  for (const DeviceKvColumns& part : parts) {
+    CUDA_RETURN_IF_ERROR(cudaSetDevice(part.device));
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(part.computed, part.compute));
+    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(part.copy, part.computed, 0));
+  }
   const int64_t step = std::max<int64_t>(1, exporter->rows_per_slot());
   const size_t row_bytes = static_cast<size_t>(row) * sizeof(uint16_t);
   for (int64_t first = 0; first < n; first += step) {
     const int64_t count = std::min(step, n - first);
     ASSIGN_OR_RETURN(KvExportSlot slot, exporter->Acquire(layer, first, count));
-    CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(slot.k, k + first * row, count * row_bytes, cudaMemcpyDeviceToHost, copy));
-    CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(slot.v, v + first * row, count * row_bytes, cudaMemcpyDeviceToHost, copy));
-    ASSIGN_OR_RETURN(SharedEvent done, RecordedEvent(copy));
-    RETURN_IF_ERROR(exporter->Publish(slot, [done] {
-      return CudaStatus(cudaEventSynchronize(done.get()), "K/V copy to the host");
+    std::vector<SharedEvent> done;
+    for (const DeviceKvColumns& part : parts) {
+      CUDA_RETURN_IF_ERROR(cudaSetDevice(part.device));
+      RETURN_IF_ERROR(CopyColumns(part, part.k, first, count, row_bytes, slot.k));
+      RETURN_IF_ERROR(CopyColumns(part, part.v, first, count, row_bytes, slot.v));
+      ASSIGN_OR_RETURN(SharedEvent event, RecordedEvent(part.copy));
+      done.push_back(std::move(event));
+    }
+    RETURN_IF_ERROR(exporter->Publish(slot, [done]() -> absl::Status {
+      for (const SharedEvent& event : done) {
+        CUDA_RETURN_IF_ERROR(cudaEventSynchronize(event.get()));
+      }
+      return absl::OkStatus();
     }));
   }
-  CUDA_RETURN_IF_ERROR(cudaEventRecord(copied, copy));
+  for (const DeviceKvColumns& part : parts) {
+    CUDA_RETURN_IF_ERROR(cudaSetDevice(part.device));
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(part.copied, part.copy));
+  }
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ExportLayerRows(int64_t layer, absl::Span<const DeviceKvColumns> parts, int64_t n,
+                             int64_t row, KvExporter* exporter) {
+  int current = 0;
+  CUDA_RETURN_IF_ERROR(cudaGetDevice(&current));
+  const absl::Status status = QueueLayerRows(layer, parts, n, row, exporter);
+  CUDA_RETURN_IF_ERROR(cudaSetDevice(current));
+  return status;
 }
 
 KvUploader::~KvUploader() {

@@ -20,6 +20,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
 #include "model/cuda/cuda_util.cuh"
 #include "model/kv_export.h"
 
@@ -32,12 +33,28 @@ class CudaHostPinner final : public HostMemoryPinner {
   void Unpin(void* data) override;
 };
 
-// Copies rows [0, n) of the layer's K and V (bf16, `row` elements each) into exporter slots on
-// `copy` after the work queued so far on `compute` (through `computed`, re-recorded here), and
-// publishes each slot with its own event. `copied` is recorded on `copy` after the last slot.
-absl::Status ExportLayerRows(int64_t layer, const uint16_t* k, const uint16_t* v, int64_t n,
-                             int64_t row, cudaStream_t compute, cudaStream_t copy,
-                             cudaEvent_t computed, cudaEvent_t copied, KvExporter* exporter);
+// One GPU's columns [offset, offset + width) of a layer's K/V rows: [n][width] bf16 rows on
+// `device`, with the streams and events of their export.
+struct DeviceKvColumns {
+  int device = 0;
+  const uint16_t* k = nullptr;
+  const uint16_t* v = nullptr;
+  int64_t width = 0;
+  int64_t offset = 0;
+  cudaStream_t compute = nullptr;
+  cudaStream_t copy = nullptr;
+  cudaEvent_t computed = nullptr;
+  cudaEvent_t copied = nullptr;
+};
+
+// Copies rows [0, n) of the layer's K and V (rows of `row` bf16 elements, put together from
+// `parts`: one part of the whole row on one GPU, or a tensor-parallel engine's column slices)
+// into exporter slots, on each part's `copy` stream after the work queued so far on its
+// `compute` stream (through `computed`, re-recorded here). Each slot is published with the
+// events of every part's copies into it; each part's `copied` is recorded after its last copy.
+// Keeps the current device.
+absl::Status ExportLayerRows(int64_t layer, absl::Span<const DeviceKvColumns> parts, int64_t n,
+                             int64_t row, KvExporter* exporter);
 
 class KvUploader {
  public:

@@ -12,13 +12,15 @@
 #include "kernels/cuda/sparse_attention.h"
 #include "kernels/rope.h"
 #include "model/checkpoint/config.h"
+#include "model/checkpoint/safetensors.h"
 #include "model/cuda/cuda_util.cuh"
 #include "model/cuda/gemm.cuh"
 #include "model/cuda/graph_cache.cuh"
 #include "model/cuda/kv_copy.cuh"
 #include "model/cuda/kv_transfer.cuh"
 #include "model/cuda/llama_cuda.h"
-#include "model/checkpoint/safetensors.h"
+#include "model/cuda/shard_group.cuh"
+#include "model/llama_shapes.h"
 
 namespace sparseaccel {
 namespace {
@@ -52,20 +54,34 @@ uint16_t F32ToBf16Bits(float value) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-// Copies tensor `name` (checked against `shape`) to `dst` as uint16_t.
+// Rows [row0, row0 + rows) and columns [col0, col0 + cols) of a [shape[0]][shape[1]] tensor
+// (a vector is one row); rows or cols < 0: all of them.
+struct TensorSlice {
+  int64_t row0 = 0, rows = -1;
+  int64_t col0 = 0, cols = -1;
+};
+
+// Copies `slice` of tensor `name` (checked against `shape`) to `dst` as bf16 bits, rows packed.
 absl::Status UploadTensor(const TensorStore& store, const std::string& name,
-                          std::vector<int64_t> shape, uint16_t* dst) {
+                          std::vector<int64_t> shape, uint16_t* dst, TensorSlice slice = {}) {
   ASSIGN_OR_RETURN(const TensorView* view, store.FindWithShape(name, shape));
-  if (view->dtype == DType::kBF16) {
-    CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, view->data, view->num_bytes, cudaMemcpyHostToDevice));
-    return absl::OkStatus();
+  const int64_t full_rows = shape.size() == 2 ? shape[0] : 1;
+  const int64_t full_cols = shape.back();
+  if (slice.rows < 0) slice.rows = full_rows - slice.row0;
+  if (slice.cols < 0) slice.cols = full_cols - slice.col0;
+  std::vector<uint16_t> bits;
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(view->data);
+  if (view->dtype != DType::kBF16) {
+    std::vector<float> f32(view->NumElements());
+    RETURN_IF_ERROR(ConvertToF32(*view, absl::MakeSpan(f32)));
+    bits.resize(f32.size());
+    for (size_t i = 0; i < f32.size(); ++i) bits[i] = F32ToBf16Bits(f32[i]);
+    src = bits.data();
   }
-  std::vector<float> f32(view->NumElements());
-  RETURN_IF_ERROR(ConvertToF32(*view, absl::MakeSpan(f32)));
-  std::vector<uint16_t> bits(f32.size());
-  for (size_t i = 0; i < f32.size(); ++i) bits[i] = F32ToBf16Bits(f32[i]);
-  CUDA_RETURN_IF_ERROR(
-      cudaMemcpy(dst, bits.data(), bits.size() * sizeof(uint16_t), cudaMemcpyHostToDevice));
+  const size_t element = sizeof(uint16_t);
+  CUDA_RETURN_IF_ERROR(cudaMemcpy2D(dst, slice.cols * element,
+                                    src + slice.row0 * full_cols + slice.col0, full_cols * element,
+                                    slice.cols * element, slice.rows, cudaMemcpyHostToDevice));
   return absl::OkStatus();
 }
 
@@ -77,6 +93,17 @@ struct LayerWeights {
   DeviceBuffer down;     // [hidden][intermediate]
 };
 
+// Total minus free memory of `device` (0 when it cannot be read); keeps the current device.
+int64_t DeviceUsed(int device) {
+  int current = 0;
+  if (cudaGetDevice(&current) != cudaSuccess) return 0;
+  if (current != device && cudaSetDevice(device) != cudaSuccess) return 0;
+  size_t free_bytes = 0, total_bytes = 0;
+  const bool read = cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess;
+  if (current != device) cudaSetDevice(current);
+  return read ? static_cast<int64_t>(total_bytes - free_bytes) : 0;
+}
+
 struct DeviceSequence {
   std::vector<int32_t> blocks;
   int64_t length = 0;
@@ -85,11 +112,21 @@ struct DeviceSequence {
 }  // namespace
 
 struct LlamaCuda::State {
+  // Ranks 1.. of a tensor-parallel engine and the group that runs them, on rank 0 only; empty
+  // on one GPU (options.gpus 0). Declared first: destroyed after this rank's buffers.
+  std::vector<std::unique_ptr<State>> peers;
+  std::unique_ptr<ShardGroup> group;
+  ShardGroup* group_of_shard = nullptr;  // `group` of rank 0, on every rank.
+
   ModelConfig config;
   LlamaCudaOptions options;
-  int64_t q_width = 0;    // heads * head_dim
-  int64_t kv_width = 0;   // kv_heads * head_dim
+  TensorParallelShard shard;  // This GPU's heads, KV heads and MLP rows (one GPU: all).
+  int device = 0;
+  int64_t q_width = 0;    // shard.heads * head_dim
+  int64_t kv_width = 0;   // shard.kv_heads * head_dim
   int64_t qkv_width = 0;  // q_width + 2 * kv_width
+  int64_t kv_row = 0;     // Every KV head: the row width of host stores and exporters.
+  int64_t kv_offset = 0;  // The first of this shard's columns in those rows.
 
   mutable absl::Mutex mu;
   cudaStream_t stream = nullptr;
@@ -153,6 +190,7 @@ struct LlamaCuda::State {
   int64_t next_sequence_id = 1;
 
   ~State() {
+    cudaSetDevice(device);
     for (cudaEvent_t event : {layer_copied, spare_copied, layer_computed}) {
       if (event) cudaEventDestroy(event);
     }
@@ -169,12 +207,9 @@ struct LlamaCuda::State {
   }
 
   void SampleDeviceMemory() {
-    size_t free_bytes = 0, total_bytes = 0;
-    if (cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
-      const int64_t used = static_cast<int64_t>(total_bytes - free_bytes);
-      int64_t peak = peak_device_used.load();
-      while (used > peak && !peak_device_used.compare_exchange_weak(peak, used)) {
-      }
+    const int64_t used = DeviceUsed(device);
+    int64_t peak = peak_device_used.load();
+    while (used > peak && !peak_device_used.compare_exchange_weak(peak, used)) {
     }
   }
 
@@ -217,8 +252,8 @@ struct LlamaCuda::State {
     RETURN_IF_ERROR(normed.Reserve(Bf16Bytes(rows * c.hidden_size)));
     RETURN_IF_ERROR(qkv.Reserve(Bf16Bytes(rows * qkv_width)));
     RETURN_IF_ERROR(attn.Reserve(Bf16Bytes(rows * q_width)));
-    RETURN_IF_ERROR(gate_up.Reserve(Bf16Bytes(rows * 2 * c.intermediate_size)));
-    return act.Reserve(Bf16Bytes(rows * c.intermediate_size));
+    RETURN_IF_ERROR(gate_up.Reserve(Bf16Bytes(rows * 2 * shard.intermediate)));
+    return act.Reserve(Bf16Bytes(rows * shard.intermediate));
   }
 
   // Final norm and LM head for rows [first_row, first_row + rows) of the residual stream
@@ -267,9 +302,9 @@ struct LlamaCuda::State {
                           const int32_t* row_positions, uint16_t* qkv_rows) {
     const ModelConfig& c = config;
     RETURN_IF_ERROR(NormAndProjectQkv(w, x, m, qkv_rows));
-    return cuda::ApplyRope(qkv_rows, qkv_width, c.num_attention_heads, qkv_rows + q_width,
-                           qkv_width, c.num_key_value_heads, m, c.head_dim, row_positions,
-                           inv_freq.as<float>(), stream);
+    return cuda::ApplyRope(qkv_rows, qkv_width, shard.heads, qkv_rows + q_width, qkv_width,
+                           shard.kv_heads, m, c.head_dim, row_positions, inv_freq.as<float>(),
+                           stream);
   }
 
   // Copies the K and V of `m` rows of `qkv_rows` to rows [first, first + m) of k_layer/v_layer.
@@ -283,19 +318,36 @@ struct LlamaCuda::State {
   }
 
   // The second half: the output projection of `attn` added to `x`, then the MLP block, `x`
-  // updated in place.
+  // updated in place. With a group, each shard's partial projection is summed over the GPUs
+  // in `x` itself: rank 0 adds its partial to the residual, the others store theirs, and the
+  // all-reduce leaves x + every partial on each GPU (on one rank, what one GPU computes).
   absl::Status OutputAndMlp(const LayerWeights& w, uint16_t* x, int64_t m,
                             LinearPath path = LinearPath::kCublasLt) {
     using cuda::LinearEpilogue;
     const ModelConfig& c = config;
-    RETURN_IF_ERROR(Project(attn.as<uint16_t>(), w.o, x, m, c.hidden_size, q_width,
-                            LinearEpilogue::kAccumulateBf16, path));
+    const LinearEpilogue partial =
+        shard.rank == 0 ? LinearEpilogue::kAccumulateBf16 : LinearEpilogue::kStoreBf16;
+    RETURN_IF_ERROR(Project(attn.as<uint16_t>(), w.o, x, m, c.hidden_size, q_width, partial, path));
+    RETURN_IF_ERROR(SumOverShards(x, m * c.hidden_size));
     RETURN_IF_ERROR(Norm(x, m, w.post_norm, normed.as<uint16_t>()));
     RETURN_IF_ERROR(Project(normed.as<uint16_t>(), w.gate_up, act.as<uint16_t>(), m,
-                            2 * c.intermediate_size, c.hidden_size, LinearEpilogue::kSwiGluBf16,
+                            2 * shard.intermediate, c.hidden_size, LinearEpilogue::kSwiGluBf16,
                             path));
-    return Project(act.as<uint16_t>(), w.down, x, m, c.hidden_size, c.intermediate_size,
-                   LinearEpilogue::kAccumulateBf16, path);
+    RETURN_IF_ERROR(Project(act.as<uint16_t>(), w.down, x, m, c.hidden_size, shard.intermediate,
+                            partial, path));
+    return SumOverShards(x, m * c.hidden_size);
+  }
+
+  // The all-reduce of OutputAndMlp (nothing on one GPU).
+  absl::Status SumOverShards(uint16_t* x, int64_t count) {
+    return group_of_shard == nullptr ? absl::OkStatus()
+                                     : group_of_shard->AllReduceBf16(shard.rank, x, count, stream);
+  }
+
+  // What every rank of a tensor-parallel call passes at the same points (ShardGroup::Barrier):
+  // `status` itself on one GPU.
+  absl::Status Barrier(absl::Status status) {
+    return group_of_shard == nullptr ? status : group_of_shard->Barrier(std::move(status));
   }
 
   // The layer's attention operands: Q in the fused QKV rows `qkv_rows`, K/V in
@@ -309,8 +361,8 @@ struct LlamaCuda::State {
     x.kv_stride = kv_width;
     x.out = attn.as<uint16_t>();
     x.out_stride = q_width;
-    x.num_heads = config.num_attention_heads;
-    x.num_kv_heads = config.num_key_value_heads;
+    x.num_heads = shard.heads;
+    x.num_kv_heads = shard.kv_heads;
     x.head_dim = config.head_dim;
     return x;
   }
@@ -322,8 +374,8 @@ struct LlamaCuda::State {
                                   stream);
   }
 
-  // Checks `sparse` against the model and uploads its patterns for prompts of `num_tokens`
-  // (PatternAtLength), ordered on `stream`.
+  // Checks `sparse` against the model and uploads the patterns of this shard's heads for
+  // prompts of `num_tokens` (PatternAtLength), ordered on `stream`.
   absl::Status UploadSparsePatterns(const SparseConfig& sparse, int64_t num_tokens) {
     const ModelConfig& c = config;
     if (sparse.num_layers != c.num_hidden_layers || sparse.num_heads != c.num_attention_heads) {
@@ -339,9 +391,9 @@ struct LlamaCuda::State {
     std::vector<cuda::DeviceHeadPattern> all;
     host_patterns.assign(c.num_hidden_layers, {});
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-      for (const HeadPattern& head : sparse.heads[l]) {
-        absl::StatusOr<cuda::DeviceHeadPattern> pattern =
-            cuda::ToDevicePattern(PatternAtLength(head, num_tokens, sparse.budget_tokens));
+      for (int64_t h = shard.first_head(); h < shard.first_head() + shard.heads; ++h) {
+        absl::StatusOr<cuda::DeviceHeadPattern> pattern = cuda::ToDevicePattern(
+            PatternAtLength(sparse.heads[l][h], num_tokens, sparse.budget_tokens));
         if (!pattern.ok()) {
           return absl::InvalidArgumentError(
               absl::StrCat("sparse config layer ", l, ": ", pattern.status().message()));
@@ -396,10 +448,10 @@ struct LlamaCuda::State {
     index_args.k = k_layer.as<uint16_t>();
     index_args.k_stride = kv_width;
     index_args.num_tokens = n;
-    index_args.num_heads = c.num_attention_heads;
-    index_args.num_kv_heads = c.num_key_value_heads;
+    index_args.num_heads = shard.heads;
+    index_args.num_kv_heads = shard.kv_heads;
     index_args.head_dim = c.head_dim;
-    index_args.patterns = device_patterns.as<cuda::DeviceHeadPattern>() + l * c.num_attention_heads;
+    index_args.patterns = device_patterns.as<cuda::DeviceHeadPattern>() + l * shard.heads;
     index_args.host_patterns = &host_patterns[l];
     const size_t workspace_bytes = cuda::SparseIndexWorkspaceBytes(index_args);
     RETURN_IF_ERROR(index_workspace.Reserve(workspace_bytes));
@@ -482,6 +534,40 @@ struct LlamaCuda::State {
     return absl::OkStatus();
   }
 
+  // This state and its peers, by rank.
+  std::vector<State*> Shards() {
+    std::vector<State*> all = {this};
+    for (const std::unique_ptr<State>& peer : peers) all.push_back(peer.get());
+    return all;
+  }
+
+  // Runs `fn` on every shard at once (ShardGroup::Run), or on this one GPU.
+  absl::Status OnEveryShard(const std::function<absl::Status(State&)>& fn) {
+    if (group == nullptr) return fn(*this);
+    return group->Run([&](int rank) { return fn(rank == 0 ? *this : *peers[rank - 1]); });
+  }
+
+  // The current one-layer K/V buffers of every shard, as PrefillExport copies them out.
+  std::vector<DeviceKvColumns> ExportColumns() {
+    std::vector<DeviceKvColumns> parts;
+    for (State* t : Shards()) {
+      parts.push_back(DeviceKvColumns{
+          t->device, t->k_layer.as<uint16_t>(), t->v_layer.as<uint16_t>(), t->kv_width,
+          t->kv_offset, t->stream, t->copy_stream, t->layer_computed, t->layer_copied});
+    }
+    return parts;
+  }
+
+  // `store`'s view of `layer` for positions [0, length), checked against the model's rows.
+  absl::Status StoreLayer(KvStore& store, int64_t layer, int64_t length, KvLayerView* view) const {
+    ASSIGN_OR_RETURN(*view, store.Layer(layer, length));
+    if (view->row_size != kv_row) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("KV store row size ", view->row_size, ", model needs ", kv_row));
+    }
+    return absl::OkStatus();
+  }
+
   absl::Status CheckTokens(absl::Span<const int32_t> tokens, int64_t start) const {
     RETURN_IF_ERROR(CheckTokenIds(tokens, config.vocab_size));
     if (start < 0 || start + static_cast<int64_t>(tokens.size()) > config.max_position_embeddings) {
@@ -492,18 +578,20 @@ struct LlamaCuda::State {
     return absl::OkStatus();
   }
 
-  // Copies K or V rows [first, first + count) between a host KvLayerView and the device
-  // buffer `layer_buffer` (uint16_t, contiguous), through fp32 staging.
+  // Copies this shard's columns of K or V rows [first, first + count) between a host
+  // KvLayerView (rows of kv_row) and the device buffer `layer_buffer` (rows of kv_width,
+  // contiguous), through fp32 staging.
   absl::Status HostRowsToDevice(const std::vector<float*>& blocks, int64_t block_tokens,
                                 int64_t first, int64_t count, uint16_t* layer_buffer) {
     if (count == 0) return absl::OkStatus();
     RETURN_IF_ERROR(kv_f32.Reserve(static_cast<size_t>(count * kv_width) * sizeof(float)));
     for (int64_t p = first; p < first + count;) {
       const int64_t in_block = std::min(block_tokens - p % block_tokens, first + count - p);
-      const float* src = blocks[p / block_tokens] + (p % block_tokens) * kv_width;
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(kv_f32.as<float>() + (p - first) * kv_width, src,
-                                           in_block * kv_width * sizeof(float),
-                                           cudaMemcpyHostToDevice, stream));
+      const float* src = blocks[p / block_tokens] + (p % block_tokens) * kv_row + kv_offset;
+      CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(kv_f32.as<float>() + (p - first) * kv_width,
+                                             kv_width * sizeof(float), src, kv_row * sizeof(float),
+                                             kv_width * sizeof(float), in_block,
+                                             cudaMemcpyHostToDevice, stream));
       p += in_block;
     }
     return cuda::F32ToBf16(kv_f32.as<float>(), count * kv_width, layer_buffer + first * kv_width,
@@ -518,16 +606,23 @@ struct LlamaCuda::State {
                                     kv_f32.as<float>(), stream));
     for (int64_t p = first; p < first + count;) {
       const int64_t in_block = std::min(block_tokens - p % block_tokens, first + count - p);
-      float* dst = blocks[p / block_tokens] + (p % block_tokens) * kv_width;
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, kv_f32.as<float>() + (p - first) * kv_width,
-                                           in_block * kv_width * sizeof(float),
-                                           cudaMemcpyDeviceToHost, stream));
+      float* dst = blocks[p / block_tokens] + (p % block_tokens) * kv_row + kv_offset;
+      CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(dst, kv_row * sizeof(float),
+                                             kv_f32.as<float>() + (p - first) * kv_width,
+                                             kv_width * sizeof(float), kv_width * sizeof(float),
+                                             in_block, cudaMemcpyDeviceToHost, stream));
       p += in_block;
     }
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
     return absl::OkStatus();
   }
 
+  static absl::StatusOr<std::unique_ptr<State>> Create(const TensorStore& store,
+                                                       const ModelConfig& c,
+                                                       const LlamaCudaOptions& options,
+                                                       const TensorParallelShard& shard,
+                                                       int device);
+  absl::Status ReservePool();
   absl::Status RunDecode(absl::Span<const int64_t> ids, absl::Span<const int32_t> tokens);
   absl::StatusOr<int64_t> CheckDecode(absl::Span<const int64_t> ids,
                                       absl::Span<const int32_t> tokens) const;
@@ -570,26 +665,91 @@ struct LlamaCuda::State {
 LlamaCuda::LlamaCuda(std::unique_ptr<State> state) : state_(std::move(state)) {}
 LlamaCuda::~LlamaCuda() = default;
 
-absl::StatusOr<std::unique_ptr<LlamaCuda>> LlamaCuda::Load(const std::string& model_dir,
-                                                           const LlamaCudaOptions& options) {
+namespace {
+
+// Layer `i`'s projections of `shard` (model/llama_shapes.h) from `store`; adds their bytes to
+// `bytes`.
+absl::Status UploadLayer(const TensorStore& store, const ModelConfig& c,
+                         const TensorParallelShard& shard, int64_t i, LayerWeights* w,
+                         int64_t* bytes) {
+  const std::string p = absl::StrCat("model.layers.", i, ".");
+  const int64_t h = c.hidden_size, d = c.head_dim, inter = c.intermediate_size;
+  const int64_t q_rows = shard.heads * d, kv_rows = shard.kv_heads * d;
+  const int64_t q_full = c.num_attention_heads * d, kv_full = c.num_key_value_heads * d;
+  const TensorSlice q_slice{shard.first_head() * d, q_rows, 0, -1};
+  const TensorSlice kv_slice{shard.first_kv_head() * d, kv_rows, 0, -1};
+  const TensorSlice mlp_rows{shard.first_intermediate(), shard.intermediate, 0, -1};
+  const auto sized = [&](DeviceBuffer* buffer, int64_t elements) {
+    *bytes += elements * static_cast<int64_t>(sizeof(uint16_t));
+    return buffer->Reserve(elements * sizeof(uint16_t));
+  };
+  RETURN_IF_ERROR(sized(&w->input_norm, h));
+  RETURN_IF_ERROR(sized(&w->post_norm, h));
+  RETURN_IF_ERROR(sized(&w->qkv, (q_rows + 2 * kv_rows) * h));
+  RETURN_IF_ERROR(sized(&w->o, h * q_rows));
+  RETURN_IF_ERROR(sized(&w->gate_up, 2 * shard.intermediate * h));
+  RETURN_IF_ERROR(sized(&w->down, h * shard.intermediate));
+  uint16_t* qkv = w->qkv.as<uint16_t>();
+  uint16_t* gate_up = w->gate_up.as<uint16_t>();
+  RETURN_IF_ERROR(
+      UploadTensor(store, p + "input_layernorm.weight", {h}, w->input_norm.as<uint16_t>()));
+  RETURN_IF_ERROR(
+      UploadTensor(store, p + "post_attention_layernorm.weight", {h}, w->post_norm.as<uint16_t>()));
+  RETURN_IF_ERROR(UploadTensor(store, p + "self_attn.q_proj.weight", {q_full, h}, qkv, q_slice));
+  RETURN_IF_ERROR(
+      UploadTensor(store, p + "self_attn.k_proj.weight", {kv_full, h}, qkv + q_rows * h, kv_slice));
+  RETURN_IF_ERROR(UploadTensor(store, p + "self_attn.v_proj.weight", {kv_full, h},
+                               qkv + (q_rows + kv_rows) * h, kv_slice));
+  RETURN_IF_ERROR(UploadTensor(store, p + "self_attn.o_proj.weight", {h, q_full},
+                               w->o.as<uint16_t>(), {0, -1, shard.first_head() * d, q_rows}));
+  RETURN_IF_ERROR(UploadTensor(store, p + "mlp.gate_proj.weight", {inter, h}, gate_up, mlp_rows));
+  RETURN_IF_ERROR(UploadTensor(store, p + "mlp.up_proj.weight", {inter, h},
+                               gate_up + shard.intermediate * h, mlp_rows));
+  return UploadTensor(store, p + "mlp.down_proj.weight", {h, inter}, w->down.as<uint16_t>(),
+                      {0, -1, shard.first_intermediate(), shard.intermediate});
+}
+
+absl::Status CheckOptions(const LlamaCudaOptions& options) {
   if (options.prefill_chunk_tokens <= 0 || options.kv_block_tokens <= 0 ||
       options.kv_pool_tokens < 0 || options.max_decode_batch <= 0 ||
       options.max_decode_batch > kLogitsRowsPerGemm || options.small_batch_linear_rows < 0 ||
-      options.small_batch_linear_rows > cuda::kSmallBatchLinearRows) {
+      options.small_batch_linear_rows > cuda::kSmallBatchLinearRows || options.gpus < 0) {
     return absl::InvalidArgumentError(
         "LlamaCudaOptions: sizes must be positive, max_decode_batch at most 256, "
-        "small_batch_linear_rows 0 to 8");
+        "small_batch_linear_rows 0 to 8, gpus at least 0");
   }
-  ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(model_dir));
-  ASSIGN_OR_RETURN(std::unique_ptr<TensorStore> store, TensorStore::OpenDirectory(model_dir));
+  if (options.gpus > 0 && options.kv_pool_tokens > 0) {
+    return absl::InvalidArgumentError(
+        "LlamaCudaOptions: a tensor-parallel engine (gpus > 0) prefills only; the device KV "
+        "pool and decode steps run on one GPU (gpus 0)");
+  }
+  int devices = 0;
+  CUDA_RETURN_IF_ERROR(cudaGetDeviceCount(&devices));
+  if (options.gpus > devices) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LlamaCudaOptions: gpus ", options.gpus, ", this machine has ", devices));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+// One GPU's part of the engine: weights of `shard`, streams, the pool and the sparse patterns,
+// on the current device (`device`).
+absl::StatusOr<std::unique_ptr<LlamaCuda::State>> LlamaCuda::State::Create(
+    const TensorStore& store, const ModelConfig& c, const LlamaCudaOptions& options,
+    const TensorParallelShard& shard, int device) {
   auto state = std::make_unique<State>();
   State& s = *state;
-  const ModelConfig& c = config;
-  s.config = config;
+  s.config = c;
   s.options = options;
-  s.q_width = c.num_attention_heads * c.head_dim;
-  s.kv_width = c.num_key_value_heads * c.head_dim;
+  s.shard = shard;
+  s.device = device;
+  s.q_width = shard.heads * c.head_dim;
+  s.kv_width = shard.kv_heads * c.head_dim;
   s.qkv_width = s.q_width + 2 * s.kv_width;
+  s.kv_row = c.num_key_value_heads * c.head_dim;
+  s.kv_offset = shard.first_kv_head() * c.head_dim;
   CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
   CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&s.copy_stream, cudaStreamNonBlocking));
   for (cudaEvent_t* event : {&s.layer_copied, &s.spare_copied, &s.layer_computed}) {
@@ -598,72 +758,79 @@ absl::StatusOr<std::unique_ptr<LlamaCuda>> LlamaCuda::Load(const std::string& mo
   RETURN_IF_ERROR(s.uploader.Init());
   ASSIGN_OR_RETURN(s.gemm, LtGemm::Create());
 
-  const int64_t h = c.hidden_size, inter = c.intermediate_size;
+  const int64_t h = c.hidden_size;
   auto alloc_upload = [&](DeviceBuffer* buffer, const std::string& name,
                           std::vector<int64_t> shape) -> absl::Status {
     int64_t elements = 1;
     for (int64_t d : shape) elements *= d;
     RETURN_IF_ERROR(buffer->Reserve(s.Bf16Bytes(elements)));
     s.weight_bytes += s.Bf16Bytes(elements);
-    return UploadTensor(*store, name, shape, buffer->as<uint16_t>());
+    return UploadTensor(store, name, shape, buffer->as<uint16_t>());
   };
   RETURN_IF_ERROR(alloc_upload(&s.embed, "model.embed_tokens.weight", {c.vocab_size, h}));
   RETURN_IF_ERROR(alloc_upload(&s.final_norm, "model.norm.weight", {h}));
-  if (!c.tie_word_embeddings) {
+  // Logits come from rank 0 alone.
+  if (!c.tie_word_embeddings && shard.rank == 0) {
     RETURN_IF_ERROR(alloc_upload(&s.lm_head, "lm_head.weight", {c.vocab_size, h}));
   }
   s.layers.resize(c.num_hidden_layers);
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    const std::string p = absl::StrCat("model.layers.", i, ".");
-    LayerWeights& w = s.layers[i];
-    RETURN_IF_ERROR(alloc_upload(&w.input_norm, p + "input_layernorm.weight", {h}));
-    RETURN_IF_ERROR(alloc_upload(&w.post_norm, p + "post_attention_layernorm.weight", {h}));
-    RETURN_IF_ERROR(w.qkv.Reserve(s.Bf16Bytes(s.qkv_width * h)));
-    RETURN_IF_ERROR(w.gate_up.Reserve(s.Bf16Bytes(2 * inter * h)));
-    s.weight_bytes += s.Bf16Bytes(s.qkv_width * h + 2 * inter * h);
-    uint16_t* qkv = w.qkv.as<uint16_t>();
-    RETURN_IF_ERROR(UploadTensor(*store, p + "self_attn.q_proj.weight", {s.q_width, h}, qkv));
-    RETURN_IF_ERROR(
-        UploadTensor(*store, p + "self_attn.k_proj.weight", {s.kv_width, h}, qkv + s.q_width * h));
-    RETURN_IF_ERROR(UploadTensor(*store, p + "self_attn.v_proj.weight", {s.kv_width, h},
-                                 qkv + (s.q_width + s.kv_width) * h));
-    RETURN_IF_ERROR(alloc_upload(&w.o, p + "self_attn.o_proj.weight", {h, s.q_width}));
-    RETURN_IF_ERROR(
-        UploadTensor(*store, p + "mlp.gate_proj.weight", {inter, h}, w.gate_up.as<uint16_t>()));
-    RETURN_IF_ERROR(UploadTensor(*store, p + "mlp.up_proj.weight", {inter, h},
-                                 w.gate_up.as<uint16_t>() + inter * h));
-    RETURN_IF_ERROR(alloc_upload(&w.down, p + "mlp.down_proj.weight", {h, inter}));
+    RETURN_IF_ERROR(UploadLayer(store, c, shard, i, &s.layers[i], &s.weight_bytes));
   }
-  Llama3RopeScaling scaling;
-  scaling.enabled = c.rope_scaling.type == RopeScaling::Type::kLlama3;
-  scaling.factor = c.rope_scaling.factor;
-  scaling.low_freq_factor = c.rope_scaling.low_freq_factor;
-  scaling.high_freq_factor = c.rope_scaling.high_freq_factor;
-  scaling.original_max_positions =
-      static_cast<double>(c.rope_scaling.original_max_position_embeddings);
-  const std::vector<float> inv_freq = RopeInverseFrequencies(c.head_dim, c.rope_theta, scaling);
+  const std::vector<float> inv_freq = RopeInverseFrequenciesOf(c);
   RETURN_IF_ERROR(s.inv_freq.Reserve(inv_freq.size() * sizeof(float)));
   CUDA_RETURN_IF_ERROR(cudaMemcpy(s.inv_freq.as<float>(), inv_freq.data(),
                                   inv_freq.size() * sizeof(float), cudaMemcpyHostToDevice));
-
-  if (options.kv_pool_tokens > 0) {
-    s.pool_blocks =
-        (options.kv_pool_tokens + options.kv_block_tokens - 1) / options.kv_block_tokens;
-    const size_t pool_bytes =
-        s.Bf16Bytes(c.num_hidden_layers * s.pool_blocks * options.kv_block_tokens * s.kv_width);
-    RETURN_IF_ERROR(s.k_pool.Reserve(pool_bytes));
-    RETURN_IF_ERROR(s.v_pool.Reserve(pool_bytes));
-    s.free_blocks.resize(s.pool_blocks);
-    for (int64_t b = 0; b < s.pool_blocks; ++b) {
-      s.free_blocks[b] = static_cast<int32_t>(s.pool_blocks - 1 - b);
-    }
-  }
+  RETURN_IF_ERROR(s.ReservePool());
   if (options.sparse.has_value()) {
     RETURN_IF_ERROR(s.UploadSparsePatterns(*options.sparse, options.sparse->budget_tokens));
   }
   CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
   s.SampleDeviceMemory();
-  return std::unique_ptr<LlamaCuda>(new LlamaCuda(std::move(state)));
+  return state;
+}
+
+absl::Status LlamaCuda::State::ReservePool() {
+  if (options.kv_pool_tokens == 0) return absl::OkStatus();
+  pool_blocks = (options.kv_pool_tokens + options.kv_block_tokens - 1) / options.kv_block_tokens;
+  const size_t pool_bytes =
+      Bf16Bytes(config.num_hidden_layers * pool_blocks * options.kv_block_tokens * kv_width);
+  RETURN_IF_ERROR(k_pool.Reserve(pool_bytes));
+  RETURN_IF_ERROR(v_pool.Reserve(pool_bytes));
+  free_blocks.resize(pool_blocks);
+  for (int64_t b = 0; b < pool_blocks; ++b) {
+    free_blocks[b] = static_cast<int32_t>(pool_blocks - 1 - b);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<LlamaCuda>> LlamaCuda::Load(const std::string& model_dir,
+                                                           const LlamaCudaOptions& options) {
+  RETURN_IF_ERROR(CheckOptions(options));
+  ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(model_dir));
+  ASSIGN_OR_RETURN(std::unique_ptr<TensorStore> store, TensorStore::OpenDirectory(model_dir));
+  const int64_t ranks = std::max<int64_t>(1, options.gpus);
+  std::vector<std::unique_ptr<State>> shards;
+  for (int64_t r = 0; r < ranks; ++r) {
+    ASSIGN_OR_RETURN(const TensorParallelShard shard, ShardOfModel(config, r, ranks));
+    const int device = static_cast<int>(r);
+    if (options.gpus > 0) CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+    absl::StatusOr<std::unique_ptr<State>> state =
+        State::Create(*store, config, options, shard, device);
+    if (options.gpus > 0) CUDA_RETURN_IF_ERROR(cudaSetDevice(0));
+    if (!state.ok()) return state.status();
+    shards.push_back(*std::move(state));
+  }
+  std::unique_ptr<State> root = std::move(shards[0]);
+  if (options.gpus > 0) {
+    std::vector<int> devices;
+    for (const std::unique_ptr<State>& shard : shards) devices.push_back(devices.size());
+    ASSIGN_OR_RETURN(root->group, ShardGroup::Create(std::move(devices)));
+    for (size_t r = 1; r < shards.size(); ++r) root->peers.push_back(std::move(shards[r]));
+    root->group_of_shard = root->group.get();
+    for (std::unique_ptr<State>& peer : root->peers) peer->group_of_shard = root->group.get();
+  }
+  return std::unique_ptr<LlamaCuda>(new LlamaCuda(std::move(root)));
 }
 
 const ModelConfig& LlamaCuda::config() const { return state_->config; }
@@ -680,34 +847,39 @@ absl::Status LlamaCuda::Forward(absl::Span<const SequenceChunk> batch, std::vect
     if (chunk.kv == nullptr) return absl::InvalidArgumentError("chunk without a KV store");
     RETURN_IF_ERROR(s.CheckTokens(chunk.tokens, chunk.start_pos));
   }
-  for (const SequenceChunk& chunk : batch) {
-    const int64_t n = static_cast<int64_t>(chunk.tokens.size());
-    if (n == 0) continue;
-    const int64_t start = chunk.start_pos;
-    KvLayerView view;
-    auto before = [&](int64_t layer) -> absl::Status {
-      ASSIGN_OR_RETURN(view, chunk.kv->Layer(layer, start + n));
-      if (view.row_size != s.kv_width) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("KV store row size ", view.row_size, ", model needs ", s.kv_width));
-      }
-      RETURN_IF_ERROR(
-          s.HostRowsToDevice(view.k_blocks, view.block_tokens, 0, start, s.k_layer.as<uint16_t>()));
-      return s.HostRowsToDevice(view.v_blocks, view.block_tokens, 0, start,
-                                s.v_layer.as<uint16_t>());
-    };
-    auto after = [&](int64_t layer) -> absl::Status {
-      RETURN_IF_ERROR(
-          s.DeviceRowsToHost(s.k_layer.as<uint16_t>(), start, n, view.k_blocks, view.block_tokens));
-      RETURN_IF_ERROR(
-          s.DeviceRowsToHost(s.v_layer.as<uint16_t>(), start, n, view.v_blocks, view.block_tokens));
-      return chunk.kv->LayerDone(layer, start, n);
-    };
-    RETURN_IF_ERROR(s.RunSequence(chunk.tokens, start, before, after));
-    if (chunk.logits == LogitsFor::kAll) RETURN_IF_ERROR(s.Logits(0, n, logits));
-    if (chunk.logits == LogitsFor::kLast) RETURN_IF_ERROR(s.Logits(n - 1, 1, logits));
-  }
-  return absl::OkStatus();
+  // Rank 0 looks up each layer's view of the store; every rank reads it between barriers.
+  KvLayerView view;
+  return s.OnEveryShard([&](State& t) -> absl::Status {
+    const bool root = t.shard.rank == 0;
+    for (const SequenceChunk& chunk : batch) {
+      const int64_t n = static_cast<int64_t>(chunk.tokens.size());
+      if (n == 0) continue;
+      const int64_t start = chunk.start_pos;
+      auto before = [&](int64_t layer) -> absl::Status {
+        RETURN_IF_ERROR(
+            t.Barrier(root ? t.StoreLayer(*chunk.kv, layer, start + n, &view) : absl::OkStatus()));
+        RETURN_IF_ERROR(t.HostRowsToDevice(view.k_blocks, view.block_tokens, 0, start,
+                                           t.k_layer.as<uint16_t>()));
+        return t.HostRowsToDevice(view.v_blocks, view.block_tokens, 0, start,
+                                  t.v_layer.as<uint16_t>());
+      };
+      auto after = [&](int64_t layer) -> absl::Status {
+        absl::Status copied = t.DeviceRowsToHost(t.k_layer.as<uint16_t>(), start, n, view.k_blocks,
+                                                 view.block_tokens);
+        if (copied.ok()) {
+          copied.Update(t.DeviceRowsToHost(t.v_layer.as<uint16_t>(), start, n, view.v_blocks,
+                                           view.block_tokens));
+        }
+        RETURN_IF_ERROR(t.Barrier(std::move(copied)));
+        return t.Barrier(root ? chunk.kv->LayerDone(layer, start, n) : absl::OkStatus());
+      };
+      RETURN_IF_ERROR(t.RunSequence(chunk.tokens, start, before, after));
+      if (!root) continue;
+      if (chunk.logits == LogitsFor::kAll) RETURN_IF_ERROR(t.Logits(0, n, logits));
+      if (chunk.logits == LogitsFor::kLast) RETURN_IF_ERROR(t.Logits(n - 1, 1, logits));
+    }
+    return absl::OkStatus();
+  });
 }
 
 absl::Status LlamaCuda::Prefill(absl::Span<const int32_t> tokens, const LayerKvSink& sink,
@@ -715,21 +887,27 @@ absl::Status LlamaCuda::Prefill(absl::Span<const int32_t> tokens, const LayerKvS
   State& s = *state_;
   absl::MutexLock lock(&s.mu);
   if (tokens.empty()) return absl::InvalidArgumentError("empty prompt");
+  if (sink && s.group != nullptr) {
+    return absl::FailedPreconditionError(
+        "Prefill's device K/V sink needs one GPU (gpus 0); PrefillExport serves "
+        "tensor-parallel engines");
+  }
   RETURN_IF_ERROR(s.CheckTokens(tokens, 0));
   const int64_t n = static_cast<int64_t>(tokens.size());
-  auto before = [](int64_t) { return absl::OkStatus(); };
-  auto after = [&](int64_t layer) -> absl::Status {
-    if (!sink) return absl::OkStatus();
-    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s.stream));
-    return sink(DeviceLayerKv{layer, n, s.k_layer.as<uint16_t>(), s.v_layer.as<uint16_t>()});
-  };
-  RETURN_IF_ERROR(s.RunSequence(tokens, 0, before, after));
-  if (last_logits != nullptr) {
-    last_logits->clear();
-    return s.Logits(n - 1, 1, last_logits);
-  }
-  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s.stream));
-  return absl::OkStatus();
+  return s.OnEveryShard([&](State& t) -> absl::Status {
+    auto before = [](int64_t) { return absl::OkStatus(); };
+    auto after = [&](int64_t layer) -> absl::Status {
+      if (!sink) return absl::OkStatus();
+      CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(t.stream));
+      return sink(DeviceLayerKv{layer, n, t.k_layer.as<uint16_t>(), t.v_layer.as<uint16_t>()});
+    };
+    RETURN_IF_ERROR(t.RunSequence(tokens, 0, before, after));
+    if (t.shard.rank == 0 && last_logits != nullptr) {
+      last_logits->clear();
+      return t.Logits(n - 1, 1, last_logits);
+    }
+    return CudaStatus(cudaStreamSynchronize(t.stream), "prefill");
+  });
 }
 
 absl::Status LlamaCuda::PrefillExport(absl::Span<const int32_t> tokens, KvExporter* exporter,
@@ -742,26 +920,33 @@ absl::Status LlamaCuda::PrefillExport(absl::Span<const int32_t> tokens, KvExport
   }
   RETURN_IF_ERROR(s.CheckTokens(tokens, 0));
   const int64_t n = static_cast<int64_t>(tokens.size());
-  RETURN_IF_ERROR(s.k_spare.Reserve(s.Bf16Bytes(n * s.kv_width)));
-  RETURN_IF_ERROR(s.v_spare.Reserve(s.Bf16Bytes(n * s.kv_width)));
-  auto before = [&](int64_t layer) -> absl::Status {
-    if (layer > 0) {
-      std::swap(s.k_layer, s.k_spare);
-      std::swap(s.v_layer, s.v_spare);
-      std::swap(s.layer_copied, s.spare_copied);
-    }
-    // The copies out of this pair (two layers ago, or of the previous prompt) must be done
-    // before the layer overwrites it.
-    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(s.stream, s.layer_copied, 0));
-    return absl::OkStatus();
-  };
-  auto after = [&](int64_t layer) {
-    return ExportLayerRows(layer, s.k_layer.as<uint16_t>(), s.v_layer.as<uint16_t>(), n, s.kv_width,
-                           s.stream, s.copy_stream, s.layer_computed, s.layer_copied, exporter);
-  };
-  RETURN_IF_ERROR(s.RunSequence(tokens, 0, before, after));
-  last_logits->clear();
-  return s.Logits(n - 1, 1, last_logits);
+  return s.OnEveryShard([&](State& t) -> absl::Status {
+    RETURN_IF_ERROR(t.k_spare.Reserve(t.Bf16Bytes(n * t.kv_width)));
+    RETURN_IF_ERROR(t.v_spare.Reserve(t.Bf16Bytes(n * t.kv_width)));
+    auto before = [&](int64_t layer) -> absl::Status {
+      if (layer > 0) {
+        std::swap(t.k_layer, t.k_spare);
+        std::swap(t.v_layer, t.v_spare);
+        std::swap(t.layer_copied, t.spare_copied);
+      }
+      // The copies out of this pair (two layers ago, or of the previous prompt) must be done
+      // before the layer overwrites it.
+      CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(t.stream, t.layer_copied, 0));
+      return absl::OkStatus();
+    };
+    // Every shard has queued the layer before rank 0 queues the copies of all their columns,
+    // and waits for those to be queued before it goes on.
+    auto after = [&](int64_t layer) -> absl::Status {
+      RETURN_IF_ERROR(t.Barrier(absl::OkStatus()));
+      return t.Barrier(t.shard.rank == 0
+                           ? ExportLayerRows(layer, s.ExportColumns(), n, t.kv_row, exporter)
+                           : absl::OkStatus());
+    };
+    RETURN_IF_ERROR(t.RunSequence(tokens, 0, before, after));
+    if (t.shard.rank != 0) return CudaStatus(cudaStreamSynchronize(t.stream), "prefill");
+    last_logits->clear();
+    return t.Logits(n - 1, 1, last_logits);
+  });
 }
 
 std::unique_ptr<HostMemoryPinner> LlamaCuda::NewHostMemoryPinner() {
@@ -769,18 +954,20 @@ std::unique_ptr<HostMemoryPinner> LlamaCuda::NewHostMemoryPinner() {
 }
 
 std::optional<DeviceMemoryStats> LlamaCuda::DeviceMemory() const {
-  const State& s = *state_;
+  State& s = *state_;
   DeviceMemoryStats stats;
-  size_t free_bytes = 0, total_bytes = 0;
-  if (cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
-    stats.used = static_cast<int64_t>(total_bytes - free_bytes);
+  for (const State* t : s.Shards()) {
+    stats.used = std::max(stats.used, DeviceUsed(t->device));
+    stats.peak_used = std::max(stats.peak_used, t->peak_device_used.load());
   }
-  stats.peak_used = std::max(stats.used, s.peak_device_used.load());
+  stats.peak_used = std::max(stats.used, stats.peak_used);
   stats.kv_pool = static_cast<int64_t>(s.k_pool.bytes() + s.v_pool.bytes());
   return stats;
 }
 
-void LlamaCuda::ResetDevicePeak() { state_->peak_device_used = 0; }
+void LlamaCuda::ResetDevicePeak() {
+  for (State* t : state_->Shards()) t->peak_device_used = 0;
+}
 
 absl::Status LlamaCuda::ObservePrefill(absl::Span<const int32_t> tokens,
                                        const LayerQkvObserver& observer) {
@@ -788,6 +975,9 @@ absl::Status LlamaCuda::ObservePrefill(absl::Span<const int32_t> tokens,
   absl::MutexLock lock(&s.mu);
   if (tokens.empty()) return absl::InvalidArgumentError("empty prompt");
   if (!observer) return absl::InvalidArgumentError("ObservePrefill: no observer");
+  if (s.group != nullptr) {
+    return absl::FailedPreconditionError("ObservePrefill (the pattern search) runs on one GPU");
+  }
   RETURN_IF_ERROR(s.CheckTokens(tokens, 0));
   auto nothing = [](int64_t) { return absl::OkStatus(); };
   RETURN_IF_ERROR(s.RunSequence(tokens, 0, nothing, nothing, &observer));
@@ -857,8 +1047,8 @@ cuda::PagedDecodeArgs LlamaCuda::State::DecodeAttentionShape(int64_t batch, int6
   cuda::PagedDecodeArgs shape;
   shape.num_seqs = batch;
   shape.max_seq_len = extent;
-  shape.num_heads = config.num_attention_heads;
-  shape.num_kv_heads = config.num_key_value_heads;
+  shape.num_heads = shard.heads;
+  shape.num_kv_heads = shard.kv_heads;
   shape.head_dim = config.head_dim;
   return shape;
 }
@@ -976,9 +1166,9 @@ absl::Status LlamaCuda::State::EnqueueDecode(int64_t batch, int64_t extent) {
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     uint16_t* q = qkv.as<uint16_t>();
     RETURN_IF_ERROR(NormAndProjectQkv(layers[l], x, batch, q, path));
-    RETURN_IF_ERROR(cuda::RopeAndStoreKv(q, qkv_width, c.num_attention_heads, c.num_key_value_heads,
-                                         batch, c.head_dim, d_positions, inv_freq.as<float>(),
-                                         d_slots, PoolK(l), PoolV(l), stream));
+    RETURN_IF_ERROR(cuda::RopeAndStoreKv(q, qkv_width, shard.heads, shard.kv_heads, batch,
+                                         c.head_dim, d_positions, inv_freq.as<float>(), d_slots,
+                                         PoolK(l), PoolV(l), stream));
     a.q = q;
     a.k_pool = PoolK(l);
     a.v_pool = PoolV(l);
@@ -1072,16 +1262,15 @@ int64_t LlamaCuda::SequenceLength(int64_t id) const {
 CudaMemoryStats LlamaCuda::MemoryStats() const {
   State& s = *state_;
   absl::MutexLock lock(&s.mu);
-  s.SampleDeviceMemory();
   CudaMemoryStats stats;
-  stats.weights = s.weight_bytes;
   stats.allocated = g_device_allocated.load();
   stats.peak_allocated = g_device_peak_allocated.load();
-  size_t free_bytes = 0, total_bytes = 0;
-  if (cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
-    stats.device_used = static_cast<int64_t>(total_bytes - free_bytes);
+  for (State* t : s.Shards()) {
+    t->SampleDeviceMemory();
+    stats.weights = std::max(stats.weights, t->weight_bytes);
+    stats.device_used = std::max(stats.device_used, DeviceUsed(t->device));
+    stats.peak_device_used = std::max(stats.peak_device_used, t->peak_device_used.load());
   }
-  stats.peak_device_used = s.peak_device_used.load();
   return stats;
 }
 
@@ -1098,11 +1287,13 @@ DecodeGraphStats LlamaCuda::DecodeGraphs() const {
 void LlamaCuda::ResetPeakMemory() {
   absl::MutexLock lock(&state_->mu);
   g_device_peak_allocated = g_device_allocated.load();
-  state_->peak_device_used = 0;
+  for (State* t : state_->Shards()) t->peak_device_used = 0;
 }
 
 absl::Status LlamaCuda::Synchronize() {
-  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(state_->stream));
+  for (State* t : state_->Shards()) {
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(t->stream));
+  }
   return absl::OkStatus();
 }
 

@@ -25,6 +25,12 @@
 //  - Device sequences (StartSequence / DecodeStep): K/V in a paged block pool on the device,
 //    decode steps batched over many sequences. As a SequenceModel (the decode service), a
 //    sequence is imported with K/V computed elsewhere (ImportSequence / WriteKv).
+// Tensor parallel (LlamaCudaOptions::gpus): each GPU holds one shard of every layer (its query
+// and KV heads, its MLP rows, model/llama_shapes.h) and runs the prefill on its own host thread;
+// the shards' partial o_proj and down_proj outputs are summed by NCCL all-reduces, rank 0
+// alone computes logits, and the K/V rows handed out are put together from every GPU's
+// columns, so callers see the same rows for any number of GPUs. Sparse patterns stay per head:
+// each GPU builds the indices of its own heads.
 // All methods are thread-safe (serialised).
 
 #include <cstdint>
@@ -62,6 +68,11 @@ struct LlamaCudaOptions {
   int64_t small_batch_linear_rows = 3;
   // Per-head sparse prefill patterns; its layers and heads must match the model.
   std::optional<SparseConfig> sparse;
+  // 0: one GPU (the current device), no NCCL. N >= 1: prefill tensor parallel over GPUs
+  // 0 .. N-1 through NCCL (libnccl.so.2, loaded then), N dividing the heads, KV heads and
+  // intermediate_size; Forward, Prefill (without a K/V sink) and PrefillExport only, no K/V
+  // pool. 1 runs that path on one GPU.
+  int64_t gpus = 0;
 };
 
 // What the sparse path did since the engine was loaded (for logs and benchmarks).
@@ -79,6 +90,8 @@ struct DecodeGraphStats {
 // Device memory, bytes. `allocated` counts this engine's cudaMallocs (comparable to torch's
 // memory_allocated); `device_used` is total minus free from cudaMemGetInfo (every process and
 // the CUDA context included). Peaks are high-water marks since the last ResetPeakMemory().
+// Over several GPUs, `weights` and the device figures are the largest of any one GPU and
+// `allocated` sums them all.
 struct CudaMemoryStats {
   int64_t weights = 0;
   int64_t allocated = 0;

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <deque>
 #include <random>
 #include <string>
@@ -662,6 +663,176 @@ TEST_P(LlamaCudaTest, PatternSearchOnGpuAgreesWithCpuSearch) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(SearchModelPatternsCuda(e.gpu.get(), {prompts[0], {}}, rule, 0).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// What a prefill hands out: last-token logits and every layer's exported K and V.
+struct ExportedPrefill {
+  std::vector<float> logits;
+  std::vector<std::vector<uint16_t>> k, v;
+};
+
+ExportedPrefill Export(LlamaCuda* model, const std::vector<int32_t>& tokens) {
+  const KvShape shape = model->kv_shape();
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  RecordingExporter exporter(shape.RowSize());
+  ExportedPrefill out;
+  const absl::Status status = model->PrefillExport(tokens, &exporter, &out.logits);
+  EXPECT_TRUE(status.ok()) << status;
+  for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
+    out.k.push_back(exporter.Layer(layer, n, false));
+    out.v.push_back(exporter.Layer(layer, n, true));
+  }
+  return out;
+}
+
+std::vector<float> Bf16ToFloats(const std::vector<uint16_t>& bits) {
+  std::vector<float> out(bits.size());
+  for (size_t i = 0; i < bits.size(); ++i) {
+    const uint32_t word = static_cast<uint32_t>(bits[i]) << 16;
+    std::memcpy(&out[i], &word, sizeof(word));
+  }
+  return out;
+}
+
+// Forward over a host store in two chunks (the second continues the first): every row's
+// logits.
+std::vector<float> ContinuedLogits(LanguageModel* model, const std::vector<int32_t>& tokens,
+                                   int64_t split) {
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  ContiguousKvStore kv(model->kv_shape(), n);
+  const std::vector<int32_t> head(tokens.begin(), tokens.begin() + split);
+  const std::vector<int32_t> tail(tokens.begin() + split, tokens.end());
+  std::vector<float> logits;
+  EXPECT_TRUE(model->Forward({SequenceChunk{head, 0, &kv, LogitsFor::kAll}}, &logits).ok());
+  EXPECT_TRUE(model->Forward({SequenceChunk{tail, split, &kv, LogitsFor::kAll}}, &logits).ok());
+  return logits;
+}
+
+// The tensor-parallel engine (LlamaCudaOptions::gpus) against the one-GPU engine on the same
+// checkpoint, dense (200 tokens) and sparse (300): on one GPU the NCCL path computes the same
+// bits; on two GPUs (where the machine and the shape allow) the same logits and K/V to the
+// bf16 bound, the K/V columns of both GPUs put together in the one-GPU layout.
+TEST_P(LlamaCudaTest, TensorParallelPrefillComputesTheOneGpuEngine) {
+  LlamaCudaOptions options;
+  options.prefill_chunk_tokens = 64;
+  options.sparse = SparseConfigFor(
+      GetParam(), {AShape(64, 128), HeadPattern{}, AShape(128, 192), AShape(64, 64)}, 256);
+  std::random_device seed;
+  const std::string dir =
+      Checkpoint(GetParam().name + "_tp" + std::to_string(seed()), GetParam(), seed());
+  auto reference = LlamaCuda::Load(dir, options);
+  ASSERT_TRUE(reference.ok()) << reference.status();
+  const int devices = cuda::DeviceCount().value_or(0);
+  std::mt19937 rng(seed());
+  for (int64_t gpus : {1, 2}) {
+    if (gpus > devices || GetParam().kv_heads % gpus != 0) {
+      std::printf("tensor_parallel %s gpus %ld: skipped (%d GPUs, %ld KV heads)\n",
+                  GetParam().name.c_str(), static_cast<long>(gpus), devices,
+                  static_cast<long>(GetParam().kv_heads));
+      continue;
+    }
+    LlamaCudaOptions sharded = options;
+    sharded.gpus = gpus;
+    auto model = LlamaCuda::Load(dir, sharded);
+    ASSERT_TRUE(model.ok()) << model.status();
+    for (int64_t n : {200, 300}) {
+      const std::vector<int32_t> tokens = RandomTokens(n, (*model)->config().vocab_size, &rng);
+      const ExportedPrefill want = Export(reference->get(), tokens);
+      const ExportedPrefill got = Export(model->get(), tokens);
+      const std::vector<float> want_rows = ContinuedLogits(reference->get(), tokens, n / 3);
+      const std::vector<float> got_rows = ContinuedLogits(model->get(), tokens, n / 3);
+      if (gpus == 1) {
+        EXPECT_EQ(got.logits, want.logits) << n;
+        EXPECT_EQ(got.k, want.k) << n;
+        EXPECT_EQ(got.v, want.v) << n;
+        EXPECT_EQ(got_rows, want_rows) << n;
+        continue;
+      }
+      const double logits_error = MaxRelativeError(got.logits, want.logits);
+      const double rows_error = MaxRelativeError(got_rows, want_rows);
+      double kv_error = 0;
+      for (size_t l = 0; l < want.k.size(); ++l) {
+        kv_error =
+            std::max(kv_error, MaxRelativeError(Bf16ToFloats(got.k[l]), Bf16ToFloats(want.k[l])));
+        kv_error =
+            std::max(kv_error, MaxRelativeError(Bf16ToFloats(got.v[l]), Bf16ToFloats(want.v[l])));
+      }
+      std::printf("tensor_parallel %s gpus %ld n %ld: logits %.3e rows %.3e K/V %.3e\n",
+                  GetParam().name.c_str(), static_cast<long>(gpus), static_cast<long>(n),
+                  logits_error, rows_error, kv_error);
+      EXPECT_LT(logits_error, kBf16Bound);
+      EXPECT_LT(rows_error, kBf16Bound);
+      EXPECT_LT(kv_error, kBf16Bound);
+    }
+    EXPECT_EQ((*model)->SparseStats().sparse_prefills, 1);
+  }
+}
+
+// An exporter whose transfer is abandoned at `fail_layer` (the client went away).
+class AbandonedExporter : public RecordingExporter {
+ public:
+  AbandonedExporter(int64_t row, int64_t fail_layer)
+      : RecordingExporter(row), fail_layer_(fail_layer) {}
+  absl::StatusOr<KvExportSlot> Acquire(int64_t layer, int64_t first, int64_t count) override {
+    if (layer == fail_layer_) return absl::CancelledError("transfer abandoned");
+    return RecordingExporter::Acquire(layer, first, count);
+  }
+
+ private:
+  const int64_t fail_layer_;
+};
+
+// On the tensor-parallel path an abandoned export stops every GPU at the same layer with the
+// exporter's error, and the next prompt computes what it would have computed anyway.
+TEST_P(LlamaCudaTest, TensorParallelPrefillStopsWhenTheExportIsAbandoned) {
+  LlamaCudaOptions options;
+  options.prefill_chunk_tokens = 64;
+  options.gpus = 1;
+  Engines e = Load(GetParam(), options);
+  ASSERT_TRUE(e.gpu);
+  std::mt19937 rng(std::random_device{}());
+  const std::vector<int32_t> tokens = RandomTokens(150, e.gpu->config().vocab_size, &rng);
+  const ExportedPrefill before = Export(e.gpu.get(), tokens);
+  AbandonedExporter abandoned(e.gpu->kv_shape().RowSize(), 1);
+  std::vector<float> logits;
+  EXPECT_EQ(e.gpu->PrefillExport(tokens, &abandoned, &logits).code(), absl::StatusCode::kCancelled);
+  const ExportedPrefill after = Export(e.gpu.get(), tokens);
+  EXPECT_EQ(after.logits, before.logits);
+  EXPECT_EQ(after.k, before.k);
+}
+
+// What a tensor-parallel engine does not do is refused with a status, not run half-way.
+TEST(LlamaCudaTensorParallelTest, WhatItCannotRunIsRefused) {
+  const Shape shape{"tiny_hd64", "tiny", 128, 2, 1};
+  const std::string dir = Checkpoint("tensor_parallel_refusals", shape, 11);
+  const int devices = cuda::DeviceCount().value_or(0);
+  LlamaCudaOptions options;
+  options.gpus = devices + 1;
+  EXPECT_EQ(LlamaCuda::Load(dir, options).status().code(), absl::StatusCode::kInvalidArgument);
+  options.gpus = -1;
+  EXPECT_EQ(LlamaCuda::Load(dir, options).status().code(), absl::StatusCode::kInvalidArgument);
+  options.gpus = 1;
+  options.kv_pool_tokens = 1024;
+  EXPECT_EQ(LlamaCuda::Load(dir, options).status().code(), absl::StatusCode::kInvalidArgument);
+  if (devices >= 2) {  // One KV head does not split over two GPUs.
+    options.gpus = 2;
+    options.kv_pool_tokens = 0;
+    EXPECT_EQ(LlamaCuda::Load(dir, options).status().code(), absl::StatusCode::kInvalidArgument);
+  }
+  options.gpus = 1;
+  options.kv_pool_tokens = 0;
+  auto model = LlamaCuda::Load(dir, options);
+  ASSERT_TRUE(model.ok()) << model.status();
+  const std::vector<int32_t> tokens = {1, 2, 3, 4};
+  std::vector<float> logits;
+  auto sink = [](const LlamaCuda::DeviceLayerKv&) { return absl::OkStatus(); };
+  EXPECT_EQ((*model)->Prefill(tokens, sink, &logits).code(), absl::StatusCode::kFailedPrecondition);
+  auto observer = [](const LlamaCuda::DeviceLayerQkv&) { return absl::OkStatus(); };
+  EXPECT_EQ((*model)->ObservePrefill(tokens, observer).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*model)->StartSequence(tokens, &logits).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE((*model)->Prefill(tokens, {}, &logits).ok());
 }
 
 TEST(LlamaCudaSparseTest, ConfigThatDoesNotFitTheModelIsRefused) {

@@ -45,6 +45,14 @@ int WaitForTerminationSignal() {
   return signal;
 }
 
+void ServeUntilTerminated(const std::string& service, const std::function<int64_t()>& active,
+                          const std::function<void()>& drain) {
+  const int signal = WaitForTerminationSignal();
+  LogInfo(service + ".draining", {{"signal", signal}, {"active", active()}});
+  drain();
+  LogInfo(service + ".stopped");
+}
+
 namespace {
 
 // Drops server reflection, which StartGrpcServer registers for every server built after it,

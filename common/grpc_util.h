@@ -3,6 +3,8 @@
 
 // Glue between absl::Status and gRPC, and the server lifecycle shared by both services.
 
+#include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -22,6 +24,11 @@ absl::Status FromGrpcStatus(const grpc::Status& status);
 void BlockTerminationSignals();
 // Waits for SIGTERM or SIGINT (blocked by BlockTerminationSignals) and returns its number.
 int WaitForTerminationSignal();
+// What a server's Run does once it serves: waits for SIGTERM or SIGINT, logs
+// `<service>.draining` (the signal and `active()` requests still running), runs `drain` and
+// logs `<service>.stopped`.
+void ServeUntilTerminated(const std::string& service, const std::function<int64_t()>& active,
+                          const std::function<void()>& drain);
 
 // Builds a server on `address` with health checking and reflection, over `credentials`
 // (null: plaintext; MakeServerCredentials in common/tls.h for TLS). The port actually bound

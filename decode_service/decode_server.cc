@@ -4,13 +4,13 @@
 #include <chrono>
 #include <unordered_set>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/grpc_util.h"
 #include "common/log.h"
 #include "common/metrics.h"
 #include "common/status_macros.h"
 #include "model/checkpoint/config.h"
+#include "model/text/text_stream.h"
 #include "proto/sampling.h"
 
 namespace sparseaccel {
@@ -37,65 +37,6 @@ const char* FinishName(v1::FinishReason reason) {
   }
 }
 
-// Turns generated tokens into the text deltas sent to the client. Text that may be the start
-// of a stop string is held back until it is not (or until the stream ends).
-class TextStream {
- public:
-  TextStream(const Tokenizer* tokenizer, std::vector<std::string> stops)
-      : tokenizer_(tokenizer),
-        decoder_(tokenizer, /*skip_special_tokens=*/true),
-        stops_(std::move(stops)) {}
-
-  // The text to send with `token`. `last`: no token follows, so nothing is held back. Sets
-  // *stopped when a stop string appeared; the text then ends before it.
-  absl::StatusOr<std::string> Push(int32_t token, bool last, bool* stopped) {
-    *stopped = false;
-    if (tokenizer_ == nullptr) return std::string();
-    ASSIGN_OR_RETURN(std::string piece, decoder_.Push(token));
-    text_ += piece;
-    // Text sent so far was never a possible stop prefix, so a match starts at or after sent_.
-    size_t end = text_.size();
-    for (const std::string& stop : stops_) {
-      const size_t at = text_.find(stop, sent_);
-      if (at != std::string::npos && at < end) {
-        end = at;
-        *stopped = true;
-      }
-    }
-    if (!*stopped && last) {
-      text_ += decoder_.Flush();
-      end = text_.size();
-    } else if (!*stopped) {
-      end -= HeldBack();
-    }
-    std::string delta = text_.substr(sent_, end - sent_);
-    sent_ = end;
-    return delta;
-  }
-
- private:
-  // Length of the longest end of the unsent text that is a proper prefix of a stop string.
-  size_t HeldBack() const {
-    const absl::string_view unsent = absl::string_view(text_).substr(sent_);
-    size_t held = 0;
-    for (const std::string& stop : stops_) {
-      for (size_t k = std::min(stop.size() - 1, unsent.size()); k > held; --k) {
-        if (absl::EndsWith(unsent, absl::string_view(stop).substr(0, k))) {
-          held = k;
-          break;
-        }
-      }
-    }
-    return held;
-  }
-
-  const Tokenizer* tokenizer_;
-  StreamDecoder decoder_;
-  const std::vector<std::string> stops_;
-  std::string text_;  // Everything decoded so far.
-  size_t sent_ = 0;   // Bytes of text_ sent.
-};
-
 }  // namespace
 
 DecodeServer::DecodeServer(DecodeEngine* engine, const ModelConfig& config,
@@ -108,79 +49,24 @@ DecodeServer::DecodeServer(DecodeEngine* engine, const ModelConfig& config,
                                     options_.prefill_credentials,
                                     options_.prefill_tls_server_name}),
       stream_limit_(options_.max_streams_per_connection),
-      requests_(prometheus::BuildCounter()
-                    .Name("sparseaccel_generate_requests_total")
-                    .Help("Generate requests by outcome (gRPC code) and finish reason.")
-                    .Register(*registry)),
-      ttft_(prometheus::BuildHistogram()
-                .Name("sparseaccel_time_to_first_token_seconds")
-                .Help("Request arrival to first token sent, by prompt length bucket.")
-                .Register(*registry)),
-      itl_(prometheus::BuildHistogram()
-               .Name("sparseaccel_inter_token_latency_seconds")
-               .Help("Time between consecutive tokens sent, by context length bucket.")
-               .Register(*registry)),
-      e2e_(prometheus::BuildHistogram()
-               .Name("sparseaccel_request_duration_seconds")
-               .Help("End-to-end Generate latency, by prompt length bucket.")
-               .Register(*registry)),
-      prefill_seconds_(prometheus::BuildHistogram()
-                           .Name("sparseaccel_remote_prefill_duration_seconds")
-                           .Help("Prefill compute time reported by the prefill service.")
-                           .Register(*registry)),
-      kv_seconds_(prometheus::BuildHistogram()
-                      .Name("sparseaccel_kv_transfer_duration_seconds")
-                      .Help("First to last KV byte received from the prefill service.")
-                      .Register(*registry)),
-      kv_bytes_(prometheus::BuildHistogram()
-                    .Name("sparseaccel_kv_transfer_bytes")
-                    .Help("KV cache bytes received per request.")
-                    .Register(*registry)),
-      pool_blocks_(prometheus::BuildGauge()
-                       .Name("sparseaccel_kv_pool_blocks")
-                       .Help("Paged KV pool blocks by state (used, free).")
-                       .Register(*registry)),
-      queue_depth_(prometheus::BuildGauge()
-                       .Name("sparseaccel_decode_queue_depth")
-                       .Help("Requests waiting for KV cache space.")
-                       .Register(*registry)
-                       .Add({})),
-      running_(prometheus::BuildGauge()
-                   .Name("sparseaccel_decode_running_sequences")
-                   .Help("Sequences in the continuous batch.")
-                   .Register(*registry)
-                   .Add({})),
-      pool_bytes_(prometheus::BuildGauge()
-                      .Name("sparseaccel_kv_pool_bytes")
-                      .Help("Paged KV pool bytes by state (used, free).")
-                      .Register(*registry)),
-      host_memory_(prometheus::BuildGauge()
-                       .Name("sparseaccel_host_memory_bytes")
-                       .Help("Resident host memory of the process.")
-                       .Register(*registry)
-                       .Add({{"service", "decode"}})),
-      gpu_memory_(prometheus::BuildGauge()
-                      .Name("sparseaccel_gpu_memory_used_bytes")
-                      .Help("GPU memory in use on the service's device (all processes).")
-                      .Register(*registry)
-                      .Add({{"service", "decode"}})) {
+      metrics_(registry) {
   UpdateGauges();
 }
 
 void DecodeServer::UpdateGauges() {
   const int64_t free_blocks = engine_->free_blocks();
-  pool_blocks_.Add({{"state", "free"}}).Set(static_cast<double>(free_blocks));
-  pool_blocks_.Add({{"state", "used"}})
+  metrics_.pool_blocks.Add({{"state", "free"}}).Set(static_cast<double>(free_blocks));
+  metrics_.pool_blocks.Add({{"state", "used"}})
       .Set(static_cast<double>(engine_->num_blocks() - free_blocks));
   const double block_bytes = static_cast<double>(engine_->model().kv_block_bytes());
-  pool_bytes_.Add({{"state", "free"}}).Set(block_bytes * static_cast<double>(free_blocks));
-  pool_bytes_.Add({{"state", "used"}})
+  metrics_.pool_bytes.Add({{"state", "free"}}).Set(block_bytes * static_cast<double>(free_blocks));
+  metrics_.pool_bytes.Add({{"state", "used"}})
       .Set(block_bytes * static_cast<double>(engine_->num_blocks() - free_blocks));
-  queue_depth_.Set(static_cast<double>(engine_->waiting()));
-  running_.Set(static_cast<double>(engine_->running()));
-  host_memory_.Set(static_cast<double>(HostResidentBytes()));
+  metrics_.queue_depth.Set(static_cast<double>(engine_->waiting()));
+  metrics_.running.Set(static_cast<double>(engine_->running()));
+  metrics_.host_memory.Set(static_cast<double>(HostResidentBytes()));
   if (const std::optional<DeviceMemoryStats> memory = engine_->model().DeviceMemory()) {
-    gpu_memory_.Set(static_cast<double>(memory->used));
+    metrics_.gpu_memory.Set(static_cast<double>(memory->used));
   }
 }
 
@@ -270,6 +156,151 @@ absl::StatusOr<std::vector<int32_t>> DecodeServer::PromptTokens(
   return prompt;
 }
 
+// One Generate call's token stream: decides when generation is over (EOS, a stop id, a stop
+// string, max_tokens), writes each token with its text delta, and times them.
+class TokenWriter {
+ public:
+  TokenWriter(const v1::GenerateRequest& request, const ModelConfig& config,
+              const Tokenizer* tokenizer, grpc::ServerWriter<v1::GenerateResponse>* writer,
+              DecodeRequestMetrics* metrics, Clock::time_point start, int64_t prompt_tokens)
+      : request_(request),
+        writer_(writer),
+        metrics_(metrics),
+        start_(start),
+        last_sent_(start),
+        prompt_tokens_(prompt_tokens),
+        stop_ids_(request.stop_token_ids().begin(), request.stop_token_ids().end()),
+        text_(tokenizer, {request.stop().begin(), request.stop().end()}) {
+    if (!request.ignore_eos()) {
+      eos_ids_.insert(config.eos_token_ids.begin(), config.eos_token_ids.end());
+    }
+  }
+
+  // Sends one token; false once generation is over (finish() set), the client is gone
+  // (CANCELLED) or the token has no text (status() set).
+  bool Send(int32_t token) {
+    if (eos_ids_.count(token) > 0) {
+      finish_ = v1::FINISH_REASON_EOS;
+    } else if (stop_ids_.count(token) > 0) {
+      finish_ = v1::FINISH_REASON_STOP;
+    } else if (generated_ + 1 >= request_.max_tokens()) {
+      finish_ = v1::FINISH_REASON_LENGTH;
+    }
+    bool stopped = false;
+    absl::StatusOr<std::string> delta =
+        text_.Push(token, finish_ != v1::FINISH_REASON_UNSPECIFIED, &stopped);
+    if (!delta.ok()) {
+      status_ = absl::InternalError(
+          absl::StrCat("generated token ", token, " has no text: ", delta.status().message()));
+      return false;
+    }
+    if (stopped) finish_ = v1::FINISH_REASON_STOP;
+    v1::GenerateResponse response;
+    response.mutable_token()->set_token_id(token);
+    response.mutable_token()->set_text(*std::move(delta));
+    response.mutable_token()->set_index(static_cast<int32_t>(generated_));
+    if (!writer_->Write(response)) {
+      finish_ = v1::FINISH_REASON_CANCELLED;
+      return false;
+    }
+    Timed(Clock::now());
+    return finish_ == v1::FINISH_REASON_UNSPECIFIED;
+  }
+
+  v1::FinishReason finish() const { return finish_; }
+  void set_finish(v1::FinishReason finish) { finish_ = finish; }
+  const absl::Status& status() const { return status_; }
+  int64_t generated() const { return generated_; }
+  double ttft() const { return ttft_; }
+  double mean_itl() const { return generated_ > 1 ? itl_sum_ / (generated_ - 1) : 0; }
+
+ private:
+  // The metrics of the token just written at `now`.
+  void Timed(Clock::time_point now) {
+    if (generated_ == 0) {
+      ttft_ = std::chrono::duration<double>(now - start_).count();
+      metrics_->ttft.Add({{"context", ContextBucket(prompt_tokens_)}}, LatencyBuckets())
+          .Observe(ttft_);
+    } else {
+      const double gap = std::chrono::duration<double>(now - last_sent_).count();
+      itl_sum_ += gap;
+      metrics_->itl.Add({{"context", ContextBucket(prompt_tokens_ + generated_)}}, LatencyBuckets())
+          .Observe(gap);
+    }
+    last_sent_ = now;
+    ++generated_;
+  }
+
+  const v1::GenerateRequest& request_;
+  grpc::ServerWriter<v1::GenerateResponse>* const writer_;
+  DecodeRequestMetrics* const metrics_;
+  const Clock::time_point start_;
+  Clock::time_point last_sent_;
+  const int64_t prompt_tokens_;
+  const std::unordered_set<int32_t> stop_ids_;
+  std::unordered_set<int32_t> eos_ids_;
+  TextStream text_;
+  v1::FinishReason finish_ = v1::FINISH_REASON_UNSPECIFIED;
+  absl::Status status_;
+  int64_t generated_ = 0;
+  double ttft_ = 0;
+  double itl_sum_ = 0;
+};
+
+namespace {
+
+// Tokens after the first from the continuous batch, until `tokens` has sent the last one, the
+// client has gone (CANCELLED finish) or the sequence ended; the sequence's error, if any.
+absl::Status DecodeRest(grpc::ServerContext* context, DecodeSequence* sequence,
+                        TokenWriter* tokens) {
+  while (true) {
+    if (context->IsCancelled()) {
+      tokens->set_finish(v1::FINISH_REASON_CANCELLED);
+      return absl::OkStatus();
+    }
+    DecodeSequence::Event event = sequence->WaitNext(absl::Milliseconds(50));
+    if (event.kind == DecodeSequence::Event::Kind::kTimeout) continue;
+    if (event.kind == DecodeSequence::Event::Kind::kFinished) return event.status;
+    if (!tokens->Send(event.token)) return absl::OkStatus();
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<RemotePrefillResult> DecodeServer::PrefillAndDecode(
+    grpc::ServerContext* context, const std::string& request_id, const v1::GenerateRequest& request,
+    const std::vector<int32_t>& prompt, std::shared_ptr<DecodeSequence> sequence,
+    TokenWriter* tokens) {
+  // The first token reaches the client while the rest of the KV cache is still arriving.
+  bool first_sent = false;
+  bool more = false;  // Whether generation goes on after the first token.
+  absl::StatusOr<RemotePrefillResult> prefilled = prefill_.Run(
+      context, request_id, prompt, request.sampling(), engine_, sequence.get(), [&](int32_t token) {
+        first_sent = true;
+        more = tokens->Send(token);
+        return more;
+      });
+  if (!prefilled.ok() && (!first_sent || more)) return prefilled.status();
+  absl::Status decoded = tokens->status();
+  if (more) {
+    engine_->Start(sequence, prefilled->first_token, ToSamplingParams(request.sampling()),
+                   request.max_tokens() - 1);
+    decoded = DecodeRest(context, sequence.get(), tokens);
+    if (decoded.ok()) decoded = tokens->status();
+  }
+  sequence->Cancel();
+  sequence.reset();  // The scheduler drops its reference at its next step.
+  if (tokens->finish() == v1::FINISH_REASON_CANCELLED) {
+    return absl::CancelledError("client cancelled or its deadline passed");
+  }
+  RETURN_IF_ERROR(decoded);
+  if (tokens->finish() == v1::FINISH_REASON_UNSPECIFIED) {
+    tokens->set_finish(v1::FINISH_REASON_LENGTH);
+  }
+  // A generation that ended with the first token stopped its KV transfer: no KV figures.
+  return prefilled.ok() ? *prefilled : RemotePrefillResult{};
+}
+
 grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
                                     const v1::GenerateRequest* request,
                                     grpc::ServerWriter<v1::GenerateResponse>* writer) {
@@ -280,19 +311,19 @@ grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
                                      : request->request_id();
   absl::StatusOr<std::vector<int32_t>> prompt = PromptTokens(*request);
   const int64_t prompt_tokens = prompt.ok() ? static_cast<int64_t>(prompt->size()) : 0;
-  const std::string bucket = ContextBucket(prompt_tokens);
-  v1::FinishReason finish = v1::FINISH_REASON_UNSPECIFIED;
-  int64_t generated = 0;
+  TokenWriter tokens(*request, config_, options_.tokenizer, writer, &metrics_, start,
+                     prompt_tokens);
 
   auto finish_request = [&](absl::Status status) {
-    requests_.Add({{"outcome", OutcomeLabel(status)}, {"finish_reason", FinishName(finish)}})
+    metrics_.requests
+        .Add({{"outcome", OutcomeLabel(status)}, {"finish_reason", FinishName(tokens.finish())}})
         .Increment();
     UpdateGauges();
     LogInfo("generate.done", {{"request_id", request_id},
                               {"status", StatusForLog(status)},
-                              {"finish_reason", FinishName(finish)},
+                              {"finish_reason", FinishName(tokens.finish())},
                               {"prompt_tokens", prompt_tokens},
-                              {"completion_tokens", generated},
+                              {"completion_tokens", tokens.generated()},
                               {"seconds", SecondsSince(start)}});
     --active_;
     return ToGrpcStatus(status);
@@ -302,126 +333,42 @@ grpc::Status DecodeServer::Generate(grpc::ServerContext* context,
   if (!slot.ok()) return finish_request(slot.status());
   if (!prompt.ok()) return finish_request(prompt.status());
   const auto cancelled = [context] { return context->IsCancelled(); };
-  absl::Time deadline = absl::FromChrono(context->deadline());
-  absl::StatusOr<std::shared_ptr<DecodeSequence>> sequence =
-      engine_->Admit(prompt_tokens, request->max_tokens(), deadline, cancelled);
+  absl::StatusOr<std::shared_ptr<DecodeSequence>> sequence = engine_->Admit(
+      prompt_tokens, request->max_tokens(), absl::FromChrono(context->deadline()), cancelled);
   if (!sequence.ok()) return finish_request(sequence.status());
   UpdateGauges();
+  absl::StatusOr<RemotePrefillResult> transfer =
+      PrefillAndDecode(context, request_id, *request, *prompt, *std::move(sequence), &tokens);
+  if (!transfer.ok()) return finish_request(transfer.status());
+  WriteResult(*transfer, prompt_tokens, SecondsSince(start), tokens, writer);
+  return finish_request(absl::OkStatus());
+}
 
-  std::unordered_set<int32_t> stop_ids(request->stop_token_ids().begin(),
-                                       request->stop_token_ids().end());
-  std::unordered_set<int32_t> eos_ids;
-  if (!request->ignore_eos())
-    eos_ids.insert(config_.eos_token_ids.begin(), config_.eos_token_ids.end());
-  double ttft = 0;
-  Clock::time_point last_sent = start;
-  double itl_sum = 0;
-  const int64_t context_tokens = prompt_tokens;
-  TextStream text(options_.tokenizer, {request->stop().begin(), request->stop().end()});
-  absl::Status status;
-
-  // Sends one token; returns false once generation is over (finish set), the client is gone or
-  // the token has no text (status set).
-  auto send = [&](int32_t token) -> bool {
-    if (eos_ids.count(token) > 0) {
-      finish = v1::FINISH_REASON_EOS;
-    } else if (stop_ids.count(token) > 0) {
-      finish = v1::FINISH_REASON_STOP;
-    } else if (generated + 1 >= request->max_tokens()) {
-      finish = v1::FINISH_REASON_LENGTH;
-    }
-    bool stopped = false;
-    absl::StatusOr<std::string> delta =
-        text.Push(token, finish != v1::FINISH_REASON_UNSPECIFIED, &stopped);
-    if (!delta.ok()) {
-      status = absl::InternalError(
-          absl::StrCat("generated token ", token, " has no text: ", delta.status().message()));
-      return false;
-    }
-    if (stopped) finish = v1::FINISH_REASON_STOP;
-    v1::GenerateResponse response;
-    response.mutable_token()->set_token_id(token);
-    response.mutable_token()->set_text(*std::move(delta));
-    response.mutable_token()->set_index(static_cast<int32_t>(generated));
-    if (!writer->Write(response)) {
-      finish = v1::FINISH_REASON_CANCELLED;
-      return false;
-    }
-    const Clock::time_point now = Clock::now();
-    if (generated == 0) {
-      ttft = std::chrono::duration<double>(now - start).count();
-      ttft_.Add({{"context", bucket}}, LatencyBuckets()).Observe(ttft);
-    } else {
-      const double gap = std::chrono::duration<double>(now - last_sent).count();
-      itl_sum += gap;
-      itl_.Add({{"context", ContextBucket(context_tokens + generated)}}, LatencyBuckets())
-          .Observe(gap);
-    }
-    last_sent = now;
-    ++generated;
-    return finish == v1::FINISH_REASON_UNSPECIFIED;
-  };
-
-  // The first token reaches the client while the rest of the KV cache is still arriving.
-  bool first_sent = false;
-  bool more = false;  // Whether generation goes on after the first token.
-  absl::StatusOr<RemotePrefillResult> prefilled =
-      prefill_.Run(context, request_id, *prompt, request->sampling(), engine_, sequence->get(),
-                   [&](int32_t token) {
-                     first_sent = true;
-                     more = send(token);
-                     return more;
-                   });
-  if (!prefilled.ok() && (!first_sent || more)) return finish_request(prefilled.status());
-  if (more) {
-    engine_->Start(*sequence, prefilled->first_token, ToSamplingParams(request->sampling()),
-                   request->max_tokens() - 1);
-    while (true) {
-      if (context->IsCancelled()) {
-        finish = v1::FINISH_REASON_CANCELLED;
-        break;
-      }
-      DecodeSequence::Event event = (*sequence)->WaitNext(absl::Milliseconds(50));
-      if (event.kind == DecodeSequence::Event::Kind::kTimeout) continue;
-      if (event.kind == DecodeSequence::Event::Kind::kFinished) {
-        status = event.status;
-        break;
-      }
-      if (!send(event.token)) break;
-    }
-  }
-  (*sequence)->Cancel();
-  sequence->reset();  // The scheduler drops its reference at its next step.
-  if (finish == v1::FINISH_REASON_CANCELLED) {
-    status = absl::CancelledError("client cancelled or its deadline passed");
-  }
-  if (!status.ok()) return finish_request(status);
-  if (finish == v1::FINISH_REASON_UNSPECIFIED) finish = v1::FINISH_REASON_LENGTH;
-
-  const double total = SecondsSince(start);
-  // A generation that ended with the first token stopped its KV transfer: no KV figures.
-  const RemotePrefillResult transfer = prefilled.ok() ? *prefilled : RemotePrefillResult{};
-  if (prefilled.ok()) {
-    prefill_seconds_.Add({{"context", bucket}}, LatencyBuckets()).Observe(transfer.prefill_seconds);
-    kv_seconds_.Add({{"context", bucket}}, LatencyBuckets()).Observe(transfer.kv_seconds);
-    kv_bytes_.Add({{"context", bucket}}, ByteBuckets())
+void DecodeServer::WriteResult(const RemotePrefillResult& transfer, int64_t prompt_tokens,
+                               double total_seconds, const TokenWriter& tokens,
+                               grpc::ServerWriter<v1::GenerateResponse>* writer) {
+  const std::string bucket = ContextBucket(prompt_tokens);
+  if (transfer.kv_bytes > 0) {
+    metrics_.prefill_seconds.Add({{"context", bucket}}, LatencyBuckets())
+        .Observe(transfer.prefill_seconds);
+    metrics_.kv_seconds.Add({{"context", bucket}}, LatencyBuckets()).Observe(transfer.kv_seconds);
+    metrics_.kv_bytes.Add({{"context", bucket}}, ByteBuckets())
         .Observe(static_cast<double>(transfer.kv_bytes));
   }
-  e2e_.Add({{"context", bucket}}, LatencyBuckets()).Observe(total);
+  metrics_.e2e.Add({{"context", bucket}}, LatencyBuckets()).Observe(total_seconds);
   v1::GenerateResponse response;
   v1::GenerateResult* result = response.mutable_result();
-  result->set_finish_reason(finish);
+  result->set_finish_reason(tokens.finish());
   result->set_prompt_tokens(static_cast<int32_t>(prompt_tokens));
-  result->set_completion_tokens(static_cast<int32_t>(generated));
-  result->set_time_to_first_token_seconds(ttft);
+  result->set_completion_tokens(static_cast<int32_t>(tokens.generated()));
+  result->set_time_to_first_token_seconds(tokens.ttft());
   result->set_prefill_seconds(transfer.prefill_seconds);
   result->set_kv_transfer_seconds(transfer.kv_seconds);
   result->set_kv_transfer_bytes(transfer.kv_bytes);
-  result->set_mean_inter_token_latency_seconds(generated > 1 ? itl_sum / (generated - 1) : 0);
-  result->set_total_seconds(total);
+  result->set_mean_inter_token_latency_seconds(tokens.mean_itl());
+  result->set_total_seconds(total_seconds);
   result->set_prefill_address(transfer.address);
   writer->Write(response);
-  return finish_request(absl::OkStatus());
 }
 
 }  // namespace sparseaccel

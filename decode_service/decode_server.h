@@ -13,12 +13,9 @@
 
 #include "decode_service/decode_engine.h"
 #include "decode_service/remote_prefill.h"
+#include "decode_service/request_metrics.h"
 #include "decode_service/stream_limit.h"
 #include "model/text/tokenizer.h"
-#include "prometheus/counter.h"
-#include "prometheus/family.h"
-#include "prometheus/gauge.h"
-#include "prometheus/histogram.h"
 #include "prometheus/registry.h"
 #include "proto/sparseaccel.grpc.pb.h"
 
@@ -53,6 +50,8 @@ struct DecodeServerOptions {
   const Tokenizer* tokenizer = nullptr;
 };
 
+class TokenWriter;  // One call's token stream (decode_server.cc).
+
 class DecodeServer final : public v1::DecodeService::Service {
  public:
   DecodeServer(DecodeEngine* engine, const ModelConfig& config, DecodeServerOptions options,
@@ -68,6 +67,18 @@ class DecodeServer final : public v1::DecodeService::Service {
  private:
   // The prompt's token ids (text and chat prompts encoded), checked against the limits.
   absl::StatusOr<std::vector<int32_t>> PromptTokens(const v1::GenerateRequest& request) const;
+  // The remote prefill (its first token sent through `tokens` as soon as it arrives), then the
+  // rest of the tokens from the batch; the transfer's figures (none when the first token ended
+  // the generation), or the call's error. Leaves the finish reason in `tokens`.
+  absl::StatusOr<RemotePrefillResult> PrefillAndDecode(grpc::ServerContext* context,
+                                                       const std::string& request_id,
+                                                       const v1::GenerateRequest& request,
+                                                       const std::vector<int32_t>& prompt,
+                                                       std::shared_ptr<DecodeSequence> sequence,
+                                                       TokenWriter* tokens);
+  // The request's closing message (GenerateResult) and its metrics.
+  void WriteResult(const RemotePrefillResult& transfer, int64_t prompt_tokens, double total_seconds,
+                   const TokenWriter& tokens, grpc::ServerWriter<v1::GenerateResponse>* writer);
   DecodeEngine* engine_;
   const ModelConfig config_;
   const DecodeServerOptions options_;
@@ -76,19 +87,7 @@ class DecodeServer final : public v1::DecodeService::Service {
   std::atomic<int64_t> active_{0};
   ConnectionStreamLimit stream_limit_;
 
-  prometheus::Family<prometheus::Counter>& requests_;
-  prometheus::Family<prometheus::Histogram>& ttft_;
-  prometheus::Family<prometheus::Histogram>& itl_;
-  prometheus::Family<prometheus::Histogram>& e2e_;
-  prometheus::Family<prometheus::Histogram>& prefill_seconds_;
-  prometheus::Family<prometheus::Histogram>& kv_seconds_;
-  prometheus::Family<prometheus::Histogram>& kv_bytes_;
-  prometheus::Family<prometheus::Gauge>& pool_blocks_;
-  prometheus::Gauge& queue_depth_;
-  prometheus::Gauge& running_;
-  prometheus::Family<prometheus::Gauge>& pool_bytes_;
-  prometheus::Gauge& host_memory_;
-  prometheus::Gauge& gpu_memory_;
+  DecodeRequestMetrics metrics_;
 };
 
 }  // namespace sparseaccel

@@ -186,10 +186,9 @@ int Run() {
            {"kv_pool_mib", (*model)->kv_pool_blocks() * (*model)->kv_block_bytes() / (1 << 20)},
            {"tokenizer", *tokenizer != nullptr},
            {"fingerprint", *fingerprint}});
-  const int signal = WaitForTerminationSignal();
-  LogInfo("decode.draining", {{"signal", signal}, {"active", service.active_requests()}});
-  DrainAndStop(&*ports, *std::move(openai));
-  LogInfo("decode.stopped");
+  ServeUntilTerminated(
+      "decode", [&service] { return service.active_requests(); },
+      [&] { DrainAndStop(&*ports, *std::move(openai)); });
   return 0;
 }
 

@@ -97,6 +97,84 @@ absl::Status WithAddress(const absl::Status& status, const std::string& address)
                       absl::StrCat("prefill service ", address, ": ", status.message()));
 }
 
+using Stubs = std::vector<std::unique_ptr<v1::PrefillService::Stub>>;
+
+// The messages of one Prefill stream: the header (which starts a FetchKv stream per extra
+// stub), KV chunks and the trailer with the first token.
+class PrefillStream {
+ public:
+  PrefillStream(const std::string& address, const Stubs& stubs, grpc::ServerContext* client,
+                KvStreamReader* kv, CallGroup* group, int64_t vocab_size,
+                const std::function<bool(int32_t)>& first_token, RemotePrefillResult* result)
+      : address_(address),
+        stubs_(stubs),
+        client_(client),
+        kv_(kv),
+        group_(group),
+        vocab_size_(vocab_size),
+        first_token_(first_token),
+        result_(result) {}
+  ~PrefillStream() { JoinFetchers(); }
+
+  absl::Status Handle(const v1::PrefillResponse& message) {
+    switch (message.kind_case()) {
+      case v1::PrefillResponse::kHeader:
+        return OnHeader(message.header());
+      case v1::PrefillResponse::kKv:
+        return kv_->OnChunk(message.kv());
+      case v1::PrefillResponse::kTrailer:
+        return OnTrailer(message.trailer());
+      default:
+        return absl::DataLossError("unknown prefill message");
+    }
+  }
+  // Waits for the FetchKv streams to end.
+  void JoinFetchers() {
+    for (std::thread& fetcher : fetchers_) fetcher.join();
+    fetchers_.clear();
+  }
+  bool have_trailer() const { return have_trailer_; }
+  Clock::time_point header_at() const { return header_at_; }
+
+ private:
+  absl::Status OnHeader(const v1::PrefillHeader& header) {
+    RETURN_IF_ERROR(WithAddress(kv_->OnHeader(header), address_));
+    header_at_ = Clock::now();
+    const int32_t streams = std::min<int32_t>(header.kv_streams(), stubs_.size());
+    for (int32_t i = 1; i < streams && !header.kv_transfer_id().empty(); ++i) {
+      fetchers_.emplace_back(ReadFetchStream, stubs_[i].get(), header.kv_transfer_id(), address_,
+                             client_, kv_, group_);
+    }
+    return absl::OkStatus();
+  }
+  absl::Status OnTrailer(const v1::PrefillTrailer& trailer) {
+    if (have_trailer_) return absl::DataLossError("a second prefill trailer");
+    result_->first_token = trailer.first_token();
+    result_->prefill_seconds = trailer.prefill_seconds();
+    result_->peak_gpu_bytes = trailer.peak_gpu_memory_bytes();
+    have_trailer_ = true;
+    if (result_->first_token < 0 || result_->first_token >= vocab_size_) {
+      return absl::DataLossError("prefill returned an invalid first token");
+    }
+    if (!first_token_(result_->first_token)) {
+      return absl::CancelledError("generation ended with the first token");
+    }
+    return absl::OkStatus();
+  }
+
+  const std::string& address_;
+  const Stubs& stubs_;
+  grpc::ServerContext* const client_;
+  KvStreamReader* const kv_;
+  CallGroup* const group_;
+  const int64_t vocab_size_;
+  const std::function<bool(int32_t)>& first_token_;
+  RemotePrefillResult* const result_;
+  std::vector<std::thread> fetchers_;
+  bool have_trailer_ = false;
+  Clock::time_point header_at_ = Clock::now();
+};
+
 }  // namespace
 
 constexpr int kInitialReconnectBackoffMs = 100;
@@ -158,63 +236,27 @@ absl::StatusOr<RemotePrefillResult> RemotePrefillClient::Run(
   request.set_expected_model_fingerprint(options_.model_fingerprint);
   request.set_kv_streams(static_cast<int32_t>(target.stubs.size()));
   request.set_kv_checksum(v1::KV_CHECKSUM_XXH3_64);
+  PrefillStream stream(target.address, target.stubs, client, &kv, &group,
+                       engine->model().config().vocab_size, first_token, &result);
   std::unique_ptr<grpc::ClientReader<v1::PrefillResponse>> reader =
       target.stubs[0]->Prefill(group.NewCall(), request);
-
-  std::vector<std::thread> fetchers;
-  bool have_trailer = false;
-  Clock::time_point header_at = Clock::now();
-  // Handles one message of the Prefill stream.
-  auto handle = [&](const v1::PrefillResponse& message) -> absl::Status {
-    switch (message.kind_case()) {
-      case v1::PrefillResponse::kHeader: {
-        RETURN_IF_ERROR(WithAddress(kv.OnHeader(message.header()), target.address));
-        header_at = Clock::now();
-        const int32_t streams =
-            std::min<int32_t>(message.header().kv_streams(), target.stubs.size());
-        for (int32_t i = 1; i < streams && !message.header().kv_transfer_id().empty(); ++i) {
-          fetchers.emplace_back(ReadFetchStream, target.stubs[i].get(),
-                                message.header().kv_transfer_id(), target.address, client, &kv,
-                                &group);
-        }
-        return absl::OkStatus();
-      }
-      case v1::PrefillResponse::kKv:
-        return kv.OnChunk(message.kv());
-      case v1::PrefillResponse::kTrailer:
-        if (have_trailer) return absl::DataLossError("a second prefill trailer");
-        result.first_token = message.trailer().first_token();
-        result.prefill_seconds = message.trailer().prefill_seconds();
-        result.peak_gpu_bytes = message.trailer().peak_gpu_memory_bytes();
-        have_trailer = true;
-        if (result.first_token < 0 || result.first_token >= engine->model().config().vocab_size) {
-          return absl::DataLossError("prefill returned an invalid first token");
-        }
-        if (!first_token(result.first_token)) {
-          return absl::CancelledError("generation ended with the first token");
-        }
-        return absl::OkStatus();
-      default:
-        return absl::DataLossError("unknown prefill message");
-    }
-  };
   v1::PrefillResponse message;
   while (group.failure().ok() && reader->Read(&message) && group.ClientStillThere()) {
-    if (absl::Status handled = handle(message); !handled.ok()) group.Fail(handled);
+    if (absl::Status handled = stream.Handle(message); !handled.ok()) group.Fail(handled);
   }
   const grpc::Status status = reader->Finish();
-  for (std::thread& fetcher : fetchers) fetcher.join();
+  stream.JoinFetchers();
   RETURN_IF_ERROR(group.failure());
   if (!status.ok()) {
     return RemoteCallFailure(status, client, absl::StrCat("prefill service ", target.address));
   }
-  if (!have_trailer) {
+  if (!stream.have_trailer()) {
     return absl::UnavailableError(
         absl::StrCat("prefill stream from ", target.address, " ended early"));
   }
   RETURN_IF_ERROR(WithAddress(kv.Complete(), target.address));
   RETURN_IF_ERROR(engine->FinishImport(sequence));
-  result.kv_seconds = std::chrono::duration<double>(Clock::now() - header_at).count();
+  result.kv_seconds = std::chrono::duration<double>(Clock::now() - stream.header_at()).count();
   result.kv_bytes = kv.bytes();
   return result;
 }

@@ -118,10 +118,11 @@ int Run() {
                             {"gpus", absl::GetFlag(FLAGS_gpus)},
                             {"fingerprint", *fingerprint},
                             {"kv_host_buffer_bytes", options.host_buffer_bytes}});
-  const int signal = WaitForTerminationSignal();
-  LogInfo("prefill.draining", {{"signal", signal}, {"active", service.active_requests()}});
-  ShutdownService(&*ports, absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds)));
-  LogInfo("prefill.stopped");
+  ServeUntilTerminated(
+      "prefill", [&service] { return service.active_requests(); },
+      [&] {
+        ShutdownService(&*ports, absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds)));
+      });
   return 0;
 }
 

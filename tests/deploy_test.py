@@ -96,7 +96,7 @@ for doc in documents:
           "%s terminationGracePeriodSeconds must exceed --shutdown_grace_seconds" % binary)
 
 exported = set()
-for path in ("decode_service/decode_server.cc", "prefill_service/prefill_server.cc"):
+for path in ("decode_service/request_metrics.cc", "prefill_service/prefill_server.cc"):
     exported |= set(re.findall(r'\.Name\("(sparseaccel_\w+)"\)', source(path)))
 check(len(exported) >= 10, "found only %d exported metrics" % len(exported))
 dashboard = json.load(open(os.path.join(ROOT, "deploy/grafana/sparseaccel.json")))

@@ -21,6 +21,19 @@ namespace {
 
 using Json = nlohmann::json;
 
+// parent[key], or null when absent.
+const Json& Field(const Json& parent, const char* key) {
+  static const Json kNull;
+  auto it = parent.find(key);
+  return it == parent.end() ? kNull : *it;
+}
+
+// node["type"] as a string ("" when absent).
+std::string TypeOf(const Json& node) {
+  const Json& type = Field(node, "type");
+  return type.is_string() ? type.get<std::string>() : std::string();
+}
+
 // Pre-tokens longer than this are not cached (long whitespace or letter runs are rare).
 constexpr size_t kMaxCachedWordBytes = 128;
 constexpr size_t kWordCacheCapacity = 1 << 16;
@@ -296,43 +309,54 @@ absl::Status Tokenizer::ParseTokenizerJson(absl::string_view text) {
   if (root.is_discarded() || !root.is_object()) {
     return absl::InvalidArgumentError("tokenizer.json is not a JSON object");
   }
-  const auto field = [&](const Json& parent, const char* key) -> const Json& {
-    static const Json kNull;
-    auto it = parent.find(key);
-    return it == parent.end() ? kNull : *it;
-  };
-  const auto type_of = [&](const Json& node) {
-    const Json& type = field(node, "type");
-    return type.is_string() ? type.get<std::string>() : std::string();
-  };
+  const Json& model = Field(root, "model");
+  RETURN_IF_ERROR(ParseBpeModel(model));
+  int32_t max_id = -1;
+  RETURN_IF_ERROR(ParseVocab(Field(model, "vocab"), &max_id));
+  RETURN_IF_ERROR(ParseMerges(Field(model, "merges")));
+  std::vector<std::pair<int32_t, std::string>> added_list;
+  RETURN_IF_ERROR(ParseAddedTokens(Field(root, "added_tokens"), &max_id, &added_list));
+  BuildIdTables(max_id, added_list);
+  if (!Field(root, "normalizer").is_null()) {
+    return absl::InvalidArgumentError("tokenizer.json: normalizers are unsupported");
+  }
+  RETURN_IF_ERROR(ParsePreTokenizer(Field(root, "pre_tokenizer")));
+  if (TypeOf(Field(root, "decoder")) != "ByteLevel") {
+    return absl::InvalidArgumentError("tokenizer.json: only the ByteLevel decoder is supported");
+  }
+  return ParsePostProcessor(Field(root, "post_processor"), max_id);
+}
 
-  // Model: byte-level BPE.
-  const Json& model = field(root, "model");
-  if (!model.is_object() || type_of(model) != "BPE") {
+// Byte-level BPE without the options this tokenizer does not implement.
+absl::Status Tokenizer::ParseBpeModel(const Json& model) {
+  if (!model.is_object() || TypeOf(model) != "BPE") {
     return absl::InvalidArgumentError("tokenizer.json: only a BPE model is supported");
   }
   for (const char* key : {"unk_token", "continuing_subword_prefix", "end_of_word_suffix"}) {
-    const Json& value = field(model, key);
+    const Json& value = Field(model, key);
     if (!value.is_null() && !(value.is_string() && value.get<std::string>().empty())) {
       return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: BPE ", key, " unsupported"));
     }
   }
-  if (field(model, "byte_fallback").is_boolean() && field(model, "byte_fallback").get<bool>()) {
+  if (Field(model, "byte_fallback").is_boolean() && Field(model, "byte_fallback").get<bool>()) {
     return absl::InvalidArgumentError("tokenizer.json: BPE byte_fallback is unsupported");
   }
-  const Json& dropout = field(model, "dropout");
+  const Json& dropout = Field(model, "dropout");
   if (!dropout.is_null() && !(dropout.is_number() && dropout.get<double>() == 0.0)) {
     return absl::InvalidArgumentError("tokenizer.json: BPE dropout is unsupported");
   }
   ignore_merges_ =
-      field(model, "ignore_merges").is_boolean() && field(model, "ignore_merges").get<bool>();
+      Field(model, "ignore_merges").is_boolean() && Field(model, "ignore_merges").get<bool>();
 
-  const Json& vocab = field(model, "vocab");
+  return absl::OkStatus();
+}
+
+// model.vocab: every entry in the byte-level alphabet, and a token for each of the 256 bytes.
+absl::Status Tokenizer::ParseVocab(const Json& vocab, int32_t* max_id) {
   if (!vocab.is_object() || vocab.empty()) {
     return absl::InvalidArgumentError("tokenizer.json: model.vocab must be a non-empty object");
   }
   std::string bytes;
-  int32_t max_id = -1;
   bytes_to_id_.reserve(vocab.size());
   for (auto it = vocab.begin(); it != vocab.end(); ++it) {
     if (!it.value().is_number_integer() || it.value().get<int64_t>() < 0 ||
@@ -346,7 +370,7 @@ absl::Status Tokenizer::ParseTokenizerJson(absl::string_view text) {
     }
     int32_t id = it.value().get<int32_t>();
     bytes_to_id_[bytes] = id;
-    max_id = std::max(max_id, id);
+    *max_id = std::max(*max_id, id);
   }
   for (int b = 0; b < 256; ++b) {
     auto it = bytes_to_id_.find(std::string(1, static_cast<char>(b)));
@@ -357,7 +381,11 @@ absl::Status Tokenizer::ParseTokenizerJson(absl::string_view text) {
     byte_ids_[b] = it->second;
   }
 
-  const Json& merges = field(model, "merges");
+  return absl::OkStatus();
+}
+
+// model.merges ("left right" strings or [left, right] lists), ranked in file order.
+absl::Status Tokenizer::ParseMerges(const Json& merges) {
   if (!merges.is_array()) return absl::InvalidArgumentError("tokenizer.json: no model.merges");
   merges_.reserve(merges.size());
   std::string left_bytes, right_bytes;
@@ -391,32 +419,35 @@ absl::Status Tokenizer::ParseTokenizerJson(absl::string_view text) {
                         MergeRule{static_cast<int32_t>(rank), m->second});
   }
 
-  // Added tokens.
-  const Json& added = field(root, "added_tokens");
+  return absl::OkStatus();
+}
+
+// added_tokens: whole-text tokens matched before BPE; special ones decode to no text.
+absl::Status Tokenizer::ParseAddedTokens(const Json& added, int32_t* max_id,
+                                         std::vector<std::pair<int32_t, std::string>>* list) {
   if (!added.is_null() && !added.is_array()) {
     return absl::InvalidArgumentError("tokenizer.json: added_tokens must be a list");
   }
-  std::vector<std::pair<int32_t, std::string>> added_list;
   for (const Json& token : added.is_array() ? added : Json::array()) {
-    const Json& id = field(token, "id");
-    const Json& content = field(token, "content");
+    const Json& id = Field(token, "id");
+    const Json& content = Field(token, "content");
     if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > (1 << 30) ||
         !content.is_string() || content.get<std::string>().empty()) {
       return absl::InvalidArgumentError(
           absl::StrCat("tokenizer.json: malformed added token ", token.dump()));
     }
     for (const char* flag : {"lstrip", "rstrip", "single_word", "normalized"}) {
-      if (field(token, flag).is_boolean() && field(token, flag).get<bool>()) {
+      if (Field(token, flag).is_boolean() && Field(token, flag).get<bool>()) {
         return absl::InvalidArgumentError(
             absl::StrCat("tokenizer.json: added token ", token.dump(), ": ", flag, " unsupported"));
       }
     }
-    bool special = field(token, "special").is_boolean() && field(token, "special").get<bool>();
+    bool special = Field(token, "special").is_boolean() && Field(token, "special").get<bool>();
     int32_t token_id = id.get<int32_t>();
     std::string text = content.get<std::string>();
     added_tokens_[text] = AddedToken{token_id, special};
-    added_list.emplace_back(token_id, text);
-    max_id = std::max(max_id, token_id);
+    list->emplace_back(token_id, text);
+    *max_id = std::max(*max_id, token_id);
     added_token_first_byte_[static_cast<uint8_t>(text[0])] = true;
     if (std::find(added_token_lengths_.begin(), added_token_lengths_.end(), text.size()) ==
         added_token_lengths_.end()) {
@@ -425,6 +456,12 @@ absl::Status Tokenizer::ParseTokenizerJson(absl::string_view text) {
   }
   std::sort(added_token_lengths_.rbegin(), added_token_lengths_.rend());
 
+  return absl::OkStatus();
+}
+
+// Bytes and specialness by id, for decoding.
+void Tokenizer::BuildIdTables(int32_t max_id,
+                              const std::vector<std::pair<int32_t, std::string>>& added_list) {
   id_to_bytes_.assign(max_id + 1, std::string());
   is_special_.assign(max_id + 1, false);
   for (const auto& [token_bytes, id] : bytes_to_id_) id_to_bytes_[id] = token_bytes;
@@ -432,23 +469,21 @@ absl::Status Tokenizer::ParseTokenizerJson(absl::string_view text) {
     id_to_bytes_[id] = text;
     is_special_[id] = added_tokens_[text].special;
   }
+}
 
-  // Normalizer, pre-tokenizer, decoder, post-processor.
-  if (!field(root, "normalizer").is_null()) {
-    return absl::InvalidArgumentError("tokenizer.json: normalizers are unsupported");
-  }
-  const Json& pre = field(root, "pre_tokenizer");
-  const Json& steps = field(pre, "pretokenizers");
-  bool supported_pre = type_of(pre) == "Sequence" && steps.is_array() && steps.size() == 2 &&
-                       type_of(steps[0]) == "Split" && type_of(steps[1]) == "ByteLevel";
+// Sequence[Split(Regex, Isolated), ByteLevel(use_regex=false)], as Llama 3 has.
+absl::Status Tokenizer::ParsePreTokenizer(const Json& pre) {
+  const Json& steps = Field(pre, "pretokenizers");
+  bool supported_pre = TypeOf(pre) == "Sequence" && steps.is_array() && steps.size() == 2 &&
+                       TypeOf(steps[0]) == "Split" && TypeOf(steps[1]) == "ByteLevel";
   if (supported_pre) {
     const Json& split = steps[0];
     const Json& byte_level = steps[1];
-    supported_pre = field(split, "pattern").is_object() &&
-                    field(field(split, "pattern"), "Regex").is_string() &&
-                    field(split, "behavior") == "Isolated" && field(split, "invert") == false &&
-                    field(byte_level, "use_regex") == false &&
-                    field(byte_level, "add_prefix_space") == false;
+    supported_pre = Field(split, "pattern").is_object() &&
+                    Field(Field(split, "pattern"), "Regex").is_string() &&
+                    Field(split, "behavior") == "Isolated" && Field(split, "invert") == false &&
+                    Field(byte_level, "use_regex") == false &&
+                    Field(byte_level, "add_prefix_space") == false;
   }
   if (!supported_pre) {
     return absl::InvalidArgumentError(
@@ -456,35 +491,34 @@ absl::Status Tokenizer::ParseTokenizerJson(absl::string_view text) {
                      " (supported: Sequence[Split(Regex, Isolated), ByteLevel(use_regex=false)])"));
   }
   RETURN_IF_ERROR(
-      SetPreTokenizerPattern(field(field(steps[0], "pattern"), "Regex").get<std::string>()));
+      SetPreTokenizerPattern(Field(Field(steps[0], "pattern"), "Regex").get<std::string>()));
+  return absl::OkStatus();
+}
 
-  if (type_of(field(root, "decoder")) != "ByteLevel") {
-    return absl::InvalidArgumentError("tokenizer.json: only the ByteLevel decoder is supported");
-  }
-
-  const Json& post = field(root, "post_processor");
+// TemplateProcessing (alone or in a Sequence with ByteLevel): the ids around the text.
+absl::Status Tokenizer::ParsePostProcessor(const Json& post, int32_t max_id) {
   std::vector<const Json*> processors;
-  if (type_of(post) == "Sequence" && field(post, "processors").is_array()) {
-    for (const Json& p : field(post, "processors")) processors.push_back(&p);
+  if (TypeOf(post) == "Sequence" && Field(post, "processors").is_array()) {
+    for (const Json& p : Field(post, "processors")) processors.push_back(&p);
   } else if (!post.is_null()) {
     processors.push_back(&post);
   }
   for (const Json* processor : processors) {
-    std::string type = type_of(*processor);
+    std::string type = TypeOf(*processor);
     if (type == "ByteLevel") continue;  // Only adjusts offsets.
-    if (type != "TemplateProcessing" || !field(*processor, "single").is_array()) {
+    if (type != "TemplateProcessing" || !Field(*processor, "single").is_array()) {
       return absl::InvalidArgumentError(
           absl::StrCat("tokenizer.json: unsupported post_processor ", type));
     }
     bool after_text = false;
-    for (const Json& piece : field(*processor, "single")) {
+    for (const Json& piece : Field(*processor, "single")) {
       if (piece.contains("Sequence")) {
         after_text = true;
         continue;
       }
-      const Json& name = field(field(piece, "SpecialToken"), "id");
+      const Json& name = Field(Field(piece, "SpecialToken"), "id");
       std::string name_text = name.is_string() ? name.get<std::string>() : std::string();
-      const Json& ids = field(field(field(*processor, "special_tokens"), name_text.c_str()), "ids");
+      const Json& ids = Field(Field(Field(*processor, "special_tokens"), name_text.c_str()), "ids");
       if (!ids.is_array()) {
         return absl::InvalidArgumentError(
             absl::StrCat("tokenizer.json: bad TemplateProcessing piece ", piece.dump()));

@@ -36,6 +36,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "model/text/chat_template.h"
+#include "nlohmann/json_fwd.hpp"
 
 namespace re2 {
 class RE2;
@@ -105,7 +106,17 @@ class Tokenizer {
   };
 
   Tokenizer();
+  // tokenizer.json, step by step.
   absl::Status ParseTokenizerJson(absl::string_view text);
+  absl::Status ParseBpeModel(const nlohmann::json& model);
+  absl::Status ParseVocab(const nlohmann::json& vocab, int32_t* max_id);
+  absl::Status ParseMerges(const nlohmann::json& merges);
+  absl::Status ParseAddedTokens(const nlohmann::json& added, int32_t* max_id,
+                                std::vector<std::pair<int32_t, std::string>>* list);
+  void BuildIdTables(int32_t max_id,
+                     const std::vector<std::pair<int32_t, std::string>>& added_list);
+  absl::Status ParsePreTokenizer(const nlohmann::json& pre);
+  absl::Status ParsePostProcessor(const nlohmann::json& post, int32_t max_id);
   absl::Status ParseConfigJson(absl::string_view text);
   absl::Status SetPreTokenizerPattern(const std::string& pattern);
 

@@ -1,12 +1,13 @@
 #ifndef SPARSEACCEL_KERNELS_CUDA_CUDA_CHECK_CUH_
 #define SPARSEACCEL_KERNELS_CUDA_CUDA_CHECK_CUH_
 
-// Status plumbing and bf16 helpers shared by the .cu files of kernels/cuda.
+// Status plumbing and bf16 helpers shared by the .cu files of kernels/cuda and model/cuda.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -14,10 +15,14 @@
 namespace sparseaccel {
 namespace cuda {
 
+// Out of device memory is ResourceExhausted (a request too large for what is free), every
+// other error Internal.
 inline absl::Status CudaStatus(cudaError_t error, const char* what) {
   if (error == cudaSuccess) return absl::OkStatus();
-  return absl::InternalError(
-      absl::StrCat(what, ": ", cudaGetErrorName(error), ": ", cudaGetErrorString(error)));
+  const std::string message =
+      absl::StrCat(what, ": ", cudaGetErrorName(error), ": ", cudaGetErrorString(error));
+  if (error == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(message);
+  return absl::InternalError(message);
 }
 
 // The status of the launch just made (configuration errors show up here at once).

@@ -1,16 +1,24 @@
 #include <algorithm>
+#include <atomic>
 #include <utility>
 
+#include "common/status_macros.h"
 #include "kernels/cuda/cuda_check.cuh"
 #include "kernels/cuda/device_memory.h"
 
 namespace sparseaccel {
 namespace cuda {
 
+namespace {
+
+std::atomic<int64_t> g_bytes_held{0};
+std::atomic<int64_t> g_peak_bytes_held{0};
+
+}  // namespace
+
 absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(size_t bytes) {
   DeviceBuffer buffer;
-  CUDA_RETURN_IF_ERROR(cudaMalloc(&buffer.data_, std::max<size_t>(bytes, 1)));
-  buffer.bytes_ = bytes;
+  RETURN_IF_ERROR(buffer.Reserve(std::max<size_t>(bytes, 1)));
   return buffer;
 }
 
@@ -19,16 +27,39 @@ DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept
 
 DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
   if (this != &other) {
-    if (data_) cudaFree(data_);
+    Release();
     data_ = std::exchange(other.data_, nullptr);
     bytes_ = std::exchange(other.bytes_, 0);
   }
   return *this;
 }
 
-DeviceBuffer::~DeviceBuffer() {
-  if (data_) cudaFree(data_);
+DeviceBuffer::~DeviceBuffer() { Release(); }
+
+absl::Status DeviceBuffer::Reserve(size_t bytes) {
+  if (bytes <= bytes_) return absl::OkStatus();
+  Release();
+  CUDA_RETURN_IF_ERROR(cudaMalloc(&data_, bytes));
+  bytes_ = bytes;
+  const int64_t held = g_bytes_held += static_cast<int64_t>(bytes);
+  int64_t peak = g_peak_bytes_held.load();
+  while (held > peak && !g_peak_bytes_held.compare_exchange_weak(peak, held)) {
+  }
+  return absl::OkStatus();
 }
+
+void DeviceBuffer::Release() {
+  if (data_ != nullptr) {
+    cudaFree(data_);
+    g_bytes_held -= static_cast<int64_t>(bytes_);
+  }
+  data_ = nullptr;
+  bytes_ = 0;
+}
+
+int64_t DeviceBytesHeld() { return g_bytes_held.load(); }
+int64_t PeakDeviceBytesHeld() { return g_peak_bytes_held.load(); }
+void ResetPeakDeviceBytesHeld() { g_peak_bytes_held = g_bytes_held.load(); }
 
 absl::Status DeviceBuffer::CopyFrom(const void* host, size_t bytes) {
   if (bytes > bytes_) return absl::OutOfRangeError("DeviceBuffer::CopyFrom past the end");

@@ -15,7 +15,8 @@
 namespace sparseaccel {
 namespace cuda {
 
-// An owned device allocation.
+// An owned device allocation (on the device current when it was made). Every DeviceBuffer
+// of the process counts toward DeviceBytesHeld.
 class DeviceBuffer {
  public:
   static absl::StatusOr<DeviceBuffer> Allocate(size_t bytes);
@@ -26,13 +27,18 @@ class DeviceBuffer {
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   ~DeviceBuffer();
 
+  // At least `bytes` (contents not kept when it grows): keeps the allocation when it is large
+  // enough. ResourceExhausted when the device is out of memory.
+  absl::Status Reserve(size_t bytes);
+  void Release();
+
   template <typename T>
   T* As() const {
     return static_cast<T*>(data_);
   }
   size_t bytes() const { return bytes_; }
 
-  // Synchronous copies of `bytes` (default: the whole buffer) from/to host memory.
+  // Synchronous copies of `bytes` from/to host memory.
   absl::Status CopyFrom(const void* host, size_t bytes);
   absl::Status CopyTo(void* host, size_t bytes) const;
   // Fills every byte with `value` (0xff: every bf16 and fp32 in the buffer becomes NaN).
@@ -42,6 +48,12 @@ class DeviceBuffer {
   void* data_ = nullptr;
   size_t bytes_ = 0;
 };
+
+// Bytes DeviceBuffers hold now (all devices), and the most they held since the process began
+// or the last ResetPeakDeviceBytesHeld (comparable to torch's memory_allocated).
+int64_t DeviceBytesHeld();
+int64_t PeakDeviceBytesHeld();
+void ResetPeakDeviceBytesHeld();
 
 // Allocates a buffer holding `values`.
 template <typename T>

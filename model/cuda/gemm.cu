@@ -94,7 +94,7 @@ absl::Status LtGemm::Linear(const uint16_t* x, const uint16_t* w, void* out,
   const float beta = accumulate ? 1.0f : 0.0f;
   LT_RETURN_IF_ERROR(cublasLtMatmul(handle_, (*plan)->op, &alpha, w, (*plan)->a, x, (*plan)->b,
                                     &beta, out, (*plan)->d, out, (*plan)->d, &(*plan)->algo,
-                                    workspace_.as<void>(), workspace_.bytes(), stream));
+                                    workspace_.As<void>(), workspace_.bytes(), stream));
   return absl::OkStatus();
 }
 

@@ -14,7 +14,8 @@
 #include <tuple>
 
 #include "absl/status/statusor.h"
-#include "model/cuda/cuda_util.cuh"
+#include "kernels/cuda/cuda_check.cuh"
+#include "kernels/cuda/device_memory.h"
 
 namespace sparseaccel {
 
@@ -42,7 +43,7 @@ class LtGemm {
   absl::StatusOr<const Plan*> PlanFor(int64_t m, int64_t n, int64_t k, cudaDataType_t out_type);
 
   cublasLtHandle_t handle_ = nullptr;
-  DeviceBuffer workspace_;
+  cuda::DeviceBuffer workspace_;
   std::map<Key, std::unique_ptr<Plan>> plans_;
 };
 

@@ -1,5 +1,6 @@
 #include "common/status_macros.h"
-#include "model/cuda/cuda_util.cuh"
+#include "kernels/cuda/cuda_check.cuh"
+#include "kernels/cuda/device_memory.h"
 #include "model/cuda/graph_cache.cuh"
 
 namespace sparseaccel {
@@ -17,7 +18,7 @@ absl::Status GraphCache::Capture(const Key& key, cudaStream_t stream,
     if (graph != nullptr) cudaGraphDestroy(graph);
     cudaGetLastError();  // A failed capture leaves its error as the last one; clear it.
     if (!enqueued.ok()) return enqueued;
-    return CudaStatus(ended, "cudaStreamEndCapture");
+    return cuda::CudaStatus(ended, "cudaStreamEndCapture");
   }
   cudaGraphExec_t exec = nullptr;
   const cudaError_t instantiated = cudaGraphInstantiate(&exec, graph, 0);

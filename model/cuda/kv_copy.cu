@@ -1,4 +1,5 @@
-#include "model/cuda/cuda_util.cuh"
+#include "kernels/cuda/cuda_check.cuh"
+#include "kernels/cuda/device_memory.h"
 #include "model/cuda/kv_copy.cuh"
 
 namespace sparseaccel {
@@ -26,7 +27,7 @@ absl::Status CopyRows(const uint16_t* src, int64_t src_stride, const int32_t* sr
   if (n == 0) return absl::OkStatus();
   CopyRowsKernel<<<n, 128, 0, stream>>>(src, src_stride, src_slots, dst, dst_stride, dst_slots,
                                         row);
-  CUDA_RETURN_IF_LAUNCH_FAILED();
+  RETURN_IF_LAUNCH_FAILED("CopyRowsKernel");
   return absl::OkStatus();
 }
 

@@ -26,7 +26,8 @@ absl::StatusOr<SharedEvent> RecordedEvent(cudaStream_t stream) {
 absl::Status CudaHostPinner::Pin(void* data, size_t bytes) {
   // Portable: pinned for every GPU's context, so each GPU of a tensor-parallel engine copies
   // its K/V columns into the slots at full speed.
-  return CudaStatus(cudaHostRegister(data, bytes, cudaHostRegisterPortable), "cudaHostRegister");
+  return cuda::CudaStatus(cudaHostRegister(data, bytes, cudaHostRegisterPortable),
+                          "cudaHostRegister");
 }
 
 void CudaHostPinner::Unpin(void* data) { cudaHostUnregister(data); }
@@ -41,13 +42,13 @@ absl::Status CopyColumns(const DeviceKvColumns& part, const uint16_t* src, int64
   char* to = static_cast<char*>(dst) + part.offset * sizeof(uint16_t);
   const uint16_t* from = src + first * part.width;
   if (width_bytes == row_bytes) {
-    return CudaStatus(
+    return cuda::CudaStatus(
         cudaMemcpyAsync(to, from, count * row_bytes, cudaMemcpyDeviceToHost, part.copy),
         "K/V copy to the host");
   }
-  return CudaStatus(cudaMemcpy2DAsync(to, row_bytes, from, width_bytes, width_bytes, count,
-                                      cudaMemcpyDeviceToHost, part.copy),
-                    "K/V copy to the host");
+  return cuda::CudaStatus(cudaMemcpy2DAsync(to, row_bytes, from, width_bytes, width_bytes, count,
+                                            cudaMemcpyDeviceToHost, part.copy),
+                          "K/V copy to the host");
 }
 
 absl::Status QueueLayerRows(int64_t layer, absl::Span<const DeviceKvColumns> parts, int64_t n,
@@ -178,7 +179,7 @@ absl::Status KvUploader::ConvertAndScatter(Slot& slot, size_t rows_bytes, int64_
   const size_t bf16_at = (slots_at + count * sizeof(int32_t) + 255) / 256 * 256;
   const size_t bf16_bytes = static_cast<size_t>(count * row) * sizeof(uint16_t);
   RETURN_IF_ERROR(slot.device.Reserve(bf16_at + 2 * bf16_bytes));
-  char* device = slot.device.as<char>();
+  char* device = slot.device.As<char>();
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device, slot.host, slots_at + count * sizeof(int32_t),
                                        cudaMemcpyHostToDevice, stream_));
   uint16_t* k_bf16 = reinterpret_cast<uint16_t*>(device + bf16_at);
@@ -194,11 +195,11 @@ absl::Status KvUploader::ConvertAndScatter(Slot& slot, size_t rows_bytes, int64_
 
 absl::Status KvUploader::OrderBefore(cudaStream_t stream) {
   absl::MutexLock tail(&tail_mu_);
-  return CudaStatus(cudaStreamWaitEvent(stream, tail_, 0), "waiting for K/V uploads");
+  return cuda::CudaStatus(cudaStreamWaitEvent(stream, tail_, 0), "waiting for K/V uploads");
 }
 
 absl::Status KvUploader::Synchronize() {
-  return CudaStatus(cudaStreamSynchronize(stream_), "K/V upload");
+  return cuda::CudaStatus(cudaStreamSynchronize(stream_), "K/V upload");
 }
 
 }  // namespace sparseaccel

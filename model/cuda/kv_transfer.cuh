@@ -21,7 +21,8 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
-#include "model/cuda/cuda_util.cuh"
+#include "kernels/cuda/cuda_check.cuh"
+#include "kernels/cuda/device_memory.h"
 #include "model/kv_export.h"
 
 namespace sparseaccel {
@@ -79,7 +80,7 @@ class KvUploader {
     absl::Mutex mu;
     void* host ABSL_GUARDED_BY(mu) = nullptr;
     size_t host_bytes ABSL_GUARDED_BY(mu) = 0;
-    DeviceBuffer device ABSL_GUARDED_BY(mu);
+    cuda::DeviceBuffer device ABSL_GUARDED_BY(mu);
     cudaEvent_t done = nullptr;
   };
   // Enough staged chunks to ride out a wait for the GPU (another process's time slice).

@@ -8,12 +8,13 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/status_macros.h"
+#include "kernels/cuda/cuda_check.cuh"
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/device_memory.h"
 #include "kernels/cuda/sparse_attention.h"
 #include "kernels/rope.h"
 #include "model/checkpoint/config.h"
 #include "model/checkpoint/safetensors.h"
-#include "model/cuda/cuda_util.cuh"
 #include "model/cuda/gemm.cuh"
 #include "model/cuda/graph_cache.cuh"
 #include "model/cuda/kv_copy.cuh"
@@ -86,11 +87,11 @@ absl::Status UploadTensor(const TensorStore& store, const std::string& name,
 }
 
 struct LayerWeights {
-  DeviceBuffer input_norm, post_norm;
-  DeviceBuffer qkv;      // [q_rows + 2 * kv_rows][hidden]: q, k, v projections stacked.
-  DeviceBuffer o;        // [hidden][q_rows]
-  DeviceBuffer gate_up;  // [2 * intermediate][hidden]: gate then up.
-  DeviceBuffer down;     // [hidden][intermediate]
+  cuda::DeviceBuffer input_norm, post_norm;
+  cuda::DeviceBuffer qkv;      // [q_rows + 2 * kv_rows][hidden]: q, k, v projections stacked.
+  cuda::DeviceBuffer o;        // [hidden][q_rows]
+  cuda::DeviceBuffer gate_up;  // [2 * intermediate][hidden]: gate then up.
+  cuda::DeviceBuffer down;     // [hidden][intermediate]
 };
 
 // Total minus free memory of `device` (0 when it cannot be read); keeps the current device.
@@ -134,22 +135,22 @@ struct LlamaCuda::State {
   int64_t weight_bytes = 0;
   std::atomic<int64_t> peak_device_used{0};  // Read without `mu` (metrics scrapes).
 
-  DeviceBuffer embed, lm_head, final_norm, inv_freq;
+  cuda::DeviceBuffer embed, lm_head, final_norm, inv_freq;
   std::vector<LayerWeights> layers;
 
   // Scratch, grown on demand and kept.
-  DeviceBuffer ids;               // int32 [rows]
-  DeviceBuffer positions;         // int32 [rows]
-  DeviceBuffer residual;          // uint16_t [rows][hidden]
-  DeviceBuffer normed;            // uint16_t [chunk][hidden]
-  DeviceBuffer qkv;               // uint16_t [chunk][qkv_width]
-  DeviceBuffer attn;              // uint16_t [chunk][q_width]
-  DeviceBuffer gate_up;           // uint16_t [chunk][2 * intermediate]
-  DeviceBuffer act;               // uint16_t [chunk][intermediate]
-  DeviceBuffer k_layer, v_layer;  // uint16_t [tokens][kv_width]: one layer's K/V.
+  cuda::DeviceBuffer ids;               // int32 [rows]
+  cuda::DeviceBuffer positions;         // int32 [rows]
+  cuda::DeviceBuffer residual;          // uint16_t [rows][hidden]
+  cuda::DeviceBuffer normed;            // uint16_t [chunk][hidden]
+  cuda::DeviceBuffer qkv;               // uint16_t [chunk][qkv_width]
+  cuda::DeviceBuffer attn;              // uint16_t [chunk][q_width]
+  cuda::DeviceBuffer gate_up;           // uint16_t [chunk][2 * intermediate]
+  cuda::DeviceBuffer act;               // uint16_t [chunk][intermediate]
+  cuda::DeviceBuffer k_layer, v_layer;  // uint16_t [tokens][kv_width]: one layer's K/V.
   // PrefillExport alternates k_layer/v_layer with these, so a layer computes while the previous
   // one is copied to the host; each pair's event marks the end of the copies out of it.
-  DeviceBuffer k_spare, v_spare;
+  cuda::DeviceBuffer k_spare, v_spare;
   cudaEvent_t layer_copied = nullptr, spare_copied = nullptr;
   cudaEvent_t layer_computed = nullptr;
   cudaStream_t copy_stream = nullptr;  // Device -> host K/V copies of PrefillExport.
@@ -162,28 +163,29 @@ struct LlamaCuda::State {
     int64_t length = 0;
   };
   std::map<int64_t, Import> import_blocks ABSL_GUARDED_BY(import_mu);
-  DeviceBuffer kv_f32;       // fp32 staging for host KvStores.
-  DeviceBuffer logits;       // fp32 [rows][vocab]
-  DeviceBuffer slots;        // int32 pool rows of a prefill.
-  DeviceBuffer decode_meta;  // int32 per DecodeStep: tokens, positions, slots, lengths, tables.
+  cuda::DeviceBuffer kv_f32;  // fp32 staging for host KvStores.
+  cuda::DeviceBuffer logits;  // fp32 [rows][vocab]
+  cuda::DeviceBuffer slots;   // int32 pool rows of a prefill.
+  cuda::DeviceBuffer
+      decode_meta;  // int32 per DecodeStep: tokens, positions, slots, lengths, tables.
   std::vector<int32_t> decode_host_meta;
-  DeviceBuffer decode_workspace;
+  cuda::DeviceBuffer decode_workspace;
   // Captured decode steps by (batch, extent), and the buffer addresses they were captured with.
   GraphCache decode_graphs{kDecodeGraphs};
   std::vector<const void*> graph_buffers;
-  DeviceBuffer sample_workspace;
-  DeviceBuffer sampled;  // int32 [batch]
+  cuda::DeviceBuffer sample_workspace;
+  cuda::DeviceBuffer sampled;  // int32 [batch]
 
   // Sparse prefill: every layer's head patterns ([layer][head], on the device and the host)
   // and the index of the layer being prefilled.
-  DeviceBuffer device_patterns;
+  cuda::DeviceBuffer device_patterns;
   std::vector<std::vector<cuda::DeviceHeadPattern>> host_patterns;
   int64_t patterns_tokens = 0;  // The prompt length the uploaded patterns are for.
-  DeviceBuffer index_workspace;
+  cuda::DeviceBuffer index_workspace;
   SparsePrefillStats sparse_stats;
 
   // Paged pool: [layer][block * block_tokens + i][kv_width] for K and for V.
-  DeviceBuffer k_pool, v_pool;
+  cuda::DeviceBuffer k_pool, v_pool;
   int64_t pool_blocks = 0;
   std::vector<int32_t> free_blocks;
   std::map<int64_t, DeviceSequence> sequences;
@@ -200,10 +202,10 @@ struct LlamaCuda::State {
 
   size_t Bf16Bytes(int64_t n) const { return static_cast<size_t>(n) * sizeof(uint16_t); }
   uint16_t* PoolK(int64_t layer) const {
-    return k_pool.as<uint16_t>() + layer * pool_blocks * options.kv_block_tokens * kv_width;
+    return k_pool.As<uint16_t>() + layer * pool_blocks * options.kv_block_tokens * kv_width;
   }
   uint16_t* PoolV(int64_t layer) const {
-    return v_pool.as<uint16_t>() + layer * pool_blocks * options.kv_block_tokens * kv_width;
+    return v_pool.As<uint16_t>() + layer * pool_blocks * options.kv_block_tokens * kv_width;
   }
 
   void SampleDeviceMemory() {
@@ -222,27 +224,27 @@ struct LlamaCuda::State {
                                                     : LinearPath::kCublasLt;
   }
 
-  absl::Status Norm(uint16_t* x, int64_t rows, const DeviceBuffer& weight, uint16_t* out) {
-    return cuda::AddRmsNorm(x, nullptr, weight.as<uint16_t>(), rows, config.hidden_size,
+  absl::Status Norm(uint16_t* x, int64_t rows, const cuda::DeviceBuffer& weight, uint16_t* out) {
+    return cuda::AddRmsNorm(x, nullptr, weight.As<uint16_t>(), rows, config.hidden_size,
                             static_cast<float>(config.rms_norm_eps), out, stream);
   }
 
   // out = x w^T for `m` rows with `epilogue` (cuda::LinearEpilogue), on `path`; SwiGLU on the
   // cuBLASLt path goes through the gate_up scratch.
-  absl::Status Project(const uint16_t* x, const DeviceBuffer& w, void* out, int64_t m, int64_t n,
-                       int64_t k, cuda::LinearEpilogue epilogue, LinearPath path) {
+  absl::Status Project(const uint16_t* x, const cuda::DeviceBuffer& w, void* out, int64_t m,
+                       int64_t n, int64_t k, cuda::LinearEpilogue epilogue, LinearPath path) {
     using cuda::LinearEpilogue;
-    cuda::SmallBatchLinearArgs small{x, w.as<uint16_t>(), out, m, n, k, epilogue};
+    cuda::SmallBatchLinearArgs small{x, w.As<uint16_t>(), out, m, n, k, epilogue};
     if (path == LinearPath::kSmallBatch && cuda::SmallBatchLinearFits(small)) {
       return cuda::SmallBatchLinear(small, stream);
     }
     const bool accumulate = epilogue == LinearEpilogue::kAccumulateBf16;
     const cudaDataType_t type = epilogue == LinearEpilogue::kStoreF32 ? CUDA_R_32F : CUDA_R_16BF;
     if (epilogue != LinearEpilogue::kSwiGluBf16) {
-      return gemm->Linear(x, w.as<uint16_t>(), out, type, m, n, k, accumulate, stream);
+      return gemm->Linear(x, w.As<uint16_t>(), out, type, m, n, k, accumulate, stream);
     }
-    uint16_t* gate = gate_up.as<uint16_t>();
-    RETURN_IF_ERROR(gemm->Linear(x, w.as<uint16_t>(), gate, type, m, n, k, false, stream));
+    uint16_t* gate = gate_up.As<uint16_t>();
+    RETURN_IF_ERROR(gemm->Linear(x, w.As<uint16_t>(), gate, type, m, n, k, false, stream));
     return cuda::SwiGlu(gate, gate + n / 2, m, n / 2, n, static_cast<uint16_t*>(out), stream);
   }
 
@@ -263,10 +265,10 @@ struct LlamaCuda::State {
     const ModelConfig& c = config;
     RETURN_IF_ERROR(logits.Reserve(static_cast<size_t>(rows * c.vocab_size) * sizeof(float)));
     RETURN_IF_ERROR(normed.Reserve(Bf16Bytes(rows * c.hidden_size)));
-    RETURN_IF_ERROR(Norm(residual.as<uint16_t>() + first_row * c.hidden_size, rows, final_norm,
-                         normed.as<uint16_t>()));
-    const DeviceBuffer& head = c.tie_word_embeddings ? embed : lm_head;
-    return Project(normed.as<uint16_t>(), head, logits.as<float>(), rows, c.vocab_size,
+    RETURN_IF_ERROR(Norm(residual.As<uint16_t>() + first_row * c.hidden_size, rows, final_norm,
+                         normed.As<uint16_t>()));
+    const cuda::DeviceBuffer& head = c.tie_word_embeddings ? embed : lm_head;
+    return Project(normed.As<uint16_t>(), head, logits.As<float>(), rows, c.vocab_size,
                    c.hidden_size, cuda::LinearEpilogue::kStoreF32, path);
   }
 
@@ -279,7 +281,7 @@ struct LlamaCuda::State {
       const size_t old_size = out->size();
       out->resize(old_size + m * vocab);
       // Pageable destination: returns once the copy is done.
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->data() + old_size, logits.as<float>(),
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->data() + old_size, logits.As<float>(),
                                            m * vocab * sizeof(float), cudaMemcpyDeviceToHost,
                                            stream));
     }
@@ -292,8 +294,8 @@ struct LlamaCuda::State {
   absl::Status NormAndProjectQkv(const LayerWeights& w, uint16_t* x, int64_t m, uint16_t* qkv_rows,
                                  LinearPath path = LinearPath::kCublasLt) {
     const ModelConfig& c = config;
-    RETURN_IF_ERROR(Norm(x, m, w.input_norm, normed.as<uint16_t>()));
-    return Project(normed.as<uint16_t>(), w.qkv, qkv_rows, m, qkv_width, c.hidden_size,
+    RETURN_IF_ERROR(Norm(x, m, w.input_norm, normed.As<uint16_t>()));
+    return Project(normed.As<uint16_t>(), w.qkv, qkv_rows, m, qkv_width, c.hidden_size,
                    cuda::LinearEpilogue::kStoreBf16, path);
   }
 
@@ -303,17 +305,17 @@ struct LlamaCuda::State {
     const ModelConfig& c = config;
     RETURN_IF_ERROR(NormAndProjectQkv(w, x, m, qkv_rows));
     return cuda::ApplyRope(qkv_rows, qkv_width, shard.heads, qkv_rows + q_width, qkv_width,
-                           shard.kv_heads, m, c.head_dim, row_positions, inv_freq.as<float>(),
+                           shard.kv_heads, m, c.head_dim, row_positions, inv_freq.As<float>(),
                            stream);
   }
 
   // Copies the K and V of `m` rows of `qkv_rows` to rows [first, first + m) of k_layer/v_layer.
   absl::Status StoreKv(const uint16_t* qkv_rows, int64_t first, int64_t m) {
     RETURN_IF_ERROR(CopyRows(qkv_rows + q_width, qkv_width, nullptr,
-                             k_layer.as<uint16_t>() + first * kv_width, kv_width, nullptr, m,
+                             k_layer.As<uint16_t>() + first * kv_width, kv_width, nullptr, m,
                              kv_width, stream));
     return CopyRows(qkv_rows + q_width + kv_width, qkv_width, nullptr,
-                    v_layer.as<uint16_t>() + first * kv_width, kv_width, nullptr, m, kv_width,
+                    v_layer.As<uint16_t>() + first * kv_width, kv_width, nullptr, m, kv_width,
                     stream);
   }
 
@@ -327,13 +329,13 @@ struct LlamaCuda::State {
     const ModelConfig& c = config;
     const LinearEpilogue partial =
         shard.rank == 0 ? LinearEpilogue::kAccumulateBf16 : LinearEpilogue::kStoreBf16;
-    RETURN_IF_ERROR(Project(attn.as<uint16_t>(), w.o, x, m, c.hidden_size, q_width, partial, path));
+    RETURN_IF_ERROR(Project(attn.As<uint16_t>(), w.o, x, m, c.hidden_size, q_width, partial, path));
     RETURN_IF_ERROR(SumOverShards(x, m * c.hidden_size));
-    RETURN_IF_ERROR(Norm(x, m, w.post_norm, normed.as<uint16_t>()));
-    RETURN_IF_ERROR(Project(normed.as<uint16_t>(), w.gate_up, act.as<uint16_t>(), m,
+    RETURN_IF_ERROR(Norm(x, m, w.post_norm, normed.As<uint16_t>()));
+    RETURN_IF_ERROR(Project(normed.As<uint16_t>(), w.gate_up, act.As<uint16_t>(), m,
                             2 * shard.intermediate, c.hidden_size, LinearEpilogue::kSwiGluBf16,
                             path));
-    RETURN_IF_ERROR(Project(act.as<uint16_t>(), w.down, x, m, c.hidden_size, shard.intermediate,
+    RETURN_IF_ERROR(Project(act.As<uint16_t>(), w.down, x, m, c.hidden_size, shard.intermediate,
                             partial, path));
     return SumOverShards(x, m * c.hidden_size);
   }
@@ -356,10 +358,10 @@ struct LlamaCuda::State {
     cuda::AttentionOperands x;
     x.q = qkv_rows;
     x.q_stride = qkv_width;
-    x.k = k_layer.as<uint16_t>();
-    x.v = v_layer.as<uint16_t>();
+    x.k = k_layer.As<uint16_t>();
+    x.v = v_layer.As<uint16_t>();
     x.kv_stride = kv_width;
-    x.out = attn.as<uint16_t>();
+    x.out = attn.As<uint16_t>();
     x.out_stride = q_width;
     x.num_heads = shard.heads;
     x.num_kv_heads = shard.kv_heads;
@@ -404,7 +406,7 @@ struct LlamaCuda::State {
     }
     RETURN_IF_ERROR(device_patterns.Reserve(all.size() * sizeof(cuda::DeviceHeadPattern)));
     // From pageable memory: staged before the call returns, so `all` may go.
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_patterns.as<void>(), all.data(),
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_patterns.As<void>(), all.data(),
                                          all.size() * sizeof(cuda::DeviceHeadPattern),
                                          cudaMemcpyHostToDevice, stream));
     patterns_tokens = num_tokens;
@@ -424,46 +426,46 @@ struct LlamaCuda::State {
   absl::Status TwoPassLayer(int64_t l, int64_t n, int64_t chunk,
                             const LlamaCuda::LayerQkvObserver* observer) {
     const ModelConfig& c = config;
-    uint16_t* qkv_all = qkv.as<uint16_t>();
+    uint16_t* qkv_all = qkv.As<uint16_t>();
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {
       const int64_t m = std::min(chunk, n - c0);
-      RETURN_IF_ERROR(ProjectQkv(layers[l], residual.as<uint16_t>() + c0 * c.hidden_size, m,
-                                 positions.as<int32_t>() + c0, qkv_all + c0 * qkv_width));
+      RETURN_IF_ERROR(ProjectQkv(layers[l], residual.As<uint16_t>() + c0 * c.hidden_size, m,
+                                 positions.As<int32_t>() + c0, qkv_all + c0 * qkv_width));
       RETURN_IF_ERROR(StoreKv(qkv_all + c0 * qkv_width, c0, m));
     }
     if (observer != nullptr) {
       RETURN_IF_ERROR(
-          (*observer)(LlamaCuda::DeviceLayerQkv{l, n, qkv_all, qkv_width, k_layer.as<uint16_t>(),
-                                                v_layer.as<uint16_t>(), kv_width, stream}));
+          (*observer)(LlamaCuda::DeviceLayerQkv{l, n, qkv_all, qkv_width, k_layer.As<uint16_t>(),
+                                                v_layer.As<uint16_t>(), kv_width, stream}));
       for (int64_t c0 = 0; c0 < n; c0 += chunk) {
         const int64_t m = std::min(chunk, n - c0);
         RETURN_IF_ERROR(DenseAttention(qkv_all + c0 * qkv_width, m, c0 + m));
-        RETURN_IF_ERROR(OutputAndMlp(layers[l], residual.as<uint16_t>() + c0 * c.hidden_size, m));
+        RETURN_IF_ERROR(OutputAndMlp(layers[l], residual.As<uint16_t>() + c0 * c.hidden_size, m));
       }
       return absl::OkStatus();
     }
     cuda::SparseIndexArgs index_args;
     index_args.q = qkv_all;
     index_args.q_stride = qkv_width;
-    index_args.k = k_layer.as<uint16_t>();
+    index_args.k = k_layer.As<uint16_t>();
     index_args.k_stride = kv_width;
     index_args.num_tokens = n;
     index_args.num_heads = shard.heads;
     index_args.num_kv_heads = shard.kv_heads;
     index_args.head_dim = c.head_dim;
-    index_args.patterns = device_patterns.as<cuda::DeviceHeadPattern>() + l * shard.heads;
+    index_args.patterns = device_patterns.As<cuda::DeviceHeadPattern>() + l * shard.heads;
     index_args.host_patterns = &host_patterns[l];
     const size_t workspace_bytes = cuda::SparseIndexWorkspaceBytes(index_args);
     RETURN_IF_ERROR(index_workspace.Reserve(workspace_bytes));
     cuda::DeviceSparseIndex index;
-    RETURN_IF_ERROR(cuda::BuildSparseIndex(index_args, index_workspace.as<void>(), workspace_bytes,
+    RETURN_IF_ERROR(cuda::BuildSparseIndex(index_args, index_workspace.As<void>(), workspace_bytes,
                                            &index, stream));
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {
       const int64_t m = std::min(chunk, n - c0);
       const cuda::SparseAttentionArgs a{LayerOperands(qkv_all), c0 / kBlockSize,
                                         (m + kBlockSize - 1) / kBlockSize, index};
       RETURN_IF_ERROR(cuda::SparseAttention(a, stream));
-      RETURN_IF_ERROR(OutputAndMlp(layers[l], residual.as<uint16_t>() + c0 * c.hidden_size, m));
+      RETURN_IF_ERROR(OutputAndMlp(layers[l], residual.As<uint16_t>() + c0 * c.hidden_size, m));
     }
     return absl::OkStatus();
   }
@@ -502,12 +504,12 @@ struct LlamaCuda::State {
     }
     std::vector<int32_t> host_positions(n);
     for (int64_t i = 0; i < n; ++i) host_positions[i] = static_cast<int32_t>(start + i);
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids.as<int32_t>(), tokens.data(), n * sizeof(int32_t),
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids.As<int32_t>(), tokens.data(), n * sizeof(int32_t),
                                          cudaMemcpyHostToDevice, stream));
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(positions.as<int32_t>(), host_positions.data(),
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(positions.As<int32_t>(), host_positions.data(),
                                          n * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
-    RETURN_IF_ERROR(cuda::EmbeddingGather(ids.as<int32_t>(), n, embed.as<uint16_t>(), c.vocab_size,
-                                          c.hidden_size, residual.as<uint16_t>(), stream));
+    RETURN_IF_ERROR(cuda::EmbeddingGather(ids.As<int32_t>(), n, embed.As<uint16_t>(), c.vocab_size,
+                                          c.hidden_size, residual.As<uint16_t>(), stream));
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       RETURN_IF_ERROR(before_layer(l));
       if (two_pass) {
@@ -517,11 +519,11 @@ struct LlamaCuda::State {
           // The chunk's K/V go to rows [start + c0, start + c0 + m) of the layer buffer; its
           // queries attend to every row up to their own.
           const int64_t m = std::min(chunk, n - c0);
-          uint16_t* x = residual.as<uint16_t>() + c0 * c.hidden_size;
+          uint16_t* x = residual.As<uint16_t>() + c0 * c.hidden_size;
           RETURN_IF_ERROR(
-              ProjectQkv(layers[l], x, m, positions.as<int32_t>() + c0, qkv.as<uint16_t>()));
-          RETURN_IF_ERROR(StoreKv(qkv.as<uint16_t>(), start + c0, m));
-          RETURN_IF_ERROR(DenseAttention(qkv.as<uint16_t>(), m, start + c0 + m));
+              ProjectQkv(layers[l], x, m, positions.As<int32_t>() + c0, qkv.As<uint16_t>()));
+          RETURN_IF_ERROR(StoreKv(qkv.As<uint16_t>(), start + c0, m));
+          RETURN_IF_ERROR(DenseAttention(qkv.As<uint16_t>(), m, start + c0 + m));
           RETURN_IF_ERROR(OutputAndMlp(layers[l], x, m));
         }
       }
@@ -552,7 +554,7 @@ struct LlamaCuda::State {
     std::vector<DeviceKvColumns> parts;
     for (State* t : Shards()) {
       parts.push_back(DeviceKvColumns{
-          t->device, t->k_layer.as<uint16_t>(), t->v_layer.as<uint16_t>(), t->kv_width,
+          t->device, t->k_layer.As<uint16_t>(), t->v_layer.As<uint16_t>(), t->kv_width,
           t->kv_offset, t->stream, t->copy_stream, t->layer_computed, t->layer_copied});
     }
     return parts;
@@ -588,13 +590,13 @@ struct LlamaCuda::State {
     for (int64_t p = first; p < first + count;) {
       const int64_t in_block = std::min(block_tokens - p % block_tokens, first + count - p);
       const float* src = blocks[p / block_tokens] + (p % block_tokens) * kv_row + kv_offset;
-      CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(kv_f32.as<float>() + (p - first) * kv_width,
+      CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(kv_f32.As<float>() + (p - first) * kv_width,
                                              kv_width * sizeof(float), src, kv_row * sizeof(float),
                                              kv_width * sizeof(float), in_block,
                                              cudaMemcpyHostToDevice, stream));
       p += in_block;
     }
-    return cuda::F32ToBf16(kv_f32.as<float>(), count * kv_width, layer_buffer + first * kv_width,
+    return cuda::F32ToBf16(kv_f32.As<float>(), count * kv_width, layer_buffer + first * kv_width,
                            stream);
   }
 
@@ -603,12 +605,12 @@ struct LlamaCuda::State {
     if (count == 0) return absl::OkStatus();
     RETURN_IF_ERROR(kv_f32.Reserve(static_cast<size_t>(count * kv_width) * sizeof(float)));
     RETURN_IF_ERROR(cuda::Bf16ToF32(layer_buffer + first * kv_width, count * kv_width,
-                                    kv_f32.as<float>(), stream));
+                                    kv_f32.As<float>(), stream));
     for (int64_t p = first; p < first + count;) {
       const int64_t in_block = std::min(block_tokens - p % block_tokens, first + count - p);
       float* dst = blocks[p / block_tokens] + (p % block_tokens) * kv_row + kv_offset;
       CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(dst, kv_row * sizeof(float),
-                                             kv_f32.as<float>() + (p - first) * kv_width,
+                                             kv_f32.As<float>() + (p - first) * kv_width,
                                              kv_width * sizeof(float), kv_width * sizeof(float),
                                              in_block, cudaMemcpyDeviceToHost, stream));
       p += in_block;
@@ -648,7 +650,7 @@ struct LlamaCuda::State {
   }
 
   // Pool rows of positions [0, length) of `seq`, uploaded to `slots`.
-  absl::Status UploadSlots(const DeviceSequence& seq, int64_t length, DeviceBuffer* out) {
+  absl::Status UploadSlots(const DeviceSequence& seq, int64_t length, cuda::DeviceBuffer* out) {
     std::vector<int32_t> rows(length);
     for (int64_t p = 0; p < length; ++p) {
       rows[p] =
@@ -656,7 +658,7 @@ struct LlamaCuda::State {
                                p % options.kv_block_tokens);
     }
     RETURN_IF_ERROR(out->Reserve(length * sizeof(int32_t)));
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->as<int32_t>(), rows.data(), length * sizeof(int32_t),
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->As<int32_t>(), rows.data(), length * sizeof(int32_t),
                                          cudaMemcpyHostToDevice, stream));
     return absl::OkStatus();
   }
@@ -679,7 +681,7 @@ absl::Status UploadLayer(const TensorStore& store, const ModelConfig& c,
   const TensorSlice q_slice{shard.first_head() * d, q_rows, 0, -1};
   const TensorSlice kv_slice{shard.first_kv_head() * d, kv_rows, 0, -1};
   const TensorSlice mlp_rows{shard.first_intermediate(), shard.intermediate, 0, -1};
-  const auto sized = [&](DeviceBuffer* buffer, int64_t elements) {
+  const auto sized = [&](cuda::DeviceBuffer* buffer, int64_t elements) {
     *bytes += elements * static_cast<int64_t>(sizeof(uint16_t));
     return buffer->Reserve(elements * sizeof(uint16_t));
   };
@@ -689,23 +691,23 @@ absl::Status UploadLayer(const TensorStore& store, const ModelConfig& c,
   RETURN_IF_ERROR(sized(&w->o, h * q_rows));
   RETURN_IF_ERROR(sized(&w->gate_up, 2 * shard.intermediate * h));
   RETURN_IF_ERROR(sized(&w->down, h * shard.intermediate));
-  uint16_t* qkv = w->qkv.as<uint16_t>();
-  uint16_t* gate_up = w->gate_up.as<uint16_t>();
+  uint16_t* qkv = w->qkv.As<uint16_t>();
+  uint16_t* gate_up = w->gate_up.As<uint16_t>();
   RETURN_IF_ERROR(
-      UploadTensor(store, p + "input_layernorm.weight", {h}, w->input_norm.as<uint16_t>()));
+      UploadTensor(store, p + "input_layernorm.weight", {h}, w->input_norm.As<uint16_t>()));
   RETURN_IF_ERROR(
-      UploadTensor(store, p + "post_attention_layernorm.weight", {h}, w->post_norm.as<uint16_t>()));
+      UploadTensor(store, p + "post_attention_layernorm.weight", {h}, w->post_norm.As<uint16_t>()));
   RETURN_IF_ERROR(UploadTensor(store, p + "self_attn.q_proj.weight", {q_full, h}, qkv, q_slice));
   RETURN_IF_ERROR(
       UploadTensor(store, p + "self_attn.k_proj.weight", {kv_full, h}, qkv + q_rows * h, kv_slice));
   RETURN_IF_ERROR(UploadTensor(store, p + "self_attn.v_proj.weight", {kv_full, h},
                                qkv + (q_rows + kv_rows) * h, kv_slice));
   RETURN_IF_ERROR(UploadTensor(store, p + "self_attn.o_proj.weight", {h, q_full},
-                               w->o.as<uint16_t>(), {0, -1, shard.first_head() * d, q_rows}));
+                               w->o.As<uint16_t>(), {0, -1, shard.first_head() * d, q_rows}));
   RETURN_IF_ERROR(UploadTensor(store, p + "mlp.gate_proj.weight", {inter, h}, gate_up, mlp_rows));
   RETURN_IF_ERROR(UploadTensor(store, p + "mlp.up_proj.weight", {inter, h},
                                gate_up + shard.intermediate * h, mlp_rows));
-  return UploadTensor(store, p + "mlp.down_proj.weight", {h, inter}, w->down.as<uint16_t>(),
+  return UploadTensor(store, p + "mlp.down_proj.weight", {h, inter}, w->down.As<uint16_t>(),
                       {0, -1, shard.first_intermediate(), shard.intermediate});
 }
 
@@ -759,13 +761,13 @@ absl::StatusOr<std::unique_ptr<LlamaCuda::State>> LlamaCuda::State::Create(
   ASSIGN_OR_RETURN(s.gemm, LtGemm::Create());
 
   const int64_t h = c.hidden_size;
-  auto alloc_upload = [&](DeviceBuffer* buffer, const std::string& name,
+  auto alloc_upload = [&](cuda::DeviceBuffer* buffer, const std::string& name,
                           std::vector<int64_t> shape) -> absl::Status {
     int64_t elements = 1;
     for (int64_t d : shape) elements *= d;
     RETURN_IF_ERROR(buffer->Reserve(s.Bf16Bytes(elements)));
     s.weight_bytes += s.Bf16Bytes(elements);
-    return UploadTensor(store, name, shape, buffer->as<uint16_t>());
+    return UploadTensor(store, name, shape, buffer->As<uint16_t>());
   };
   RETURN_IF_ERROR(alloc_upload(&s.embed, "model.embed_tokens.weight", {c.vocab_size, h}));
   RETURN_IF_ERROR(alloc_upload(&s.final_norm, "model.norm.weight", {h}));
@@ -779,7 +781,7 @@ absl::StatusOr<std::unique_ptr<LlamaCuda::State>> LlamaCuda::State::Create(
   }
   const std::vector<float> inv_freq = RopeInverseFrequenciesOf(c);
   RETURN_IF_ERROR(s.inv_freq.Reserve(inv_freq.size() * sizeof(float)));
-  CUDA_RETURN_IF_ERROR(cudaMemcpy(s.inv_freq.as<float>(), inv_freq.data(),
+  CUDA_RETURN_IF_ERROR(cudaMemcpy(s.inv_freq.As<float>(), inv_freq.data(),
                                   inv_freq.size() * sizeof(float), cudaMemcpyHostToDevice));
   RETURN_IF_ERROR(s.ReservePool());
   if (options.sparse.has_value()) {
@@ -859,15 +861,15 @@ absl::Status LlamaCuda::Forward(absl::Span<const SequenceChunk> batch, std::vect
         RETURN_IF_ERROR(
             t.Barrier(root ? t.StoreLayer(*chunk.kv, layer, start + n, &view) : absl::OkStatus()));
         RETURN_IF_ERROR(t.HostRowsToDevice(view.k_blocks, view.block_tokens, 0, start,
-                                           t.k_layer.as<uint16_t>()));
+                                           t.k_layer.As<uint16_t>()));
         return t.HostRowsToDevice(view.v_blocks, view.block_tokens, 0, start,
-                                  t.v_layer.as<uint16_t>());
+                                  t.v_layer.As<uint16_t>());
       };
       auto after = [&](int64_t layer) -> absl::Status {
-        absl::Status copied = t.DeviceRowsToHost(t.k_layer.as<uint16_t>(), start, n, view.k_blocks,
+        absl::Status copied = t.DeviceRowsToHost(t.k_layer.As<uint16_t>(), start, n, view.k_blocks,
                                                  view.block_tokens);
         if (copied.ok()) {
-          copied.Update(t.DeviceRowsToHost(t.v_layer.as<uint16_t>(), start, n, view.v_blocks,
+          copied.Update(t.DeviceRowsToHost(t.v_layer.As<uint16_t>(), start, n, view.v_blocks,
                                            view.block_tokens));
         }
         RETURN_IF_ERROR(t.Barrier(std::move(copied)));
@@ -899,14 +901,14 @@ absl::Status LlamaCuda::Prefill(absl::Span<const int32_t> tokens, const LayerKvS
     auto after = [&](int64_t layer) -> absl::Status {
       if (!sink) return absl::OkStatus();
       CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(t.stream));
-      return sink(DeviceLayerKv{layer, n, t.k_layer.as<uint16_t>(), t.v_layer.as<uint16_t>()});
+      return sink(DeviceLayerKv{layer, n, t.k_layer.As<uint16_t>(), t.v_layer.As<uint16_t>()});
     };
     RETURN_IF_ERROR(t.RunSequence(tokens, 0, before, after));
     if (t.shard.rank == 0 && last_logits != nullptr) {
       last_logits->clear();
       return t.Logits(n - 1, 1, last_logits);
     }
-    return CudaStatus(cudaStreamSynchronize(t.stream), "prefill");
+    return cuda::CudaStatus(cudaStreamSynchronize(t.stream), "prefill");
   });
 }
 
@@ -943,7 +945,7 @@ absl::Status LlamaCuda::PrefillExport(absl::Span<const int32_t> tokens, KvExport
                            : absl::OkStatus());
     };
     RETURN_IF_ERROR(t.RunSequence(tokens, 0, before, after));
-    if (t.shard.rank != 0) return CudaStatus(cudaStreamSynchronize(t.stream), "prefill");
+    if (t.shard.rank != 0) return cuda::CudaStatus(cudaStreamSynchronize(t.stream), "prefill");
     last_logits->clear();
     return t.Logits(n - 1, 1, last_logits);
   });
@@ -1000,17 +1002,17 @@ absl::StatusOr<int64_t> LlamaCuda::StartSequence(absl::Span<const int32_t> promp
     auto before = [](int64_t) { return absl::OkStatus(); };
     auto after = [&](int64_t layer) -> absl::Status {
       const int64_t w = s.kv_width;
-      RETURN_IF_ERROR(CopyRows(s.k_layer.as<uint16_t>(), w, nullptr, s.PoolK(layer), w,
-                               s.slots.as<int32_t>(), n, w, s.stream));
-      return CopyRows(s.v_layer.as<uint16_t>(), w, nullptr, s.PoolV(layer), w,
-                      s.slots.as<int32_t>(), n, w, s.stream);
+      RETURN_IF_ERROR(CopyRows(s.k_layer.As<uint16_t>(), w, nullptr, s.PoolK(layer), w,
+                               s.slots.As<int32_t>(), n, w, s.stream));
+      return CopyRows(s.v_layer.As<uint16_t>(), w, nullptr, s.PoolV(layer), w,
+                      s.slots.As<int32_t>(), n, w, s.stream);
     };
     RETURN_IF_ERROR(s.RunSequence(prompt, 0, before, after));
     if (last_logits != nullptr) {
       last_logits->clear();
       RETURN_IF_ERROR(s.Logits(n - 1, 1, last_logits));
     }
-    return CudaStatus(cudaStreamSynchronize(s.stream), "prefill");
+    return cuda::CudaStatus(cudaStreamSynchronize(s.stream), "prefill");
   };
   const absl::Status status = prefill();
   if (!status.ok()) {
@@ -1028,15 +1030,15 @@ absl::StatusOr<int64_t> LlamaCuda::ForkSequence(int64_t id) {
   if (it == s.sequences.end()) return absl::NotFoundError(absl::StrCat("no sequence ", id));
   const int64_t length = it->second.length;
   ASSIGN_OR_RETURN(int64_t fork, s.NewSequence(length));
-  DeviceBuffer from;
+  cuda::DeviceBuffer from;
   RETURN_IF_ERROR(s.UploadSlots(s.sequences[id], length, &from));
   RETURN_IF_ERROR(s.UploadSlots(s.sequences[fork], length, &s.slots));
   for (int64_t l = 0; l < s.config.num_hidden_layers; ++l) {
     const int64_t w = s.kv_width;
-    RETURN_IF_ERROR(CopyRows(s.PoolK(l), w, from.as<int32_t>(), s.PoolK(l), w,
-                             s.slots.as<int32_t>(), length, w, s.stream));
-    RETURN_IF_ERROR(CopyRows(s.PoolV(l), w, from.as<int32_t>(), s.PoolV(l), w,
-                             s.slots.as<int32_t>(), length, w, s.stream));
+    RETURN_IF_ERROR(CopyRows(s.PoolK(l), w, from.As<int32_t>(), s.PoolK(l), w,
+                             s.slots.As<int32_t>(), length, w, s.stream));
+    RETURN_IF_ERROR(CopyRows(s.PoolV(l), w, from.As<int32_t>(), s.PoolV(l), w,
+                             s.slots.As<int32_t>(), length, w, s.stream));
   }
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s.stream));
   return fork;
@@ -1104,9 +1106,9 @@ absl::Status LlamaCuda::State::ReserveDecode() {
   RETURN_IF_ERROR(ReserveChunk(rows));
   RETURN_IF_ERROR(logits.Reserve(static_cast<size_t>(rows * c.vocab_size) * sizeof(float)));
   const std::vector<const void*> buffers = {
-      decode_workspace.as<void>(), decode_meta.as<void>(), residual.as<void>(),
-      normed.as<void>(),           qkv.as<void>(),         attn.as<void>(),
-      gate_up.as<void>(),          act.as<void>(),         logits.as<void>()};
+      decode_workspace.As<void>(), decode_meta.As<void>(), residual.As<void>(),
+      normed.As<void>(),           qkv.As<void>(),         attn.As<void>(),
+      gate_up.As<void>(),          act.As<void>(),         logits.As<void>()};
   if (buffers != graph_buffers) {
     decode_graphs.Clear();
     graph_buffers = buffers;
@@ -1137,7 +1139,7 @@ absl::Status LlamaCuda::State::UploadDecodeMeta(absl::Span<const int64_t> ids,
     meta[3 * batch + i] = static_cast<int32_t>(pos + 1);
     std::copy(seq.blocks.begin(), seq.blocks.end(), meta + 4 * batch + i * table_stride);
   }
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(decode_meta.as<int32_t>(), meta,
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(decode_meta.As<int32_t>(), meta,
                                        decode_host_meta.size() * sizeof(int32_t),
                                        cudaMemcpyHostToDevice, stream));
   return absl::OkStatus();
@@ -1147,7 +1149,7 @@ absl::Status LlamaCuda::State::UploadDecodeMeta(absl::Span<const int64_t> ids,
 // decode_meta to the logits in `logits`: the work a decode graph captures. Only launches.
 absl::Status LlamaCuda::State::EnqueueDecode(int64_t batch, int64_t extent) {
   const ModelConfig& c = config;
-  const int32_t* d_tokens = decode_meta.as<int32_t>();
+  const int32_t* d_tokens = decode_meta.As<int32_t>();
   const int32_t* d_positions = d_tokens + batch;
   const int32_t* d_slots = d_tokens + 2 * batch;
   cuda::PagedDecodeArgs a = DecodeAttentionShape(batch, extent);
@@ -1156,18 +1158,18 @@ absl::Status LlamaCuda::State::EnqueueDecode(int64_t batch, int64_t extent) {
   a.max_blocks_per_seq = extent / options.kv_block_tokens;
   a.seq_lens = d_tokens + 3 * batch;
   a.block_tokens = options.kv_block_tokens;
-  a.workspace = decode_workspace.as<void>();
-  a.out = attn.as<uint16_t>();
+  a.workspace = decode_workspace.As<void>();
+  a.out = attn.As<uint16_t>();
   a.out_stride = q_width;
-  uint16_t* x = residual.as<uint16_t>();
+  uint16_t* x = residual.As<uint16_t>();
   const LinearPath path = DecodePath(batch);
-  RETURN_IF_ERROR(cuda::EmbeddingGather(d_tokens, batch, embed.as<uint16_t>(), c.vocab_size,
+  RETURN_IF_ERROR(cuda::EmbeddingGather(d_tokens, batch, embed.As<uint16_t>(), c.vocab_size,
                                         c.hidden_size, x, stream));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    uint16_t* q = qkv.as<uint16_t>();
+    uint16_t* q = qkv.As<uint16_t>();
     RETURN_IF_ERROR(NormAndProjectQkv(layers[l], x, batch, q, path));
     RETURN_IF_ERROR(cuda::RopeAndStoreKv(q, qkv_width, shard.heads, shard.kv_heads, batch,
-                                         c.head_dim, d_positions, inv_freq.as<float>(), d_slots,
+                                         c.head_dim, d_positions, inv_freq.As<float>(), d_slots,
                                          PoolK(l), PoolV(l), stream));
     a.q = q;
     a.k_pool = PoolK(l);
@@ -1204,7 +1206,7 @@ absl::Status LlamaCuda::DecodeStep(absl::Span<const int64_t> ids, absl::Span<con
   RETURN_IF_ERROR(s.RunDecode(ids, tokens));
   const int64_t vocab = s.config.vocab_size;
   logits->resize(ids.size() * vocab);
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(logits->data(), s.logits.as<float>(),
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(logits->data(), s.logits.As<float>(),
                                        logits->size() * sizeof(float), cudaMemcpyDeviceToHost,
                                        s.stream));
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s.stream));
@@ -1226,11 +1228,11 @@ absl::Status LlamaCuda::DecodeAndSample(absl::Span<const int64_t> ids,
   const int64_t vocab = s.config.vocab_size;
   RETURN_IF_ERROR(s.sample_workspace.Reserve(cuda::SampleTokensWorkspaceBytes(batch, vocab)));
   RETURN_IF_ERROR(s.sampled.Reserve(batch * sizeof(int32_t)));
-  RETURN_IF_ERROR(cuda::SampleTokens(s.logits.as<float>(), batch, vocab, params.data(),
-                                     steps.data(), s.sample_workspace.as<void>(),
-                                     s.sampled.as<int32_t>(), s.stream));
+  RETURN_IF_ERROR(cuda::SampleTokens(s.logits.As<float>(), batch, vocab, params.data(),
+                                     steps.data(), s.sample_workspace.As<void>(),
+                                     s.sampled.As<int32_t>(), s.stream));
   next->resize(batch);
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(next->data(), s.sampled.as<int32_t>(),
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(next->data(), s.sampled.As<int32_t>(),
                                        batch * sizeof(int32_t), cudaMemcpyDeviceToHost, s.stream));
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s.stream));
   return absl::OkStatus();
@@ -1263,8 +1265,8 @@ CudaMemoryStats LlamaCuda::MemoryStats() const {
   State& s = *state_;
   absl::MutexLock lock(&s.mu);
   CudaMemoryStats stats;
-  stats.allocated = g_device_allocated.load();
-  stats.peak_allocated = g_device_peak_allocated.load();
+  stats.allocated = cuda::DeviceBytesHeld();
+  stats.peak_allocated = cuda::PeakDeviceBytesHeld();
   for (State* t : s.Shards()) {
     t->SampleDeviceMemory();
     stats.weights = std::max(stats.weights, t->weight_bytes);
@@ -1286,7 +1288,7 @@ DecodeGraphStats LlamaCuda::DecodeGraphs() const {
 
 void LlamaCuda::ResetPeakMemory() {
   absl::MutexLock lock(&state_->mu);
-  g_device_peak_allocated = g_device_allocated.load();
+  cuda::ResetPeakDeviceBytesHeld();
   for (State* t : state_->Shards()) t->peak_device_used = 0;
 }
 

@@ -27,6 +27,7 @@
 #include "model/llama_cpu.h"
 #include "model/sparse/pattern_search_cuda.h"
 #include "model/sparse/sparse_prefill.h"
+#include "model/test_util.h"
 
 namespace sparseaccel {
 namespace {
@@ -54,23 +55,6 @@ std::string Checkpoint(const std::string& name, const Shape& shape, uint64_t see
   options.dtype = DType::kBF16;
   EXPECT_TRUE(WriteRandomCheckpoint(dir, options).ok());
   return dir;
-}
-
-std::vector<int32_t> RandomTokens(int64_t n, int64_t vocab, std::mt19937* rng) {
-  std::vector<int32_t> t(n);
-  for (int32_t& x : t) x = static_cast<int32_t>((*rng)() % vocab);
-  return t;
-}
-
-double MaxRelativeError(const std::vector<float>& a, const std::vector<float>& b) {
-  EXPECT_EQ(a.size(), b.size());
-  double err = 0, ref = 0;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
-    if (!std::isfinite(a[i])) return INFINITY;
-    err = std::max(err, double(std::fabs(a[i] - b[i])));
-    ref = std::max(ref, double(std::fabs(b[i])));
-  }
-  return err / ref;
 }
 
 // ||a - b|| / ||b|| over all elements.

@@ -7,7 +7,8 @@
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
 #include "common/status_macros.h"
-#include "model/cuda/cuda_util.cuh"
+#include "kernels/cuda/cuda_check.cuh"
+#include "kernels/cuda/device_memory.h"
 #include "model/cuda/shard_group.cuh"
 
 namespace sparseaccel {
@@ -103,14 +104,14 @@ absl::Status ShardGroup::Connect() {
       *nccl, nccl->comm_init_all(comms->comms.data(), size(), devices_.data()), "ncclCommInitAll"));
   int current = 0;
   CUDA_RETURN_IF_ERROR(cudaGetDevice(&current));
-  std::vector<DeviceBuffer> ones(devices_.size());
+  std::vector<cuda::DeviceBuffer> ones(devices_.size());
   absl::Status status = NcclStatus(*nccl, nccl->group_start(), "ncclGroupStart");
   for (int r = 0; r < size() && status.ok(); ++r) {
-    status = CudaStatus(cudaSetDevice(devices_[r]), "cudaSetDevice");
+    status = cuda::CudaStatus(cudaSetDevice(devices_[r]), "cudaSetDevice");
     if (status.ok()) status = ones[r].Reserve(sizeof(float));
     if (status.ok()) {
       status = NcclStatus(*nccl,
-                          nccl->all_reduce(ones[r].as<float>(), ones[r].as<float>(), 1, ncclFloat32,
+                          nccl->all_reduce(ones[r].As<float>(), ones[r].As<float>(), 1, ncclFloat32,
                                            ncclSum, comms->comms[r], cudaStreamPerThread),
                           "ncclAllReduce");
     }
@@ -118,8 +119,9 @@ absl::Status ShardGroup::Connect() {
   const absl::Status ended = NcclStatus(*nccl, nccl->group_end(), "ncclGroupEnd");
   if (status.ok()) status = ended;
   for (int r = 0; r < size() && status.ok(); ++r) {
-    status = CudaStatus(cudaSetDevice(devices_[r]), "cudaSetDevice");
-    if (status.ok()) status = CudaStatus(cudaStreamSynchronize(cudaStreamPerThread), "connect");
+    status = cuda::CudaStatus(cudaSetDevice(devices_[r]), "cudaSetDevice");
+    if (status.ok())
+      status = cuda::CudaStatus(cudaStreamSynchronize(cudaStreamPerThread), "connect");
   }
   for (int r = 0; r < size(); ++r) {
     if (cudaSetDevice(devices_[r]) == cudaSuccess) ones[r].Release();
@@ -141,7 +143,7 @@ absl::Status ShardGroup::Run(const std::function<absl::Status(int rank)>& fn) {
   std::vector<absl::Status> results(devices_.size());
   auto run_rank = [&](int rank) {
     const cudaError_t set = cudaSetDevice(devices_[rank]);
-    results[rank] = set == cudaSuccess ? fn(rank) : CudaStatus(set, "cudaSetDevice");
+    results[rank] = set == cudaSuccess ? fn(rank) : cuda::CudaStatus(set, "cudaSetDevice");
     if (!results[rank].ok()) Abort(results[rank]);
   };
   std::vector<std::thread> threads;

@@ -12,6 +12,7 @@
 #include "gtest/gtest.h"
 #include "kernels/sampling.h"
 #include "model/checkpoint/checkpoint_maker.h"
+#include "model/test_util.h"
 
 namespace sparseaccel {
 namespace {
@@ -32,21 +33,6 @@ std::unique_ptr<LlamaCpu> TinyModel(const std::string& name, uint64_t seed, bool
   absl::StatusOr<std::unique_ptr<LlamaCpu>> model = LlamaCpu::Load(dir);
   EXPECT_TRUE(model.ok()) << model.status();
   return std::move(model).value();
-}
-
-std::vector<int32_t> RandomTokens(int64_t n, int64_t vocab, std::mt19937* rng) {
-  std::vector<int32_t> t(n);
-  for (int32_t& x : t) x = static_cast<int32_t>((*rng)() % vocab);
-  return t;
-}
-
-double MaxRelativeError(const std::vector<float>& a, const std::vector<float>& b) {
-  double err = 0, ref = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    err = std::max(err, double(std::fabs(a[i] - b[i])));
-    ref = std::max(ref, double(std::fabs(b[i])));
-  }
-  return err / ref;
 }
 
 TEST(LlamaCpuTest, DecodeStepsEqualFullRecompute) {

@@ -23,9 +23,9 @@
 #include "kv_stream/kv_stream.h"
 #include "model/checkpoint/checkpoint_maker.h"
 #include "model/checkpoint/fingerprint.h"
+#include "model/checkpoint/safetensors.h"
 #include "model/host_sequence_model.h"
 #include "model/llama_cpu.h"
-#include "model/checkpoint/safetensors.h"
 #include "model/sparse/sparse_prefill.h"
 #include "model/text/tokenizer.h"
 #include "nlohmann/json.hpp"
@@ -596,7 +596,6 @@ TEST(ServiceTest, TextAndChatPromptsStreamTextDeltas) {
 TEST(ServiceTest, LogsCarryNoPromptTextStopStringsOrTokenIds) {
   TextServicePair text_pair;
   ASSERT_NE(text_pair.tokenizer, nullptr);
-  const std::unique_ptr<Tokenizer>& tokenizer = text_pair.tokenizer;
   ServicePair& services = text_pair.services;
   const std::string secret = "Wombat passkey 73919";
   ::testing::internal::CaptureStderr();

@@ -185,12 +185,12 @@ def main():
     decode = subprocess.Popen(
         [binary("decode_service", "decode_server"), "--model_dir", model,
          "--listen", "127.0.0.1:%d" % decode_port, "--metrics_port", str(metrics_port),
-         "--prefill_addresses", "127.0.0.1:%d" % prefill_port, "--kv_blocks", "2048",
+         "--prefill_addresses", prefill.address, "--kv_blocks", "2048",
          "--max_batch", "8", "--max_waiting", "16"], stderr=log)
     decode_address = "127.0.0.1:%d" % decode_port
     failures = []
     try:
-        if not (wait_healthy("127.0.0.1:%d" % prefill_port) and wait_healthy(decode_address)):
+        if not (wait_healthy(prefill.address) and wait_healthy(decode_address)):
             raise SystemExit("services did not become healthy")
         channel = grpc.insecure_channel(decode_address)
         stub = pb_grpc.DecodeServiceStub(channel)
@@ -225,12 +225,12 @@ def main():
             if t.is_alive():
                 failures.append("a client thread hung")
         # After the last restart the pair serves again.
-        wait_healthy("127.0.0.1:%d" % prefill_port)
+        wait_healthy(prefill.address)
         after = [call(stub, "valid", valid_request(pb, random.Random(s)), 20.0, None)[0]
                  for s in range(5)]
         if any(status != "OK" for status in after):
             failures.append("calls after the restarts: %s" % after)
-        healthy = health(decode_address) and health("127.0.0.1:%d" % prefill_port)
+        healthy = health(decode_address) and health(prefill.address)
         if not healthy:
             failures.append("a service does not answer health checks")
         used = None

@@ -66,16 +66,7 @@ record_device
 
 # The GPU tests of the engine paths the services use (export beside the compute, pool uploads),
 # on the same build, before the numbers.
-phase "GPU tests"
-[[ -n "${SKIP_TESTS:-}" ]] || for test in llama_cuda_test decode_engine_cuda_test; do
-  if [[ -x "$bin/$test" && "$device_flag" == cuda ]]; then
-    TEST_TMPDIR=/tmp/e2e_test timeout 300 "$bin/$test" > "$work/$test.log" 2>&1
-    rc=$?
-    grep -E "^\[  (PASSED|FAILED) |tests? ran" "$work/$test.log" | tee -a "$log"
-    (( rc == 0 )) || { echo "$test failed (rc $rc)" | tee -a "$log";
-                       grep -B2 -A8 "Failure" "$work/$test.log" | head -60 >> "$log"; status=1; }
-  fi
-done
+run_gpu_tests || status=1
 
 prepare_model
 

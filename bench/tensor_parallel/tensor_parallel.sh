@@ -12,14 +12,11 @@
 # $OUT (default /tmp/tp_out): device.txt, tp.log, ttft.jsonl, e2e_gpus<N>.json, summary.json.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
-mode="${1:-}"
-if [[ "$mode" == stage ]]; then
-  exec bench/e2e/e2e.sh stage
-fi
-if [[ "$mode" != run ]]; then
-  echo "usage: bench/tensor_parallel/tensor_parallel.sh stage|run" >&2
-  exit 2
-fi
+case "${1:-}" in
+  stage) exec bench/e2e/e2e.sh stage ;;
+  run) ;;
+  *) echo "usage: bench/tensor_parallel/tensor_parallel.sh stage|run" >&2; exit 2 ;;
+esac
 
 out="${OUT:-/tmp/tp_out}"
 log="$out/tp.log"
@@ -42,14 +39,7 @@ default_gpus="0,1"
 gpus_list="${GPUS:-$default_gpus}"
 phase "GPUs on this machine: $gpu_count; comparing --gpus $gpus_list"
 
-phase "GPU tests"
-[[ -n "${SKIP_TESTS:-}" ]] || for test in llama_cuda_test decode_engine_cuda_test; do
-  TEST_TMPDIR=/tmp/tp_test timeout 300 "$bin/$test" > "$work/$test.log" 2>&1
-  rc=$?
-  grep -E "^\[  (PASSED|FAILED) |tests? ran|^tensor_parallel " "$work/$test.log" | tee -a "$log"
-  (( rc == 0 )) || { echo "$test failed (rc $rc)" | tee -a "$log";
-                     grep -B2 -A8 "Failure" "$work/$test.log" | head -60 >> "$log"; status=1; }
-done
+run_gpu_tests "^tensor_parallel " || status=1
 
 prepare_model
 : > "$out/ttft.jsonl"

@@ -3,23 +3,11 @@
 #include <string>
 
 #include "gtest/gtest.h"
+#include "model/checkpoint/llama31_config.h"
 #include "nlohmann/json.hpp"
 
 namespace sparseaccel {
 namespace {
-
-// Llama-3.1-8B's config.json as published.
-const char kLlama31[] = R"({
-  "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
-  "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu",
-  "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
-  "max_position_embeddings": 131072, "mlp_bias": false, "model_type": "llama",
-  "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
-  "pretraining_tp": 1, "rms_norm_eps": 1e-05,
-  "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-  "rope_theta": 500000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
-  "use_cache": true, "vocab_size": 128256})";
 
 // Llama-2-7B: no GQA field, no rope scaling, a single eos id.
 const char kLlama2[] = R"({
@@ -84,7 +72,7 @@ TEST(ConfigTest, ParsesConfigsSavedByTransformers5) {
 }
 
 TEST(ConfigTest, ParsesLlama31) {
-  absl::StatusOr<ModelConfig> c = ParseModelConfig(kLlama31);
+  absl::StatusOr<ModelConfig> c = ParseModelConfig(kLlama31ConfigJson);
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->num_hidden_layers, 32);
   EXPECT_EQ(c->num_key_value_heads, 8);
@@ -119,7 +107,7 @@ TEST(ConfigTest, ParsesLlama32Tied) {
 }
 
 TEST(ConfigTest, RoundTripsThroughJson) {
-  for (const char* text : {kLlama31, kLlama2, kLlama32}) {
+  for (const char* text : {kLlama31ConfigJson, kLlama2, kLlama32}) {
     absl::StatusOr<ModelConfig> a = ParseModelConfig(text);
     ASSERT_TRUE(a.ok());
     absl::StatusOr<ModelConfig> b = ParseModelConfig(ModelConfigToJson(*a));
@@ -131,9 +119,9 @@ TEST(ConfigTest, RoundTripsThroughJson) {
   }
 }
 
-// Replaces `"field": <old>` in `text` (kLlama31 by default) with `"field": replacement`.
+// Replaces `"field": <old>` in `text` (kLlama31ConfigJson by default) with `"field": replacement`.
 std::string WithField(const std::string& field, const std::string& replacement,
-                      std::string text = kLlama31) {
+                      std::string text = kLlama31ConfigJson) {
   size_t key = text.find("\"" + field + "\"");
   EXPECT_NE(key, std::string::npos) << field;
   size_t value_begin = text.find(':', key) + 1;

@@ -13,6 +13,7 @@
 
 #include "gtest/gtest.h"
 #include "model/checkpoint/config.h"
+#include "model/checkpoint/llama31_config.h"
 #include "model/checkpoint/safetensors.h"
 #include "nlohmann/json.hpp"
 
@@ -263,19 +264,6 @@ TEST_F(SafetensorsFuzzTest, DuplicateAndDeeplyNestedHeadersAreRejected) {
   EXPECT_FALSE(ParseAndCheck(WithHeader(deep_entry, nullptr, 0)).ok());
 }
 
-// Llama-3.1-8B's config.json as published.
-const char kLlama31[] = R"({
-  "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
-  "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu",
-  "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
-  "max_position_embeddings": 131072, "mlp_bias": false, "model_type": "llama",
-  "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
-  "pretraining_tp": 1, "rms_norm_eps": 1e-05,
-  "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-  "rope_theta": 500000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
-  "use_cache": true, "vocab_size": 128256})";
-
 // What any accepted config promises the engines.
 void ExpectUsable(const ModelConfig& c) {
   EXPECT_GT(c.vocab_size, 0);
@@ -292,7 +280,7 @@ void ExpectUsable(const ModelConfig& c) {
 
 TEST(ConfigFuzzTest, MutatedConfigsNeverCrash) {
   std::mt19937 rng(7);
-  const std::string text = kLlama31;
+  const std::string text = kLlama31ConfigJson;
   int accepted = 0;
   for (int trial = 0; trial < 5000; ++trial) {
     std::string mutated = text;
@@ -308,7 +296,7 @@ TEST(ConfigFuzzTest, MutatedConfigsNeverCrash) {
 }
 
 TEST(ConfigFuzzTest, EveryFieldWithWrongValuesNeverCrashes) {
-  const Json base = Json::parse(kLlama31);
+  const Json base = Json::parse(kLlama31ConfigJson);
   const Json replacements[] = {nullptr,
                                -1,
                                0,

@@ -6,6 +6,7 @@
 #include "gtest/gtest.h"
 #include "kernels/sampling.h"
 #include "model/checkpoint/checkpoint_maker.h"
+#include "model/test_util.h"
 
 namespace sparseaccel {
 namespace {
@@ -44,15 +45,6 @@ std::vector<float> Prefill(LlamaCpu* model, const std::vector<int32_t>& prompt,
   EXPECT_TRUE(model->Forward({SequenceChunk{prompt, 0, &kv, LogitsFor::kAll}}, &logits).ok());
   model->SetAttentionOverride(nullptr);
   return logits;
-}
-
-double MaxRelativeError(const std::vector<float>& a, const std::vector<float>& b) {
-  double err = 0, ref = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    err = std::max(err, double(std::fabs(a[i] - b[i])));
-    ref = std::max(ref, double(std::fabs(b[i])));
-  }
-  return err / ref;
 }
 
 TEST(SparsePrefillTest, FullBudgetsEqualDenseAndShortPromptsStayDense) {

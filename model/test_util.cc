@@ -1,10 +1,20 @@
 #include "model/test_util.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 namespace sparseaccel {
+
+std::string TestTempDir(const std::string& name) {
+  const char* base = std::getenv("TEST_TMPDIR");
+  std::string dir = std::string(base != nullptr ? base : "/tmp") + "/" + name;
+  mkdir(dir.c_str(), 0755);
+  return dir;
+}
 
 std::vector<int32_t> RandomTokens(int64_t n, int64_t vocab, std::mt19937* rng) {
   std::vector<int32_t> tokens(n);

@@ -29,25 +29,6 @@ namespace {
 constexpr double kAttentionBound = 2e-2;
 
 HeadPattern Dense() { return HeadPattern{}; }
-HeadPattern AShape(int64_t sink, int64_t window) {
-  HeadPattern p;
-  p.kind = HeadPattern::Kind::kAShape;
-  p.sink = sink;
-  p.window = window;
-  return p;
-}
-HeadPattern VerticalSlash(int64_t vertical, int64_t slash, int64_t last_q = 64) {
-  HeadPattern p;
-  p.kind = HeadPattern::Kind::kVerticalSlash;
-  p.vertical_slash = {vertical, slash, last_q};
-  return p;
-}
-HeadPattern BlockSparse(int64_t top_k) {
-  HeadPattern p;
-  p.kind = HeadPattern::Kind::kBlockSparse;
-  p.top_k = top_k;
-  return p;
-}
 
 // One layer's Q, K, V as bf16 rows ([n][heads][dim] and [n][kv_heads][dim]) on host and device.
 struct Layer {
@@ -241,11 +222,11 @@ TEST_F(SparseAttentionTest, IndicesEqualCpuOnPlantedHeads) {
       int64_t planted_columns = 0;
       for (int64_t c = 7; c < n; c += n / 7 + 13) ++planted_columns;
       const std::vector<HeadPattern> heads = {Dense(),
-                                              AShape(64, 200),
-                                              VerticalSlash(4, 64 + 2),
-                                              VerticalSlash(4 + planted_columns, 64, 32),
-                                              BlockSparse(2),
-                                              AShape(0, 64)};
+                                              AShapePattern(64, 200),
+                                              VerticalSlashPattern(4, 64 + 2),
+                                              VerticalSlashPattern(4 + planted_columns, 64, 32),
+                                              BlockSparsePattern(2),
+                                              AShapePattern(0, 64)};
       ASSERT_OK_AND_ASSIGN(gpu, GpuIndices(l, heads));
       const std::vector<SparseIndex> cpu = CpuIndices(l, heads);
       for (int64_t h = 0; h < l.heads; ++h) {
@@ -273,7 +254,8 @@ TEST_F(SparseAttentionTest, SlashRunsEqualCpu) {
     Layer l = PlantedLayer(n, dim, {Planted::kSlash, Planted::kSlash}, offsets);
     ASSERT_OK(l.Upload());
     // Forced offsets 0 .. 63 and the 6 planted beyond them.
-    const std::vector<HeadPattern> heads = {VerticalSlash(4, 64 + 6), VerticalSlash(4, 64 + 6, 32)};
+    const std::vector<HeadPattern> heads = {VerticalSlashPattern(4, 64 + 6),
+                                            VerticalSlashPattern(4, 64 + 6, 32)};
     ASSERT_OK_AND_ASSIGN(gpu, GpuIndices(l, heads));
     const std::vector<SparseIndex> cpu = CpuIndices(l, heads);
     std::string planted;
@@ -304,8 +286,9 @@ TEST_F(SparseAttentionTest, TiedScoresKeepTheSmallerIndices) {
   const std::vector<uint16_t> key = RandomBf16(dim, 1.5f);
   for (int64_t r = 0; r < n; ++r) std::copy(key.begin(), key.end(), &l.k[r * dim]);
   ASSERT_OK(l.Upload());
-  const std::vector<HeadPattern> heads = {VerticalSlash(6000, 64), VerticalSlash(4100, 64, 16),
-                                          BlockSparse(50), BlockSparse(1)};
+  const std::vector<HeadPattern> heads = {VerticalSlashPattern(6000, 64),
+                                          VerticalSlashPattern(4100, 64, 16),
+                                          BlockSparsePattern(50), BlockSparsePattern(1)};
   ASSERT_OK_AND_ASSIGN(gpu, GpuIndices(l, heads));
   const std::vector<SparseIndex> cpu = CpuIndices(l, heads);
   for (int64_t h = 0; h < l.heads; ++h) {
@@ -318,8 +301,9 @@ TEST_F(SparseAttentionTest, TiedScoresKeepTheSmallerIndices) {
 TEST_F(SparseAttentionTest, IndicesAgreeWithCpuOnRandomHeads) {
   Layer l = RandomLayer(2000, 4, 2, 128);
   ASSERT_OK(l.Upload());
-  const std::vector<HeadPattern> heads = {VerticalSlash(100, 300), VerticalSlash(30, 64, 16),
-                                          BlockSparse(5), BlockSparse(1)};
+  const std::vector<HeadPattern> heads = {VerticalSlashPattern(100, 300),
+                                          VerticalSlashPattern(30, 64, 16), BlockSparsePattern(5),
+                                          BlockSparsePattern(1)};
   ASSERT_OK_AND_ASSIGN(gpu, GpuIndices(l, heads));
   const std::vector<SparseIndex> cpu = CpuIndices(l, heads);
   for (int64_t h = 0; h < l.heads; ++h) {
@@ -344,7 +328,8 @@ TEST_F(SparseAttentionTest, AttentionMatchesCpuOnItsIndex) {
     Layer l = RandomLayer(c.n, c.heads, c.kv_heads, c.dim);
     ASSERT_OK(l.Upload());
     std::vector<HeadPattern> heads;
-    const HeadPattern cycle[] = {VerticalSlash(40, 150), BlockSparse(3), AShape(64, 128), Dense()};
+    const HeadPattern cycle[] = {VerticalSlashPattern(40, 150), BlockSparsePattern(3),
+                                 AShapePattern(64, 128), Dense()};
     for (int64_t h = 0; h < c.heads; ++h) heads.push_back(cycle[h % 4]);
     ASSERT_OK_AND_ASSIGN(index, Build(l, heads));
     ASSERT_OK_AND_ASSIGN(gpu_index, CopyIndexToHost(index, nullptr));
@@ -374,7 +359,7 @@ TEST_F(SparseAttentionTest, FullBudgetsEqualDenseKernel) {
   ASSERT_OK(l.Upload());
   std::vector<HeadPattern> patterns;
   for (int64_t h = 0; h < heads; ++h) {
-    patterns.push_back(h % 2 == 0 ? Dense() : VerticalSlash(n, n));
+    patterns.push_back(h % 2 == 0 ? Dense() : VerticalSlashPattern(n, n));
   }
   ASSERT_OK_AND_ASSIGN(index, Build(l, patterns));
   ASSERT_OK_AND_ASSIGN(gpu_index, CopyIndexToHost(index, nullptr));
@@ -395,12 +380,13 @@ TEST_F(SparseAttentionTest, FullBudgetsEqualDenseKernel) {
 }
 
 TEST_F(SparseAttentionTest, BadArgumentsAreErrors) {
-  EXPECT_EQ(ToDevicePattern(VerticalSlash(10, 10, 65)).status().code(),
+  EXPECT_EQ(ToDevicePattern(VerticalSlashPattern(10, 10, 65)).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(ToDevicePattern(BlockSparse(-1)).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ToDevicePattern(BlockSparsePattern(-1)).status().code(),
+            absl::StatusCode::kInvalidArgument);
   Layer l = RandomLayer(256, 2, 1, 128);
   ASSERT_OK(l.Upload());
-  ASSERT_OK_AND_ASSIGN(index, Build(l, {VerticalSlash(8, 64), Dense()}));
+  ASSERT_OK_AND_ASSIGN(index, Build(l, {VerticalSlashPattern(8, 64), Dense()}));
   ASSERT_OK_AND_ASSIGN(out, DeviceBuffer::Allocate(256 * 2 * 128 * 2));
   // Query blocks past the index.
   EXPECT_EQ(Attend(l, index, 2, 3, &out).code(), absl::StatusCode::kInvalidArgument);

@@ -96,6 +96,28 @@ Json HeadJson(const HeadPattern& head) {
 
 }  // namespace
 
+HeadPattern AShapePattern(int64_t sink, int64_t window) {
+  HeadPattern p;
+  p.kind = HeadPattern::Kind::kAShape;
+  p.sink = sink;
+  p.window = window;
+  return p;
+}
+
+HeadPattern VerticalSlashPattern(int64_t vertical, int64_t slash, int64_t last_q) {
+  HeadPattern p;
+  p.kind = HeadPattern::Kind::kVerticalSlash;
+  p.vertical_slash = {vertical, slash, last_q};
+  return p;
+}
+
+HeadPattern BlockSparsePattern(int64_t top_k) {
+  HeadPattern p;
+  p.kind = HeadPattern::Kind::kBlockSparse;
+  p.top_k = top_k;
+  return p;
+}
+
 absl::string_view PatternName(HeadPattern::Kind kind) {
   switch (kind) {
     case HeadPattern::Kind::kDense:

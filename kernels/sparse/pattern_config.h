@@ -40,6 +40,11 @@ struct SparseConfig {
   std::vector<std::vector<HeadPattern>> heads;  // [layer][head]
 };
 
+// A head's pattern of each kind with its budgets.
+HeadPattern AShapePattern(int64_t sink, int64_t window);
+HeadPattern VerticalSlashPattern(int64_t vertical, int64_t slash, int64_t last_q = 64);
+HeadPattern BlockSparsePattern(int64_t top_k);
+
 absl::string_view PatternName(HeadPattern::Kind kind);
 
 absl::StatusOr<SparseConfig> ParseSparseConfig(absl::string_view json_text);

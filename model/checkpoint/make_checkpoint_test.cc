@@ -22,17 +22,11 @@
 #include "model/checkpoint/checkpoint_maker.h"
 #include "model/checkpoint/config.h"
 #include "model/checkpoint/safetensors.h"
+#include "model/test_util.h"
 #include "nlohmann/json.hpp"
 
 namespace sparseaccel {
 namespace {
-
-std::string TempDir(const std::string& name) {
-  const char* base = getenv("TEST_TMPDIR");
-  std::string dir = std::string(base ? base : "/tmp") + "/" + name;
-  mkdir(dir.c_str(), 0755);
-  return dir;
-}
 
 std::string ReadText(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -135,7 +129,7 @@ void ExpectLlamaCheckpoint(const std::string& dir, DType dtype, double init_std)
 }
 
 TEST(CheckpointMakerTest, DeterministicAndLoadable) {
-  const std::string a = TempDir("ckpt_a"), b = TempDir("ckpt_b"), c = TempDir("ckpt_c");
+  const std::string a = TestTempDir("ckpt_a"), b = TestTempDir("ckpt_b"), c = TestTempDir("ckpt_c");
   ASSERT_TRUE(WriteRandomCheckpoint(a, TinyOptions(7)).ok());
   ASSERT_TRUE(WriteRandomCheckpoint(b, TinyOptions(7)).ok());
   ASSERT_TRUE(WriteRandomCheckpoint(c, TinyOptions(8)).ok());
@@ -148,7 +142,7 @@ TEST(CheckpointMakerTest, DeterministicAndLoadable) {
 }
 
 TEST(CheckpointMakerTest, ShardedCheckpointReadsBackIdentically) {
-  const std::string single = TempDir("ckpt_single"), sharded = TempDir("ckpt_sharded");
+  const std::string single = TestTempDir("ckpt_single"), sharded = TestTempDir("ckpt_sharded");
   CheckpointOptions options = TinyOptions(3);
   ASSERT_TRUE(WriteRandomCheckpoint(single, options).ok());
   options.shard_max_bytes = 40000;
@@ -178,7 +172,7 @@ TEST(CheckpointMakerTest, ShardedCheckpointReadsBackIdentically) {
 }
 
 TEST(CheckpointMakerTest, RewritingADirectoryReplacesItsWeights) {
-  const std::string dir = TempDir("ckpt_rewrite"), reference = TempDir("ckpt_rewrite_ref");
+  const std::string dir = TestTempDir("ckpt_rewrite"), reference = TestTempDir("ckpt_rewrite_ref");
   CheckpointOptions sharded = TinyOptions(21);
   sharded.shard_max_bytes = 40000;
   ASSERT_TRUE(WriteRandomCheckpoint(dir, sharded).ok());
@@ -240,16 +234,16 @@ TEST(CheckpointMakerTest, PresetsHaveTheRealShapes) {
 TEST(CheckpointMakerTest, RejectsInvalidOptions) {
   CheckpointOptions options = TinyOptions(1);
   options.config.num_key_value_heads = 3;
-  EXPECT_FALSE(WriteRandomCheckpoint(TempDir("bad_kv"), options).ok());
+  EXPECT_FALSE(WriteRandomCheckpoint(TestTempDir("bad_kv"), options).ok());
   options = TinyOptions(1);
   options.init_std = 0;
-  EXPECT_FALSE(WriteRandomCheckpoint(TempDir("bad_std"), options).ok());
+  EXPECT_FALSE(WriteRandomCheckpoint(TestTempDir("bad_std"), options).ok());
 }
 
 // Runs the make_checkpoint binary with `args` (after `env`, variable assignments); returns its
 // exit status.
 int RunMaker(const std::string& args, const std::string& env = "") {
-  const std::string log = TempDir("logs") + "/make_checkpoint.log";
+  const std::string log = TestTempDir("logs") + "/make_checkpoint.log";
   const std::string command = env + " model/tools/make_checkpoint " + args + " >" + log + " 2>&1";
   const int status = std::system(command.c_str());
   const int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
@@ -258,7 +252,7 @@ int RunMaker(const std::string& args, const std::string& env = "") {
 }
 
 TEST(MakeCheckpointBinaryTest, SameFlagsSameBytesOtherSeedOtherBytes) {
-  const std::string a = TempDir("bin_a"), b = TempDir("bin_b"), c = TempDir("bin_c");
+  const std::string a = TestTempDir("bin_a"), b = TestTempDir("bin_b"), c = TestTempDir("bin_c");
   const std::string flags = " --preset=tiny --dtype=bfloat16 --seed=";
   ASSERT_EQ(RunMaker("--out=" + a + flags + "11"), 0);
   // Elements are a function of (seed, tensor, index) alone: the thread count changes nothing.
@@ -287,7 +281,7 @@ TEST(MakeCheckpointBinaryTest, SameFlagsSameBytesOtherSeedOtherBytes) {
 }
 
 TEST(MakeCheckpointBinaryTest, OverridesEveryShapeField) {
-  const std::string dir = TempDir("bin_overrides");
+  const std::string dir = TestTempDir("bin_overrides");
   ASSERT_EQ(RunMaker("--out=" + dir +
                      " --preset=small --layers=3 --hidden=96 --heads=6 --kv_heads=3"
                      " --intermediate=160 --vocab=300 --max_position=4096 --rope_theta=10000"
@@ -314,7 +308,7 @@ TEST(MakeCheckpointBinaryTest, OverridesEveryShapeField) {
 }
 
 TEST(MakeCheckpointBinaryTest, OverridesRopeScaling) {
-  const std::string dir = TempDir("bin_rope");
+  const std::string dir = TestTempDir("bin_rope");
   ASSERT_EQ(RunMaker("--out=" + dir +
                      " --preset=tiny --layers=1 --rope_factor=32 --rope_low_freq_factor=2"
                      " --rope_high_freq_factor=6 --rope_original_max_position=512"),
@@ -328,7 +322,7 @@ TEST(MakeCheckpointBinaryTest, OverridesRopeScaling) {
 }
 
 TEST(MakeCheckpointBinaryTest, ShardsWithIndex) {
-  const std::string single = TempDir("bin_single"), sharded = TempDir("bin_sharded");
+  const std::string single = TestTempDir("bin_single"), sharded = TestTempDir("bin_sharded");
   ASSERT_EQ(RunMaker("--out=" + single + " --preset=tiny --seed=4"), 0);
   ASSERT_EQ(RunMaker("--out=" + sharded + " --preset=tiny --seed=4 --shard_max_bytes=100000"), 0);
   ASSERT_TRUE(Exists(sharded + "/model.safetensors.index.json"));
@@ -346,7 +340,7 @@ TEST(MakeCheckpointBinaryTest, ShardsWithIndex) {
 }
 
 TEST(MakeCheckpointBinaryTest, CopiesTokenizerAndUsesItsVocabulary) {
-  const std::string tokenizer = TempDir("tokenizer"), dir = TempDir("bin_tokenizer");
+  const std::string tokenizer = TestTempDir("tokenizer"), dir = TestTempDir("bin_tokenizer");
   const std::string tokenizer_json = R"({"version": "1.0", "model": {"type": "BPE"}})";
   const std::string tokenizer_config = R"({"bos_token": "<|begin_of_text|>"})";
   std::ofstream(tokenizer + "/tokenizer.json") << tokenizer_json;
@@ -364,7 +358,7 @@ TEST(MakeCheckpointBinaryTest, CopiesTokenizerAndUsesItsVocabulary) {
 }
 
 TEST(MakeCheckpointBinaryTest, RejectsBadFlags) {
-  const std::string dir = TempDir("bin_bad");
+  const std::string dir = TestTempDir("bin_bad");
   EXPECT_NE(RunMaker("--preset=tiny"), 0);  // No --out.
   for (const std::string flags :
        {"--preset=huge", "--dtype=int8", "--heads=5", "--layers=-1", "--kv_heads=3", "--init_std=0",

@@ -11,17 +11,11 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "model/test_util.h"
 #include "nlohmann/json.hpp"
 
 namespace sparseaccel {
 namespace {
-
-std::string TempDir(const std::string& name) {
-  const char* base = getenv("TEST_TMPDIR");
-  std::string dir = std::string(base ? base : "/tmp") + "/" + name;
-  mkdir(dir.c_str(), 0755);
-  return dir;
-}
 
 std::vector<uint8_t> ReadBytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -61,7 +55,7 @@ TEST(SafetensorsTest, WriteThenReadRoundTrip) {
                                         F32Tensor("empty", {0, 4}, &rng)};
   TensorToWrite half{"h", DType::kBF16, {2}, {0x80, 0x3f, 0x00, 0xc0}};  // 1.0, -2.0
   tensors.push_back(half);
-  const std::string path = TempDir("roundtrip") + "/t.safetensors";
+  const std::string path = TestTempDir("roundtrip") + "/t.safetensors";
   ASSERT_TRUE(WriteSafetensors(path, tensors, {{"format", "pt"}}).ok());
   std::vector<uint8_t> bytes = ReadBytes(path);
   uint64_t header_len;
@@ -237,7 +231,7 @@ TEST(SafetensorsTest, HalfConversionsMatchNearestEvenReference) {
 
 TEST(SafetensorsTest, ReadsMetadataAndRejectsBadWrites) {
   std::mt19937 rng(41);
-  const std::string dir = TempDir("writes");
+  const std::string dir = TestTempDir("writes");
   std::vector<TensorToWrite> tensors = {F32Tensor("x", {2}, &rng)};
   ASSERT_TRUE(
       WriteSafetensors(dir + "/m.safetensors", tensors, {{"format", "pt"}, {"origin", "test"}})
@@ -266,7 +260,7 @@ class ShardedStoreTest : public ::testing::Test {
  protected:
   // Two shards written with WriteSafetensors, and the index that maps each tensor to its shard.
   void SetUp() override {
-    dir_ = TempDir(::testing::UnitTest::GetInstance()->current_test_info()->name());
+    dir_ = TestTempDir(::testing::UnitTest::GetInstance()->current_test_info()->name());
     std::mt19937 rng(5);
     first_ = {F32Tensor("a.weight", {4, 3}, &rng), F32Tensor("b.weight", {6}, &rng)};
     second_ = {F32Tensor("c.weight", {2, 2, 2}, &rng), F32Tensor("d.scalar", {}, &rng)};
@@ -346,7 +340,7 @@ TEST_F(ShardedStoreTest, RejectsTensorsInTwoShards) {
 }
 
 TEST(SafetensorsTest, OpenDirectoryWithoutCheckpointIsNotFound) {
-  EXPECT_EQ(TensorStore::OpenDirectory(TempDir("no_checkpoint")).status().code(),
+  EXPECT_EQ(TensorStore::OpenDirectory(TestTempDir("no_checkpoint")).status().code(),
             absl::StatusCode::kNotFound);
 }
 

@@ -370,29 +370,6 @@ SparseConfig SparseConfigFor(const Shape& shape, const std::vector<HeadPattern>&
   return config;
 }
 
-HeadPattern AShape(int64_t sink, int64_t window) {
-  HeadPattern p;
-  p.kind = HeadPattern::Kind::kAShape;
-  p.sink = sink;
-  p.window = window;
-  return p;
-}
-
-HeadPattern VerticalSlash(int64_t vertical, int64_t slash) {
-  HeadPattern p;
-  p.kind = HeadPattern::Kind::kVerticalSlash;
-  p.vertical_slash.vertical = vertical;
-  p.vertical_slash.slash = slash;
-  return p;
-}
-
-HeadPattern BlockSparse(int64_t top_k) {
-  HeadPattern p;
-  p.kind = HeadPattern::Kind::kBlockSparse;
-  p.top_k = top_k;
-  return p;
-}
-
 std::vector<float> AllLogits(LanguageModel* model, const std::vector<int32_t>& tokens) {
   ContiguousKvStore kv(model->kv_shape(), static_cast<int64_t>(tokens.size()));
   std::vector<float> logits;
@@ -452,7 +429,8 @@ TEST_P(LlamaCudaTest, PrefillExportEqualsPrefill) {
   LlamaCudaOptions options;
   options.prefill_chunk_tokens = 64;
   options.sparse = SparseConfigFor(
-      GetParam(), {AShape(64, 128), HeadPattern{}, AShape(128, 192), AShape(64, 64)}, 256);
+      GetParam(),
+      {AShapePattern(64, 128), HeadPattern{}, AShapePattern(128, 192), AShapePattern(64, 64)}, 256);
   Engines e = Load(GetParam(), options);
   ASSERT_TRUE(e.gpu);
   std::mt19937 rng(std::random_device{}());
@@ -480,7 +458,8 @@ TEST_P(LlamaCudaTest, PrefillExportEqualsPrefill) {
 
 TEST_P(LlamaCudaTest, SparsePrefillMatchesCpuSparsePrefill) {
   const SparseConfig config = SparseConfigFor(
-      GetParam(), {AShape(64, 128), HeadPattern{}, AShape(128, 192), AShape(64, 64)}, 256);
+      GetParam(),
+      {AShapePattern(64, 128), HeadPattern{}, AShapePattern(128, 192), AShapePattern(64, 64)}, 256);
   LlamaCudaOptions options;
   options.prefill_chunk_tokens = 100;
   options.sparse = config;
@@ -509,7 +488,8 @@ TEST_P(LlamaCudaTest, SparsePrefillMatchesCpuSparsePrefill) {
 // path computes dense attention through the index builders and the sparse kernel.
 TEST_P(LlamaCudaTest, FullBudgetSparsePrefillEqualsDense) {
   const SparseConfig config = SparseConfigFor(
-      GetParam(), {VerticalSlash(1024, 1024), BlockSparse(64), AShape(512, 512)}, 256);
+      GetParam(),
+      {VerticalSlashPattern(1024, 1024), BlockSparsePattern(64), AShapePattern(512, 512)}, 256);
   LlamaCudaOptions options;
   options.prefill_chunk_tokens = 128;
   options.sparse = config;
@@ -531,8 +511,8 @@ TEST_P(LlamaCudaTest, FullBudgetSparsePrefillEqualsDense) {
 // still follow the CPU sparse prefill far more closely than a broken kernel would (order 1).
 // Prompts below dense_below_tokens and continued sequences run dense.
 TEST_P(LlamaCudaTest, DataDependentSparsePrefillAndDispatch) {
-  const SparseConfig config =
-      SparseConfigFor(GetParam(), {VerticalSlash(32, 128), BlockSparse(3), HeadPattern{}}, 300);
+  const SparseConfig config = SparseConfigFor(
+      GetParam(), {VerticalSlashPattern(32, 128), BlockSparsePattern(3), HeadPattern{}}, 300);
   LlamaCudaOptions options;
   options.prefill_chunk_tokens = 256;
   options.sparse = config;
@@ -700,7 +680,8 @@ TEST_P(LlamaCudaTest, TensorParallelPrefillComputesTheOneGpuEngine) {
   LlamaCudaOptions options;
   options.prefill_chunk_tokens = 64;
   options.sparse = SparseConfigFor(
-      GetParam(), {AShape(64, 128), HeadPattern{}, AShape(128, 192), AShape(64, 64)}, 256);
+      GetParam(),
+      {AShapePattern(64, 128), HeadPattern{}, AShapePattern(128, 192), AShapePattern(64, 64)}, 256);
   std::random_device seed;
   const std::string dir =
       Checkpoint(GetParam().name + "_tp" + std::to_string(seed()), GetParam(), seed());
@@ -826,7 +807,7 @@ TEST(LlamaCudaSparseTest, ConfigThatDoesNotFitTheModelIsRefused) {
   options.sparse->num_heads = 3;
   const std::string dir = Checkpoint("sparse_mismatch", shape, 7);
   EXPECT_EQ(LlamaCuda::Load(dir, options).status().code(), absl::StatusCode::kInvalidArgument);
-  options.sparse = SparseConfigFor(shape, {VerticalSlash(32, 128)}, 256);
+  options.sparse = SparseConfigFor(shape, {VerticalSlashPattern(32, 128)}, 256);
   options.sparse->heads[0][0].vertical_slash.last_q = 65;
   EXPECT_EQ(LlamaCuda::Load(dir, options).status().code(), absl::StatusCode::kInvalidArgument);
 }

@@ -6,6 +6,7 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "common/grpc_util.h"
+#include "common/status_macros.h"
 
 ABSL_FLAG(std::string, tls_cert, "",
           "PEM certificate chain of the gRPC port (empty: plaintext); needs --tls_key.");
@@ -36,11 +37,11 @@ ServerTlsFiles ServerTlsFilesFromFlags() {
 absl::StatusOr<ServicePorts> StartServiceFromFlags(const std::string& listen,
                                                    grpc::Service* service) {
   const ServerTlsFiles tls = ServerTlsFilesFromFlags();
-  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = MakeServerCredentials(tls);
-  if (!credentials.ok()) return credentials.status();
+  ASSIGN_OR_RETURN(const std::shared_ptr<grpc::ServerCredentials> credentials,
+                   MakeServerCredentials(tls));
   ServicePorts ports;
   ports.tls = TlsMode(tls);
-  ports.server = StartGrpcServer(listen, service, &ports.port, *credentials);
+  ports.server = StartGrpcServer(listen, service, &ports.port, credentials);
   if (ports.server == nullptr)
     return absl::UnavailableError(absl::StrCat("cannot listen on ", listen));
   if (const int health = absl::GetFlag(FLAGS_health_port); health != 0) {

@@ -1,6 +1,7 @@
 #include "model/backend.h"
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "model/host_sequence_model.h"
 #include "model/llama_cpu.h"
 #include "model/sparse/sparse_prefill.h"
@@ -39,23 +40,20 @@ absl::StatusOr<std::unique_ptr<LanguageModel>> LoadLanguageModel(const std::stri
     return absl::InvalidArgumentError(absl::StrCat("--gpus ", gpus, " needs --device=cuda"));
   }
   if (device == "cpu") {
-    absl::StatusOr<std::unique_ptr<LlamaCpu>> model = LlamaCpu::Load(model_dir);
-    if (!model.ok()) return model.status();
-    if (!sparse.has_value()) return std::unique_ptr<LanguageModel>(std::move(model).value());
-    absl::StatusOr<std::unique_ptr<SparsePrefillAttention>> attention =
-        SparsePrefillAttention::Create((*model)->config(), *std::move(sparse));
-    if (!attention.ok()) return attention.status();
+    ASSIGN_OR_RETURN(std::unique_ptr<LlamaCpu> model, LlamaCpu::Load(model_dir));
+    if (!sparse.has_value()) return std::unique_ptr<LanguageModel>(std::move(model));
+    ASSIGN_OR_RETURN(std::unique_ptr<SparsePrefillAttention> attention,
+                     SparsePrefillAttention::Create(model->config(), *std::move(sparse)));
     return std::unique_ptr<LanguageModel>(
-        std::make_unique<SparseLlamaCpu>(std::move(model).value(), std::move(attention).value()));
+        std::make_unique<SparseLlamaCpu>(std::move(model), std::move(attention)));
   }
   if (device == "cuda") {
 #ifdef SPARSEACCEL_WITH_CUDA
     LlamaCudaOptions options;
     options.sparse = std::move(sparse);
     options.gpus = gpus;
-    absl::StatusOr<std::unique_ptr<LlamaCuda>> model = LlamaCuda::Load(model_dir, options);
-    if (!model.ok()) return model.status();
-    return std::unique_ptr<LanguageModel>(std::move(model).value());
+    ASSIGN_OR_RETURN(std::unique_ptr<LlamaCuda> model, LlamaCuda::Load(model_dir, options));
+    return std::unique_ptr<LanguageModel>(std::move(model));
 #else
     return absl::UnimplementedError("--device=cuda: this build has no CUDA backend (no nvcc)");
 #endif
@@ -82,15 +80,13 @@ absl::StatusOr<std::unique_ptr<SequenceModel>> LoadSequenceModel(
     cuda_options.kv_pool_tokens = options.block_tokens * options.num_blocks;
     cuda_options.kv_block_tokens = options.block_tokens;
     cuda_options.max_decode_batch = options.max_batch;
-    absl::StatusOr<std::unique_ptr<LlamaCuda>> model = LlamaCuda::Load(model_dir, cuda_options);
-    if (!model.ok()) return model.status();
-    return std::unique_ptr<SequenceModel>(std::move(model).value());
+    ASSIGN_OR_RETURN(std::unique_ptr<LlamaCuda> model, LlamaCuda::Load(model_dir, cuda_options));
+    return std::unique_ptr<SequenceModel>(std::move(model));
   }
 #endif
-  absl::StatusOr<std::unique_ptr<LanguageModel>> model = LoadLanguageModel(device, model_dir);
-  if (!model.ok()) return model.status();
+  ASSIGN_OR_RETURN(std::unique_ptr<LanguageModel> model, LoadLanguageModel(device, model_dir));
   return std::unique_ptr<SequenceModel>(std::make_unique<HostSequenceModel>(
-      std::move(model).value(), options.block_tokens, options.num_blocks));
+      std::move(model), options.block_tokens, options.num_blocks));
 }
 
 }  // namespace sparseaccel

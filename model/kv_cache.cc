@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace sparseaccel {
 
@@ -85,9 +86,8 @@ absl::Status PagedKvStore::Reserve(int64_t num_tokens) {
   const int64_t needed = (num_tokens + pool_->block_tokens() - 1) / pool_->block_tokens();
   const int64_t missing = needed - static_cast<int64_t>(blocks_.size());
   if (missing <= 0) return absl::OkStatus();
-  absl::StatusOr<std::vector<int32_t>> more = pool_->Allocate(missing);
-  if (!more.ok()) return more.status();
-  blocks_.insert(blocks_.end(), more->begin(), more->end());
+  ASSIGN_OR_RETURN(const std::vector<int32_t> more, pool_->Allocate(missing));
+  blocks_.insert(blocks_.end(), more.begin(), more.end());
   return absl::OkStatus();
 }
 
@@ -95,8 +95,7 @@ absl::StatusOr<KvLayerView> PagedKvStore::Layer(int64_t layer, int64_t num_token
   if (layer < 0 || layer >= pool_->shape().num_layers) {
     return absl::InvalidArgumentError(absl::StrCat("KV layer ", layer, " out of range"));
   }
-  absl::Status reserved = Reserve(num_tokens);
-  if (!reserved.ok()) return reserved;
+  RETURN_IF_ERROR(Reserve(num_tokens));
   KvLayerView view;
   view.block_tokens = pool_->block_tokens();
   view.row_size = pool_->shape().RowSize();

@@ -13,6 +13,7 @@
 #include "common/log.h"
 #include "common/metrics.h"
 #include "common/server_flags.h"
+#include "common/status_macros.h"
 #include "common/tls.h"
 #include "kernels/sparse/pattern_config.h"
 #include "model/backend.h"
@@ -53,11 +54,10 @@ absl::StatusOr<std::optional<SparseConfig>> SparseConfigFromFlags(const std::str
     if (!std::filesystem::exists(beside_model, error)) return std::nullopt;
     path = beside_model.string();
   }
-  absl::StatusOr<SparseConfig> config = LoadSparseConfig(path);
-  if (!config.ok()) return config.status();
+  ASSIGN_OR_RETURN(SparseConfig config, LoadSparseConfig(path));
   LogInfo("prefill.sparse_attention",
-          {{"config", path}, {"dense_below_tokens", config->dense_below_tokens}});
-  return *std::move(config);
+          {{"config", path}, {"dense_below_tokens", config.dense_below_tokens}});
+  return config;
 }
 
 int Run() {

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/counter_random.h"
+#include "common/status_macros.h"
 #include "kernels/cuda/cuda_check.cuh"
 #include "kernels/cuda/cuda_kernels.h"
 
@@ -209,8 +210,7 @@ absl::Status SampleTokens(const float* logits, int64_t rows, int64_t vocab_size,
         absl::StrCat("SampleTokens: bad shape rows=", rows, " vocab=", vocab_size));
   }
   if (rows == 0) return absl::OkStatus();
-  const absl::StatusOr<SampleLayout> layout = LayoutFor(rows, vocab_size);
-  if (!layout.ok()) return layout.status();
+  ASSIGN_OR_RETURN(const SampleLayout layout, LayoutFor(rows, vocab_size));
   std::vector<RowParams> row_params(rows);
   bool any_sampled = false;
   for (int64_t r = 0; r < rows; ++r) {
@@ -225,11 +225,11 @@ absl::Status SampleTokens(const float* logits, int64_t rows, int64_t vocab_size,
   }
   const cudaStream_t s = AsStream(stream);
   char* base = static_cast<char*>(workspace);
-  auto* d_params = reinterpret_cast<RowParams*>(base + layout->params);
-  auto* sorted_logits = reinterpret_cast<float*>(base + layout->sorted_logits);
-  auto* sorted_ids = reinterpret_cast<int32_t*>(base + layout->sorted_ids);
-  auto* ids = reinterpret_cast<int32_t*>(base + layout->ids);
-  auto* offsets = reinterpret_cast<int32_t*>(base + layout->offsets);
+  auto* d_params = reinterpret_cast<RowParams*>(base + layout.params);
+  auto* sorted_logits = reinterpret_cast<float*>(base + layout.sorted_logits);
+  auto* sorted_ids = reinterpret_cast<int32_t*>(base + layout.sorted_ids);
+  auto* ids = reinterpret_cast<int32_t*>(base + layout.ids);
+  auto* offsets = reinterpret_cast<int32_t*>(base + layout.offsets);
   // From pageable memory: returns once row_params is staged, so the vector may go.
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_params, row_params.data(), rows * sizeof(RowParams),
                                        cudaMemcpyHostToDevice, s));
@@ -237,9 +237,9 @@ absl::Status SampleTokens(const float* logits, int64_t rows, int64_t vocab_size,
     FillIdsKernel<<<static_cast<int>(std::min<int64_t>(CeilDiv(rows * vocab_size, 256), 4096)), 256,
                     0, s>>>(rows, vocab_size, ids, offsets);
     RETURN_IF_LAUNCH_FAILED("FillIdsKernel");
-    size_t cub_bytes = layout->cub_bytes;
+    size_t cub_bytes = layout.cub_bytes;
     CUDA_RETURN_IF_ERROR(cub::DeviceSegmentedRadixSort::SortPairsDescending(
-        base + layout->cub, cub_bytes, logits, sorted_logits, ids, sorted_ids,
+        base + layout.cub, cub_bytes, logits, sorted_logits, ids, sorted_ids,
         static_cast<int>(rows * vocab_size), static_cast<int>(rows), offsets, offsets + 1, 0, 32,
         s));
   }

@@ -188,18 +188,17 @@ absl::StatusOr<SparseConfig> ParseSparseConfig(absl::string_view text) {
     }
     config.heads.emplace_back();
     for (size_t h = 0; h < heads.size(); ++h) {
-      absl::StatusOr<HeadPattern> head = ParseHead(heads[h], absl::StrCat(where, "[", h, "]"));
-      if (!head.ok()) return head.status();
-      config.heads.back().push_back(*head);
+      ASSIGN_OR_RETURN(const HeadPattern head,
+                       ParseHead(heads[h], absl::StrCat(where, "[", h, "]")));
+      config.heads.back().push_back(head);
     }
   }
   return config;
 }
 
 absl::StatusOr<SparseConfig> LoadSparseConfig(const std::string& path) {
-  absl::StatusOr<std::string> text = ReadFile(path);
-  if (!text.ok()) return text.status();
-  absl::StatusOr<SparseConfig> config = ParseSparseConfig(*text);
+  ASSIGN_OR_RETURN(const std::string text, ReadFile(path));
+  absl::StatusOr<SparseConfig> config = ParseSparseConfig(text);
   if (!config.ok()) {
     return absl::Status(config.status().code(),
                         absl::StrCat(path, ": ", std::string(config.status().message())));

@@ -219,9 +219,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text) {
 
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
   std::string path = model_dir + "/config.json";
-  absl::StatusOr<std::string> text = ReadFile(path);
-  if (!text.ok()) return text.status();
-  absl::StatusOr<ModelConfig> config = ParseModelConfig(*text);
+  ASSIGN_OR_RETURN(const std::string text, ReadFile(path));
+  absl::StatusOr<ModelConfig> config = ParseModelConfig(text);
   if (!config.ok()) {
     return absl::Status(config.status().code(),
                         absl::StrCat(path, ": ", std::string(config.status().message())));

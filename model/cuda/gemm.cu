@@ -1,4 +1,5 @@
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "model/cuda/gemm.cuh"
 
 namespace sparseaccel {
@@ -88,13 +89,12 @@ absl::Status LtGemm::Linear(const uint16_t* x, const uint16_t* w, void* out,
   if (m <= 0 || n <= 0 || k <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("bad GEMM shape m=", m, " n=", n, " k=", k));
   }
-  absl::StatusOr<const Plan*> plan = PlanFor(m, n, k, out_type);
-  if (!plan.ok()) return plan.status();
+  ASSIGN_OR_RETURN(const Plan* const plan, PlanFor(m, n, k, out_type));
   const float alpha = 1.0f;
   const float beta = accumulate ? 1.0f : 0.0f;
-  LT_RETURN_IF_ERROR(cublasLtMatmul(handle_, (*plan)->op, &alpha, w, (*plan)->a, x, (*plan)->b,
-                                    &beta, out, (*plan)->d, out, (*plan)->d, &(*plan)->algo,
-                                    workspace_.As<void>(), workspace_.bytes(), stream));
+  LT_RETURN_IF_ERROR(cublasLtMatmul(handle_, plan->op, &alpha, w, plan->a, x, plan->b, &beta, out,
+                                    plan->d, out, plan->d, &plan->algo, workspace_.As<void>(),
+                                    workspace_.bytes(), stream));
   return absl::OkStatus();
 }
 

@@ -819,9 +819,10 @@ absl::StatusOr<std::unique_ptr<LlamaCuda>> LlamaCuda::Load(const std::string& mo
     if (options.gpus > 0) CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
     absl::StatusOr<std::unique_ptr<State>> state =
         State::Create(*store, config, options, shard, device);
+    // Back on device 0 whether or not the shard loaded.
     if (options.gpus > 0) CUDA_RETURN_IF_ERROR(cudaSetDevice(0));
-    if (!state.ok()) return state.status();
-    shards.push_back(*std::move(state));
+    ASSIGN_OR_RETURN(std::unique_ptr<State> loaded, std::move(state));
+    shards.push_back(std::move(loaded));
   }
   std::unique_ptr<State> root = std::move(shards[0]);
   if (options.gpus > 0) {

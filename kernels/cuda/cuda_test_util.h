@@ -103,7 +103,12 @@ class CudaTest : public ::testing::Test {
   std::mt19937_64 rng_;
 };
 
-#define ASSERT_OK(expr) ASSERT_TRUE((expr).ok()) << (expr)
+// Both evaluate `expr` once (it usually launches a kernel).
+#define ASSERT_OK(expr)                                       \
+  do {                                                        \
+    const ::absl::Status assert_ok_status_ = (expr);          \
+    ASSERT_TRUE(assert_ok_status_.ok()) << assert_ok_status_; \
+  } while (0)
 #define ASSERT_OK_AND_ASSIGN(lhs, expr)            \
   auto lhs##_or = (expr);                          \
   ASSERT_TRUE(lhs##_or.ok()) << lhs##_or.status(); \

@@ -1,5 +1,7 @@
 #include "model/llama_shapes.h"
 
+#include <algorithm>
+
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/rope.h"
@@ -27,6 +29,11 @@ absl::StatusOr<TensorParallelShard> ShardOfModel(const ModelConfig& config, int6
                      "), KV heads (", c.num_key_value_heads, ") and intermediate_size (",
                      c.intermediate_size, ")"));
   }
+  const int64_t vocab_rows = (c.vocab_size + count - 1) / count;
+  if ((count - 1) * vocab_rows >= c.vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tensor parallel ", count, " leaves a shard without vocabulary rows (", c.vocab_size, ")"));
+  }
   if (rank < 0 || rank >= count) {
     return absl::InvalidArgumentError(absl::StrCat("shard ", rank, " of ", count));
   }
@@ -36,6 +43,8 @@ absl::StatusOr<TensorParallelShard> ShardOfModel(const ModelConfig& config, int6
   shard.heads = c.num_attention_heads / count;
   shard.kv_heads = c.num_key_value_heads / count;
   shard.intermediate = c.intermediate_size / count;
+  shard.first_vocab = std::min(c.vocab_size, rank * vocab_rows);
+  shard.vocab = std::min(c.vocab_size, shard.first_vocab + vocab_rows) - shard.first_vocab;
   return shard;
 }
 

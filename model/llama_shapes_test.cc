@@ -15,28 +15,33 @@ ModelConfig EightBShape() {
   c.num_key_value_heads = 8;
   c.head_dim = 128;
   c.rope_theta = 500000.0;
+  c.vocab_size = 128257;  // Not a multiple of any count: the last shard takes fewer rows.
   return c;
 }
 
 TEST(LlamaShapesTest, ShardsPartitionHeadsKvHeadsAndIntermediateRows) {
   const ModelConfig c = EightBShape();
   for (int64_t count : {1, 2, 4, 8}) {
-    int64_t next_head = 0, next_kv_head = 0, next_row = 0;
+    int64_t next_head = 0, next_kv_head = 0, next_row = 0, next_vocab = 0;
     for (int64_t rank = 0; rank < count; ++rank) {
       absl::StatusOr<TensorParallelShard> shard = ShardOfModel(c, rank, count);
       ASSERT_TRUE(shard.ok()) << shard.status();
       EXPECT_EQ(shard->first_head(), next_head);
       EXPECT_EQ(shard->first_kv_head(), next_kv_head);
       EXPECT_EQ(shard->first_intermediate(), next_row);
+      EXPECT_EQ(shard->first_vocab, next_vocab);
+      EXPECT_GT(shard->vocab, 0);
       // Each shard keeps whole GQA groups: its query heads read only its own KV heads.
       EXPECT_EQ(shard->heads / shard->kv_heads, c.QueryHeadsPerKvHead());
       next_head += shard->heads;
       next_kv_head += shard->kv_heads;
       next_row += shard->intermediate;
+      next_vocab += shard->vocab;
     }
     EXPECT_EQ(next_head, c.num_attention_heads) << count;
     EXPECT_EQ(next_kv_head, c.num_key_value_heads) << count;
     EXPECT_EQ(next_row, c.intermediate_size) << count;
+    EXPECT_EQ(next_vocab, c.vocab_size) << count;
   }
 }
 

@@ -259,33 +259,39 @@ struct LlamaCuda::State {
   }
 
   // Final norm and LM head for rows [first_row, first_row + rows) of the residual stream
-  // (rows <= kLogitsRowsPerGemm) into the device `logits` buffer, fp32.
+  // (rows <= kLogitsRowsPerGemm) into the device `logits` buffer, fp32: [rows][shard.vocab],
+  // this shard's vocabulary columns.
   absl::Status DeviceLogits(int64_t first_row, int64_t rows,
                             LinearPath path = LinearPath::kCublasLt) {
     const ModelConfig& c = config;
-    RETURN_IF_ERROR(logits.Reserve(static_cast<size_t>(rows * c.vocab_size) * sizeof(float)));
+    RETURN_IF_ERROR(logits.Reserve(static_cast<size_t>(rows * shard.vocab) * sizeof(float)));
     RETURN_IF_ERROR(normed.Reserve(Bf16Bytes(rows * c.hidden_size)));
     RETURN_IF_ERROR(Norm(residual.As<uint16_t>() + first_row * c.hidden_size, rows, final_norm,
                          normed.As<uint16_t>()));
     const cuda::DeviceBuffer& head = c.tie_word_embeddings ? embed : lm_head;
-    return Project(normed.As<uint16_t>(), head, logits.As<float>(), rows, c.vocab_size,
+    return Project(normed.As<uint16_t>(), head, logits.As<float>(), rows, shard.vocab,
                    c.hidden_size, cuda::LinearEpilogue::kStoreF32, path);
   }
 
-  // Logits of `rows` rows from `first_row`, appended to `out`.
+  // Logits of `rows` rows from `first_row`, appended to `out`. With a group every rank calls
+  // it: rank 0 grows `out`, each rank copies its vocabulary columns in, and the next chunk
+  // waits until all have.
   absl::Status Logits(int64_t first_row, int64_t rows, std::vector<float>* out) {
     const int64_t vocab = config.vocab_size;
+    const size_t width = static_cast<size_t>(shard.vocab) * sizeof(float);
     for (int64_t r0 = 0; r0 < rows; r0 += kLogitsRowsPerGemm) {
       const int64_t m = std::min(kLogitsRowsPerGemm, rows - r0);
-      RETURN_IF_ERROR(DeviceLogits(first_row + r0, m));
-      const size_t old_size = out->size();
-      out->resize(old_size + m * vocab);
-      // Pageable destination: returns once the copy is done.
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->data() + old_size, logits.As<float>(),
-                                           m * vocab * sizeof(float), cudaMemcpyDeviceToHost,
-                                           stream));
+      absl::Status computed = DeviceLogits(first_row + r0, m);
+      if (shard.rank == 0) out->resize(out->size() + m * vocab);
+      RETURN_IF_ERROR(Barrier(std::move(computed)));
+      float* rows_out = out->data() + out->size() - m * vocab + shard.first_vocab;
+      absl::Status copied =
+          cuda::CudaStatus(cudaMemcpy2DAsync(rows_out, vocab * sizeof(float), logits.As<float>(),
+                                             width, width, m, cudaMemcpyDeviceToHost, stream),
+                           "logits to the host");
+      if (copied.ok()) copied = cuda::CudaStatus(cudaStreamSynchronize(stream), "logits");
+      RETURN_IF_ERROR(Barrier(std::move(copied)));
     }
-    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
     return absl::OkStatus();
   }
 
@@ -502,14 +508,21 @@ struct LlamaCuda::State {
     if (sparse && options.sparse->budget_tokens > 0 && patterns_tokens != n) {
       RETURN_IF_ERROR(UploadSparsePatterns(*options.sparse, n));
     }
-    std::vector<int32_t> host_positions(n);
-    for (int64_t i = 0; i < n; ++i) host_positions[i] = static_cast<int32_t>(start + i);
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids.As<int32_t>(), tokens.data(), n * sizeof(int32_t),
+    // Ids relative to this shard's vocabulary rows: the others gather zero rows, and the sum
+    // over the shards is each token's embedding.
+    std::vector<int32_t> host_ids(n), host_positions(n);
+    for (int64_t i = 0; i < n; ++i) {
+      host_ids[i] = static_cast<int32_t>(tokens[i] - shard.first_vocab);
+      host_positions[i] = static_cast<int32_t>(start + i);
+    }
+    // From pageable memory: staged before the calls return.
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids.As<int32_t>(), host_ids.data(), n * sizeof(int32_t),
                                          cudaMemcpyHostToDevice, stream));
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(positions.As<int32_t>(), host_positions.data(),
                                          n * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
-    RETURN_IF_ERROR(cuda::EmbeddingGather(ids.As<int32_t>(), n, embed.As<uint16_t>(), c.vocab_size,
+    RETURN_IF_ERROR(cuda::EmbeddingGather(ids.As<int32_t>(), n, embed.As<uint16_t>(), shard.vocab,
                                           c.hidden_size, residual.As<uint16_t>(), stream));
+    RETURN_IF_ERROR(SumOverShards(residual.As<uint16_t>(), n * c.hidden_size));
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       RETURN_IF_ERROR(before_layer(l));
       if (two_pass) {
@@ -761,19 +774,22 @@ absl::StatusOr<std::unique_ptr<LlamaCuda::State>> LlamaCuda::State::Create(
   ASSIGN_OR_RETURN(s.gemm, LtGemm::Create());
 
   const int64_t h = c.hidden_size;
+  // `elements` of `slice` of tensor `name` into `buffer`.
   auto alloc_upload = [&](cuda::DeviceBuffer* buffer, const std::string& name,
-                          std::vector<int64_t> shape) -> absl::Status {
-    int64_t elements = 1;
-    for (int64_t d : shape) elements *= d;
+                          std::vector<int64_t> shape, int64_t elements,
+                          TensorSlice slice) -> absl::Status {
     RETURN_IF_ERROR(buffer->Reserve(s.Bf16Bytes(elements)));
     s.weight_bytes += s.Bf16Bytes(elements);
-    return UploadTensor(store, name, shape, buffer->As<uint16_t>());
+    return UploadTensor(store, name, shape, buffer->As<uint16_t>(), slice);
   };
-  RETURN_IF_ERROR(alloc_upload(&s.embed, "model.embed_tokens.weight", {c.vocab_size, h}));
-  RETURN_IF_ERROR(alloc_upload(&s.final_norm, "model.norm.weight", {h}));
-  // Logits come from rank 0 alone.
-  if (!c.tie_word_embeddings && shard.rank == 0) {
-    RETURN_IF_ERROR(alloc_upload(&s.lm_head, "lm_head.weight", {c.vocab_size, h}));
+  // This shard's vocabulary rows of the embedding and of the LM head.
+  const TensorSlice vocab_rows{shard.first_vocab, shard.vocab, 0, -1};
+  RETURN_IF_ERROR(alloc_upload(&s.embed, "model.embed_tokens.weight", {c.vocab_size, h},
+                               shard.vocab * h, vocab_rows));
+  RETURN_IF_ERROR(alloc_upload(&s.final_norm, "model.norm.weight", {h}, h, {}));
+  if (!c.tie_word_embeddings) {
+    RETURN_IF_ERROR(
+        alloc_upload(&s.lm_head, "lm_head.weight", {c.vocab_size, h}, shard.vocab * h, vocab_rows));
   }
   s.layers.resize(c.num_hidden_layers);
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
@@ -877,7 +893,6 @@ absl::Status LlamaCuda::Forward(absl::Span<const SequenceChunk> batch, std::vect
         return t.Barrier(root ? chunk.kv->LayerDone(layer, start, n) : absl::OkStatus());
       };
       RETURN_IF_ERROR(t.RunSequence(chunk.tokens, start, before, after));
-      if (!root) continue;
       if (chunk.logits == LogitsFor::kAll) RETURN_IF_ERROR(t.Logits(0, n, logits));
       if (chunk.logits == LogitsFor::kLast) RETURN_IF_ERROR(t.Logits(n - 1, 1, logits));
     }
@@ -905,11 +920,9 @@ absl::Status LlamaCuda::Prefill(absl::Span<const int32_t> tokens, const LayerKvS
       return sink(DeviceLayerKv{layer, n, t.k_layer.As<uint16_t>(), t.v_layer.As<uint16_t>()});
     };
     RETURN_IF_ERROR(t.RunSequence(tokens, 0, before, after));
-    if (t.shard.rank == 0 && last_logits != nullptr) {
-      last_logits->clear();
-      return t.Logits(n - 1, 1, last_logits);
-    }
-    return cuda::CudaStatus(cudaStreamSynchronize(t.stream), "prefill");
+    if (last_logits == nullptr) return cuda::CudaStatus(cudaStreamSynchronize(t.stream), "prefill");
+    if (t.shard.rank == 0) last_logits->clear();
+    return t.Logits(n - 1, 1, last_logits);
   });
 }
 
@@ -946,8 +959,7 @@ absl::Status LlamaCuda::PrefillExport(absl::Span<const int32_t> tokens, KvExport
                            : absl::OkStatus());
     };
     RETURN_IF_ERROR(t.RunSequence(tokens, 0, before, after));
-    if (t.shard.rank != 0) return cuda::CudaStatus(cudaStreamSynchronize(t.stream), "prefill");
-    last_logits->clear();
+    if (t.shard.rank == 0) last_logits->clear();
     return t.Logits(n - 1, 1, last_logits);
   });
 }
@@ -1164,7 +1176,7 @@ absl::Status LlamaCuda::State::EnqueueDecode(int64_t batch, int64_t extent) {
   a.out_stride = q_width;
   uint16_t* x = residual.As<uint16_t>();
   const LinearPath path = DecodePath(batch);
-  RETURN_IF_ERROR(cuda::EmbeddingGather(d_tokens, batch, embed.As<uint16_t>(), c.vocab_size,
+  RETURN_IF_ERROR(cuda::EmbeddingGather(d_tokens, batch, embed.As<uint16_t>(), shard.vocab,
                                         c.hidden_size, x, stream));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     uint16_t* q = qkv.As<uint16_t>();

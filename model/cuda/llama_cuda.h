@@ -26,10 +26,11 @@
 //    decode steps batched over many sequences. As a SequenceModel (the decode service), a
 //    sequence is imported with K/V computed elsewhere (ImportSequence / WriteKv).
 // Tensor parallel (LlamaCudaOptions::gpus): each GPU holds one shard of every layer (its query
-// and KV heads, its MLP rows, model/llama_shapes.h) and runs the prefill on its own host thread;
-// the shards' partial o_proj and down_proj outputs are summed by NCCL all-reduces, rank 0
-// alone computes logits, and the K/V rows handed out are put together from every GPU's
-// columns, so callers see the same rows for any number of GPUs. Sparse patterns stay per head:
+// and KV heads, its MLP rows, model/llama_shapes.h) and of the embedding and LM head (its
+// vocabulary rows), and runs the prefill on its own host thread. NCCL all-reduces sum the
+// shards' embedding rows and their partial o_proj and down_proj outputs; logits and the K/V
+// rows handed out are put together from every GPU's columns, so callers see the same rows for
+// any number of GPUs. Sparse patterns stay per head:
 // each GPU builds the indices of its own heads.
 // All methods are thread-safe (serialised).
 

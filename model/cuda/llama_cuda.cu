@@ -47,14 +47,6 @@ int64_t DecodeExtent(int64_t length, int64_t block_tokens) {
   return (extent + block_tokens - 1) / block_tokens * block_tokens;
 }
 
-uint16_t F32ToBf16Bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN stays NaN.
-  bits += 0x7fffu + ((bits >> 16) & 1u);                  // Round to nearest even.
-  return static_cast<uint16_t>(bits >> 16);
-}
-
 // Rows [row0, row0 + rows) and columns [col0, col0 + cols) of a [shape[0]][shape[1]] tensor
 // (a vector is one row); rows or cols < 0: all of them.
 struct TensorSlice {
@@ -76,7 +68,7 @@ absl::Status UploadTensor(const TensorStore& store, const std::string& name,
     std::vector<float> f32(view->NumElements());
     RETURN_IF_ERROR(ConvertToF32(*view, absl::MakeSpan(f32)));
     bits.resize(f32.size());
-    for (size_t i = 0; i < f32.size(); ++i) bits[i] = F32ToBf16Bits(f32[i]);
+    for (size_t i = 0; i < f32.size(); ++i) bits[i] = FloatToBf16(f32[i]);
     src = bits.data();
   }
   const size_t element = sizeof(uint16_t);

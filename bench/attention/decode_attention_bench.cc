@@ -2,7 +2,6 @@
 // (32 query heads, 8 KV heads, head_dim 128, bf16, 16-token blocks scattered over the pool) at
 // several (batch, context) points; prints one JSON object with the K/V bytes read per second.
 
-#include <algorithm>
 #include <cstdio>
 #include <numeric>
 #include <random>
@@ -63,16 +62,10 @@ absl::StatusOr<nlohmann::json> TimePoint(int64_t batch, int64_t context, std::mt
   absl::StatusOr<EventTimer> timer = EventTimer::Create();
   if (!timer.ok()) return timer.status();
   if (status = PagedDecodeAttention(args, nullptr); !status.ok()) return status;  // Warm-up.
-  std::vector<double> ms;
-  for (int r = 0; r < 20; ++r) {
-    if (status = timer->Start(); !status.ok()) return status;
-    if (status = PagedDecodeAttention(args, nullptr); !status.ok()) return status;
-    absl::StatusOr<float> elapsed = timer->StopMilliseconds();
-    if (!elapsed.ok()) return elapsed.status();
-    ms.push_back(*elapsed);
-  }
-  std::sort(ms.begin(), ms.end());
-  const double median = ms[ms.size() / 2];
+  absl::StatusOr<std::vector<double>> ms =
+      timer->SortedMilliseconds(20, [&] { return PagedDecodeAttention(args, nullptr); });
+  if (!ms.ok()) return ms.status();
+  const double median = (*ms)[ms->size() / 2];
   const double bytes = 2.0 * batch * context * kKvHeads * kHeadDim * 2;  // K and V, bf16.
   return nlohmann::json{{"batch", batch},
                         {"context", context},
@@ -99,16 +92,17 @@ int Main() {
     }
     results.push_back(*result);
   }
-  const nlohmann::json report = {
-      {"kernel", "sparseaccel PagedDecodeAttention (key chunks of 64+ filling whole waves of blocks + merge)"},
-      {"device", *device},
-      {"shape",
-       {{"heads", kHeads},
-        {"kv_heads", kKvHeads},
-        {"head_dim", kHeadDim},
-        {"block_tokens", kBlockTokens},
-        {"dtype", "bf16"}}},
-      {"results", results}};
+  const nlohmann::json report = {{"kernel",
+                                  "sparseaccel PagedDecodeAttention (key chunks of 64+ filling "
+                                  "whole waves of blocks + merge)"},
+                                 {"device", *device},
+                                 {"shape",
+                                  {{"heads", kHeads},
+                                   {"kv_heads", kKvHeads},
+                                   {"head_dim", kHeadDim},
+                                   {"block_tokens", kBlockTokens},
+                                   {"dtype", "bf16"}}},
+                                 {"results", results}};
   std::printf("%s\n", report.dump(2).c_str());
   return 0;
 }

@@ -70,22 +70,16 @@ absl::StatusOr<nlohmann::json> TimeContext(int64_t n, AttentionInnerLoop loop, s
   }
   if (!status.ok()) return status;
   const int repeats = n <= 16384 ? 20 : n <= 32768 ? 10 : 5;
-  std::vector<double> ms;
-  for (int r = 0; r < repeats; ++r) {
-    if (status = timer->Start(); !status.ok()) return status;
-    if (status = PrefillAttention(args, nullptr); !status.ok()) return status;
-    absl::StatusOr<float> elapsed = timer->StopMilliseconds();
-    if (!elapsed.ok()) return elapsed.status();
-    ms.push_back(*elapsed);
-  }
-  std::sort(ms.begin(), ms.end());
-  const double median = ms[ms.size() / 2];
+  absl::StatusOr<std::vector<double>> ms =
+      timer->SortedMilliseconds(repeats, [&] { return PrefillAttention(args, nullptr); });
+  if (!ms.ok()) return ms.status();
+  const double median = (*ms)[ms->size() / 2];
   // Causal: half of the 4 n^2 H D multiply-adds of full attention.
   const double flops = 2.0 * double(n) * double(n) * kHeads * kHeadDim;
   return nlohmann::json{{"context", n},
                         {"inner_loop", loop == AttentionInnerLoop::kWgmma ? "wgmma" : "mma.sync"},
                         {"median_ms", median},
-                        {"min_ms", ms.front()},
+                        {"min_ms", ms->front()},
                         {"repeats", repeats},
                         {"tflops", flops / (median * 1e-3) / 1e12}};
 }

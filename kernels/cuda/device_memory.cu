@@ -130,5 +130,18 @@ absl::StatusOr<float> EventTimer::StopMilliseconds() {
   return ms;
 }
 
+absl::StatusOr<std::vector<double>> EventTimer::SortedMilliseconds(
+    int repeats, const std::function<absl::Status()>& run) {
+  std::vector<double> ms;
+  for (int r = 0; r < repeats; ++r) {
+    RETURN_IF_ERROR(Start());
+    RETURN_IF_ERROR(run());
+    ASSIGN_OR_RETURN(const float elapsed, StopMilliseconds());
+    ms.push_back(elapsed);
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms;
+}
+
 }  // namespace cuda
 }  // namespace sparseaccel

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -97,6 +98,10 @@ class EventTimer {
   absl::Status Start();
   // Waits for the stop event; the GPU time since Start() in milliseconds.
   absl::StatusOr<float> StopMilliseconds();
+  // The GPU times of `repeats` runs of `run` (launches on the default stream), in
+  // milliseconds, ascending.
+  absl::StatusOr<std::vector<double>> SortedMilliseconds(int repeats,
+                                                         const std::function<absl::Status()>& run);
 
  private:
   EventTimer() = default;

@@ -13,6 +13,17 @@
 namespace sparseaccel {
 namespace {
 
+// The config's sizes by their config.json names: each must be in [1, kMaxSize].
+std::vector<std::pair<const char*, int64_t>> SizeFields(const ModelConfig& c) {
+  return {{"vocab_size", c.vocab_size},
+          {"hidden_size", c.hidden_size},
+          {"intermediate_size", c.intermediate_size},
+          {"num_hidden_layers", c.num_hidden_layers},
+          {"num_attention_heads", c.num_attention_heads},
+          {"num_key_value_heads", c.num_key_value_heads},
+          {"max_position_embeddings", c.max_position_embeddings}};
+}
+
 using Json = nlohmann::json;
 
 // Bound on every size field, so that products of two sizes (a weight's element count) cannot
@@ -162,14 +173,7 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text) {
   c.num_key_value_heads = c.num_attention_heads;
   RETURN_IF_ERROR(ReadInt(json, "num_key_value_heads", false, &c.num_key_value_heads));
   RETURN_IF_ERROR(ReadInt(json, "max_position_embeddings", true, &c.max_position_embeddings));
-  for (auto& [field, value] : std::vector<std::pair<const char*, int64_t>>{
-           {"vocab_size", c.vocab_size},
-           {"hidden_size", c.hidden_size},
-           {"intermediate_size", c.intermediate_size},
-           {"num_hidden_layers", c.num_hidden_layers},
-           {"num_attention_heads", c.num_attention_heads},
-           {"num_key_value_heads", c.num_key_value_heads},
-           {"max_position_embeddings", c.max_position_embeddings}}) {
+  for (const auto& [field, value] : SizeFields(c)) {
     if (value <= 0 || value > kMaxSize) {
       return FieldError(field, absl::StrCat("must be in [1, ", kMaxSize, "]"));
     }
@@ -239,20 +243,14 @@ std::string ModelConfigToJson(const ModelConfig& c) {
       {"initializer_range", 0.02},
       {"pretraining_tp", 1},
       {"use_cache", true},
-      {"vocab_size", c.vocab_size},
-      {"hidden_size", c.hidden_size},
-      {"intermediate_size", c.intermediate_size},
-      {"num_hidden_layers", c.num_hidden_layers},
-      {"num_attention_heads", c.num_attention_heads},
-      {"num_key_value_heads", c.num_key_value_heads},
       {"head_dim", c.head_dim},
-      {"max_position_embeddings", c.max_position_embeddings},
       {"rope_theta", c.rope_theta},
       {"rms_norm_eps", c.rms_norm_eps},
       {"tie_word_embeddings", c.tie_word_embeddings},
       {"torch_dtype", c.torch_dtype},  // transformers 4.x reads this name, 5.x "dtype".
       {"dtype", c.torch_dtype},
   };
+  for (const auto& [field, value] : SizeFields(c)) json[field] = value;
   if (c.rope_scaling.type == RopeScaling::Type::kLlama3) {
     json["rope_scaling"] = {
         {"rope_type", "llama3"},

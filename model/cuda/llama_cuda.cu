@@ -104,11 +104,11 @@ struct DeviceSequence {
 }  // namespace
 
 struct LlamaCuda::State {
-  // Ranks 1.. of a tensor-parallel engine and the group that runs them, on rank 0 only; empty
-  // on one GPU (options.gpus 0). Declared first: destroyed after this rank's buffers.
+  // Ranks 1.. of a tensor-parallel engine (on rank 0 only) and the group that runs them (on
+  // every rank); both empty on one GPU (options.gpus 0). Declared first: destroyed after this
+  // rank's buffers.
   std::vector<std::unique_ptr<State>> peers;
-  std::unique_ptr<ShardGroup> group;
-  ShardGroup* group_of_shard = nullptr;  // `group` of rank 0, on every rank.
+  std::shared_ptr<ShardGroup> group;
 
   ModelConfig config;
   LlamaCudaOptions options;
@@ -339,14 +339,13 @@ struct LlamaCuda::State {
 
   // The all-reduce of OutputAndMlp (nothing on one GPU).
   absl::Status SumOverShards(uint16_t* x, int64_t count) {
-    return group_of_shard == nullptr ? absl::OkStatus()
-                                     : group_of_shard->AllReduceBf16(shard.rank, x, count, stream);
+    return group == nullptr ? absl::OkStatus() : group->AllReduceBf16(shard.rank, x, count, stream);
   }
 
   // What every rank of a tensor-parallel call passes at the same points (ShardGroup::Barrier):
   // `status` itself on one GPU.
   absl::Status Barrier(absl::Status status) {
-    return group_of_shard == nullptr ? status : group_of_shard->Barrier(std::move(status));
+    return group == nullptr ? status : group->Barrier(std::move(status));
   }
 
   // The layer's attention operands: Q in the fused QKV rows `qkv_rows`, K/V in
@@ -837,8 +836,7 @@ absl::StatusOr<std::unique_ptr<LlamaCuda>> LlamaCuda::Load(const std::string& mo
     for (const std::unique_ptr<State>& shard : shards) devices.push_back(devices.size());
     ASSIGN_OR_RETURN(root->group, ShardGroup::Create(std::move(devices)));
     for (size_t r = 1; r < shards.size(); ++r) root->peers.push_back(std::move(shards[r]));
-    root->group_of_shard = root->group.get();
-    for (std::unique_ptr<State>& peer : root->peers) peer->group_of_shard = root->group.get();
+    for (std::unique_ptr<State>& peer : root->peers) peer->group = root->group;
   }
   return std::unique_ptr<LlamaCuda>(new LlamaCuda(std::move(root)));
 }

@@ -22,15 +22,49 @@ class CallGroup {
 
   grpc::ClientContext* NewCall() {
     absl::MutexLock lock(&mu_);
-    calls_.push_back(std::make_unique<grpc::ClientContext>());
-    calls_.back()->set_deadline(client_->deadline());
-    if (!failure_.ok()) calls_.back()->TryCancel();
-    return calls_.back().get();
+    return NewCallLocked();
+  }
+  // A FetchKv call, open until FetchEnded. It waits for its connection instead of failing at
+  // once: a channel still connecting (or reconnecting) must not fail a transfer that the other
+  // streams carry.
+  grpc::ClientContext* NewFetchCall() {
+    absl::MutexLock lock(&mu_);
+    grpc::ClientContext* call = NewCallLocked();
+    call->set_wait_for_ready(true);
+    ++open_fetches_;
+    return call;
+  }
+  // A FetchKv call ended with `status`, which fails the transfer unless it is OK or the
+  // fetches were ended (EndFetches cancelled it).
+  void FetchEnded(absl::Status status) {
+    absl::MutexLock lock(&mu_);
+    --open_fetches_;
+    if (!status.ok() && !fetches_ended_) FailLocked(std::move(status));
+  }
+  // Every row of the transfer has arrived (KvStreamReader::AllRowsArrived).
+  void AllRowsArrived() {
+    absl::MutexLock lock(&mu_);
+    all_rows_ = true;
+  }
+  // After the Prefill stream: waits until every FetchKv call has ended, every row has arrived
+  // or the transfer failed. FetchKv calls still open then carry nothing more (one may still
+  // be connecting) and are cancelled; that is not a failure. Fails the transfer (Cancelled)
+  // if the client goes away meanwhile.
+  void EndFetches() {
+    absl::MutexLock lock(&mu_);
+    const absl::Condition settled(this, &CallGroup::FetchesSettled);
+    while (!mu_.AwaitWithTimeout(settled, absl::Milliseconds(100))) {
+      if (client_->IsCancelled()) {
+        FailLocked(absl::CancelledError("client went away during prefill"));
+        return;
+      }
+    }
+    fetches_ended_ = true;
+    for (const auto& call : calls_) call->TryCancel();
   }
   void Fail(absl::Status status) {
     absl::MutexLock lock(&mu_);
-    if (failure_.ok()) failure_ = std::move(status);
-    for (const auto& call : calls_) call->TryCancel();
+    FailLocked(std::move(status));
   }
   // Fails the group (Cancelled) once the client has gone; false then.
   bool ClientStillThere() {
@@ -44,11 +78,35 @@ class CallGroup {
   }
 
  private:
+  grpc::ClientContext* NewCallLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    calls_.push_back(std::make_unique<grpc::ClientContext>());
+    calls_.back()->set_deadline(client_->deadline());
+    if (!failure_.ok() || fetches_ended_) calls_.back()->TryCancel();
+    return calls_.back().get();
+  }
+  void FailLocked(absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (failure_.ok()) failure_ = std::move(status);
+    for (const auto& call : calls_) call->TryCancel();
+  }
+  bool FetchesSettled() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return open_fetches_ == 0 || all_rows_ || !failure_.ok();
+  }
+
   grpc::ServerContext* const client_;
   absl::Mutex mu_;
   std::vector<std::unique_ptr<grpc::ClientContext>> calls_ ABSL_GUARDED_BY(mu_);
   absl::Status failure_ ABSL_GUARDED_BY(mu_);
+  int open_fetches_ ABSL_GUARDED_BY(mu_) = 0;
+  bool all_rows_ ABSL_GUARDED_BY(mu_) = false;
+  bool fetches_ended_ ABSL_GUARDED_BY(mu_) = false;
 };
+
+// Passes a chunk to `kv`, and tells `group` once every row has arrived.
+absl::Status DeliverChunk(const v1::KvChunk& chunk, KvStreamReader* kv, CallGroup* group) {
+  RETURN_IF_ERROR(kv->OnChunk(chunk));
+  if (kv->AllRowsArrived()) group->AllRowsArrived();
+  return absl::OkStatus();
+}
 
 // How a failed Prefill or FetchKv call ends the request: request errors pass through,
 // transport failures become UNAVAILABLE. `call` names the call for the message.
@@ -64,18 +122,18 @@ absl::Status RemoteCallFailure(const grpc::Status& status, grpc::ServerContext* 
   return absl::UnavailableError(absl::StrCat(call, " failed: ", remote.ToString()));
 }
 
-// Reads one FetchKv stream of the transfer into `kv` until it ends.
-void ReadFetchStream(v1::PrefillService::Stub* stub, const std::string& transfer_id,
-                     const std::string& address, grpc::ServerContext* client, KvStreamReader* kv,
-                     CallGroup* group) {
+// Reads one FetchKv stream of the transfer into `kv` until it ends; `call` is from
+// group->NewFetchCall().
+void ReadFetchStream(v1::PrefillService::Stub* stub, grpc::ClientContext* call,
+                     const std::string& transfer_id, const std::string& address,
+                     grpc::ServerContext* client, KvStreamReader* kv, CallGroup* group) {
   v1::KvFetchRequest request;
   request.set_kv_transfer_id(transfer_id);
-  std::unique_ptr<grpc::ClientReader<v1::PrefillResponse>> reader =
-      stub->FetchKv(group->NewCall(), request);
+  std::unique_ptr<grpc::ClientReader<v1::PrefillResponse>> reader = stub->FetchKv(call, request);
   v1::PrefillResponse message;
   while (reader->Read(&message) && group->ClientStillThere()) {
     const absl::Status status = message.has_kv()
-                                    ? kv->OnChunk(message.kv())
+                                    ? DeliverChunk(message.kv(), kv, group)
                                     : absl::DataLossError("FetchKv sent something else than KV");
     if (!status.ok()) {
       group->Fail(status);
@@ -85,10 +143,11 @@ void ReadFetchStream(v1::PrefillService::Stub* stub, const std::string& transfer
   const grpc::Status finished = reader->Finish();
   // NOT_FOUND: the transfer was over before this stream joined, or the call reached another
   // replica behind the same address; the other streams carry the chunks (Complete checks).
-  if (!finished.ok() && finished.error_code() != grpc::StatusCode::NOT_FOUND) {
-    group->Fail(RemoteCallFailure(finished, client,
-                                  absl::StrCat("KV stream from prefill service ", address)));
-  }
+  group->FetchEnded(
+      finished.ok() || finished.error_code() == grpc::StatusCode::NOT_FOUND
+          ? absl::OkStatus()
+          : RemoteCallFailure(finished, client,
+                              absl::StrCat("KV stream from prefill service ", address)));
 }
 
 absl::Status WithAddress(const absl::Status& status, const std::string& address) {
@@ -121,7 +180,7 @@ class PrefillStream {
       case v1::PrefillResponse::kHeader:
         return OnHeader(message.header());
       case v1::PrefillResponse::kKv:
-        return kv_->OnChunk(message.kv());
+        return DeliverChunk(message.kv(), kv_, group_);
       case v1::PrefillResponse::kTrailer:
         return OnTrailer(message.trailer());
       default:
@@ -142,8 +201,8 @@ class PrefillStream {
     header_at_ = Clock::now();
     const int32_t streams = std::min<int32_t>(header.kv_streams(), stubs_.size());
     for (int32_t i = 1; i < streams && !header.kv_transfer_id().empty(); ++i) {
-      fetchers_.emplace_back(ReadFetchStream, stubs_[i].get(), header.kv_transfer_id(), address_,
-                             client_, kv_, group_);
+      fetchers_.emplace_back(ReadFetchStream, stubs_[i].get(), group_->NewFetchCall(),
+                             header.kv_transfer_id(), address_, client_, kv_, group_);
     }
     return absl::OkStatus();
   }
@@ -245,15 +304,15 @@ absl::StatusOr<RemotePrefillResult> RemotePrefillClient::Run(
     if (absl::Status handled = stream.Handle(message); !handled.ok()) group.Fail(handled);
   }
   const grpc::Status status = reader->Finish();
+  if (!status.ok()) {
+    group.Fail(RemoteCallFailure(status, client, absl::StrCat("prefill service ", target.address)));
+  } else if (!stream.have_trailer()) {
+    group.Fail(absl::UnavailableError(
+        absl::StrCat("prefill stream from ", target.address, " ended early")));
+  }
+  group.EndFetches();
   stream.JoinFetchers();
   RETURN_IF_ERROR(group.failure());
-  if (!status.ok()) {
-    return RemoteCallFailure(status, client, absl::StrCat("prefill service ", target.address));
-  }
-  if (!stream.have_trailer()) {
-    return absl::UnavailableError(
-        absl::StrCat("prefill stream from ", target.address, " ended early"));
-  }
   RETURN_IF_ERROR(WithAddress(kv.Complete(), target.address));
   RETURN_IF_ERROR(engine->FinishImport(sequence));
   result.kv_seconds = std::chrono::duration<double>(Clock::now() - stream.header_at()).count();

@@ -5,7 +5,9 @@
 // and reads its KV chunks from the Prefill stream plus kv_streams - 1 FetchKv streams, each on
 // its own connection, checking them with a KvStreamReader (kv_stream/) and writing them into the
 // sequence's pool blocks as they arrive. The client's cancellation and deadline reach every
-// stream; any stream failing cancels the others.
+// stream; any stream failing cancels the others. A FetchKv stream waits for its connection
+// rather than failing the transfer, and those still open once every row has arrived (on the
+// other streams) are cancelled.
 
 #include <atomic>
 #include <cstdint>

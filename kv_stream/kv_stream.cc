@@ -306,6 +306,11 @@ absl::Status KvStreamReader::Complete() const {
   return absl::OkStatus();
 }
 
+bool KvStreamReader::AllRowsArrived() const {
+  absl::MutexLock lock(&mu_);
+  return have_header_ && rows_ == shape_.num_layers * num_tokens_;
+}
+
 bool KvStreamReader::has_header() const {
   absl::MutexLock lock(&mu_);
   return have_header_;

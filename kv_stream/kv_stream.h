@@ -128,6 +128,9 @@ class KvStreamReader {
   absl::Status OnChunk(const v1::KvChunk& chunk);
   // Unavailable unless every row of every layer arrived.
   absl::Status Complete() const;
+  // Whether every row of every layer has been received (its last rows may still be on their
+  // way to the sink in another reading thread).
+  bool AllRowsArrived() const;
 
   bool has_header() const;
   int64_t bytes() const;

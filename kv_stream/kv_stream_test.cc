@@ -169,6 +169,7 @@ TEST(KvStreamTest, RoundTripEveryDtypeChecksumAndStreamCount) {
         ASSERT_TRUE(t.Run(nullptr).ok());
         EXPECT_TRUE(t.reader_status().ok()) << t.reader_status();
         EXPECT_TRUE(t.reader_->Complete().ok()) << t.reader_->Complete();
+        EXPECT_TRUE(t.reader_->AllRowsArrived());
         EXPECT_TRUE(t.SameBytes());
         EXPECT_EQ(t.reader_->bytes(), 2 * static_cast<int64_t>(t.k_.size()));
         EXPECT_EQ(t.writer_->published_bytes(), t.reader_->bytes());
@@ -216,6 +217,7 @@ TEST(KvStreamTest, CutStreamFailsBothEnds) {
   const absl::Status produced = t.Run([](int index, std::string*) { return index < 3; });
   EXPECT_EQ(produced.code(), absl::StatusCode::kCancelled) << produced;
   EXPECT_EQ(t.reader_->Complete().code(), absl::StatusCode::kUnavailable);
+  EXPECT_FALSE(t.reader_->AllRowsArrived());
   EXPECT_EQ(t.buffers_->in_use(), 0);
 }
 
@@ -263,6 +265,7 @@ TEST(KvStreamTest, ReaderRefusesDuplicatesBadHeadersAndStrangers) {
   chunk.set_first_position(static_cast<int32_t>(c.tokens));
   EXPECT_EQ(t.reader_->OnChunk(chunk).code(), absl::StatusCode::kDataLoss);  // Out of range.
   EXPECT_EQ(t.reader_->Complete().code(), absl::StatusCode::kUnavailable);
+  EXPECT_FALSE(t.reader_->AllRowsArrived());
 }
 
 TEST(KvStreamTest, FailedDeviceCopyAbortsTheTransfer) {

@@ -801,7 +801,10 @@ TEST(ServiceTest, ModelMismatchIsRefused) {
 // Forwards the real prefill stream, then breaks it: flips a byte of chunk `corrupt_chunk`, or
 // fails with UNAVAILABLE after `die_after` messages (a prefill process dying mid-stream). With
 // `hold_kv` it sends the header and the trailer first and the chunks only once `hold_kv` is
-// notified (or after 10 s; `held_until_notified` says which).
+// notified (or after 10 s; `held_until_notified` says which). With `fetch_never_joins` it asks
+// for the streams the caller asked for, but its FetchKv calls never reach the prefill service:
+// they wait until cancelled (at most 20 s), as a stream whose connection never comes up, and the
+// Prefill stream's chunks follow once all of them are waiting (at most 5 s).
 class FaultyPrefill final : public v1::PrefillService::Service {
  public:
   int target_port = 0;
@@ -809,15 +812,27 @@ class FaultyPrefill final : public v1::PrefillService::Service {
   int die_after = -1;
   absl::Notification* hold_kv = nullptr;
   std::atomic<bool> held_until_notified{false};
+  bool fetch_never_joins = false;
+  std::atomic<int> fetch_calls{0};
+
+  grpc::Status FetchKv(grpc::ServerContext* context, const v1::KvFetchRequest*,
+                       grpc::ServerWriter<v1::PrefillResponse>*) override {
+    ++fetch_calls;
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (!context->IsCancelled() && std::chrono::steady_clock::now() < give_up) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return grpc::Status(grpc::StatusCode::CANCELLED, "never joined");
+  }
 
   grpc::Status Prefill(grpc::ServerContext* context, const v1::PrefillRequest* request,
                        grpc::ServerWriter<v1::PrefillResponse>* writer) override {
     auto stub = v1::PrefillService::NewStub(grpc::CreateChannel(
         "127.0.0.1:" + std::to_string(target_port), grpc::InsecureChannelCredentials()));
     grpc::ClientContext upstream;
-    // Every chunk on this one stream (a proxy of the Prefill method only).
+    // Every chunk on this one stream (the proxied FetchKv streams never join).
     v1::PrefillRequest one_stream = *request;
-    one_stream.set_kv_streams(1);
+    if (!fetch_never_joins) one_stream.set_kv_streams(1);
     auto reader = stub->Prefill(&upstream, one_stream);
     v1::PrefillResponse message;
     if (hold_kv != nullptr) return TrailerFirst(reader.get(), writer, &upstream);
@@ -833,12 +848,20 @@ class FaultyPrefill final : public v1::PrefillService::Service {
         (*k)[k->size() / 2] ^= 0x40;
       }
       if (!writer->Write(message)) break;
-      ++sent;
+      // Past the header, the rest waits until the caller's fetch calls are all here.
+      if (++sent == 1 && fetch_never_joins) AwaitFetchCalls(request->kv_streams() - 1);
     }
     return reader->Finish();
   }
 
  private:
+  void AwaitFetchCalls(int calls) {
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (fetch_calls < calls && std::chrono::steady_clock::now() < give_up) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
+
   grpc::Status TrailerFirst(grpc::ClientReader<v1::PrefillResponse>* reader,
                             grpc::ServerWriter<v1::PrefillResponse>* writer,
                             grpc::ClientContext* upstream) {
@@ -890,6 +913,26 @@ TEST(ServiceTest, FirstTokenStreamsBeforeTheKvArrives) {
     EXPECT_TRUE(services.Drained());
     EXPECT_TRUE(reference.Drained());
   }
+}
+
+// FetchKv streams that never join (their connections not up, say) hold nothing back: the
+// Prefill stream carries every chunk, and once all rows are in the open fetch calls are
+// cancelled instead of waited for until the deadline.
+TEST(ServiceTest, FetchStreamsThatNeverJoinHoldNothingBack) {
+  ServicePair reference;
+  FaultyPrefill front;
+  front.target_port = reference.prefill_port();
+  front.fetch_never_joins = true;
+  ServicePair services({}, &front);
+  std::mt19937 rng(std::random_device{}());
+  const std::vector<int32_t> prompt = RandomPrompt(40, &rng);
+  const GenerateRequest request = MakeRequest(prompt, 6);
+  const Outcome outcome = services.Generate(request);
+  EXPECT_TRUE(outcome.status.ok()) << outcome.status.error_message();
+  EXPECT_EQ(outcome.tokens, GenerateAlone(prompt, request.sampling(), 6));
+  EXPECT_EQ(front.fetch_calls, 2);  // kv_streams 3: the Prefill stream and two fetches.
+  EXPECT_TRUE(services.Drained());
+  EXPECT_TRUE(reference.Drained());
 }
 
 TEST(ServiceTest, CorruptedKvChunkIsDataLoss) {

@@ -19,8 +19,9 @@ if [[ "$mode" == stage ]]; then
   set -e
   targets=(//prefill_service:prefill_server //decode_service:decode_server //model/tools:make_checkpoint
            //bench/ttft:ttft_bench //bench/e2e:e2e_client
-           //model/cuda:llama_cuda_test //decode_service:decode_engine_cuda_test
-           //bench/decode:decode_bench)
+           //kernels/cuda:cuda_kernels_test //model/cuda:llama_cuda_test
+           //decode_service:decode_engine_cuda_test //bench/decode:decode_bench
+           //bench/attention:decode_attention_bench)
   bazel build "${targets[@]}"
   bin="$(bazel info bazel-bin 2>/dev/null)"
   rm -rf out/e2e

@@ -40,13 +40,13 @@ record_device() {
   device=$(awk '{print tolower($2)}' "$out/device.txt" | head -1)
 }
 
-# The GPU tests of the CUDA engine (llama_cuda_test, decode_engine_cuda_test) unless SKIP_TESTS
-# is set: their summary lines (and, with $1, lines matching it) into the log; 1 if one failed.
+# The GPU tests of the kernels and the CUDA engine (cuda_kernels_test, llama_cuda_test,
+# decode_engine_cuda_test) unless SKIP_TESTS is set: their summary lines (and, with $1, lines matching it) into the log; 1 if one failed.
 run_gpu_tests() {
   local test rc failed=0
   phase "GPU tests"
   [[ -n "${SKIP_TESTS:-}" || "$device_flag" != cuda ]] && return 0
-  for test in llama_cuda_test decode_engine_cuda_test; do
+  for test in cuda_kernels_test llama_cuda_test decode_engine_cuda_test; do
     [[ -x "$bin/$test" ]] || continue
     TEST_TMPDIR=/tmp/e2e_test timeout 300 "$bin/$test" > "$work/$test.log" 2>&1
     rc=$?

@@ -15,6 +15,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// How a transfer ends when the decode service's own client has gone.
+absl::Status ClientWentAway() { return absl::CancelledError("client went away during prefill"); }
+
 // The calls of one transfer: the first failure wins and cancels every call.
 class CallGroup {
  public:
@@ -55,7 +58,7 @@ class CallGroup {
     const absl::Condition settled(this, &CallGroup::FetchesSettled);
     while (!mu_.AwaitWithTimeout(settled, absl::Milliseconds(100))) {
       if (client_->IsCancelled()) {
-        FailLocked(absl::CancelledError("client went away during prefill"));
+        FailLocked(ClientWentAway());
         return;
       }
     }
@@ -69,7 +72,7 @@ class CallGroup {
   // Fails the group (Cancelled) once the client has gone; false then.
   bool ClientStillThere() {
     if (!client_->IsCancelled()) return true;
-    Fail(absl::CancelledError("client went away during prefill"));
+    Fail(ClientWentAway());
     return false;
   }
   absl::Status failure() {
@@ -113,7 +116,7 @@ absl::Status DeliverChunk(const v1::KvChunk& chunk, KvStreamReader* kv, CallGrou
 absl::Status RemoteCallFailure(const grpc::Status& status, grpc::ServerContext* client,
                                absl::string_view call) {
   absl::Status remote = FromGrpcStatus(status);
-  if (client->IsCancelled()) return absl::CancelledError("client went away during prefill");
+  if (client->IsCancelled()) return ClientWentAway();
   if (remote.code() == absl::StatusCode::kInvalidArgument ||
       remote.code() == absl::StatusCode::kFailedPrecondition ||
       remote.code() == absl::StatusCode::kDeadlineExceeded) {

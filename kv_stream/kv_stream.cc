@@ -238,7 +238,7 @@ absl::Status KvStreamReader::OnHeader(const v1::PrefillHeader& header) {
   have_header_ = true;
   dtype_ = layout.dtype() == v1::KV_DTYPE_BF16 ? KvDtype::kBf16 : KvDtype::kF32;
   checksum_ = layout.checksum();
-  received_.assign(shape_.num_layers * num_tokens_, false);
+  received_.assign(TotalRows(), false);
   return absl::OkStatus();
 }
 
@@ -298,7 +298,7 @@ absl::Status KvStreamReader::OnChunk(const v1::KvChunk& chunk) {
 absl::Status KvStreamReader::Complete() const {
   absl::MutexLock lock(&mu_);
   if (!have_header_) return absl::UnavailableError("the prefill stream ended before its header");
-  const int64_t total = shape_.num_layers * num_tokens_;
+  const int64_t total = TotalRows();
   if (rows_ != total) {
     return absl::UnavailableError(
         absl::StrCat("the KV stream ended early: ", rows_, " of ", total, " rows arrived"));
@@ -308,7 +308,7 @@ absl::Status KvStreamReader::Complete() const {
 
 bool KvStreamReader::AllRowsArrived() const {
   absl::MutexLock lock(&mu_);
-  return have_header_ && rows_ == shape_.num_layers * num_tokens_;
+  return have_header_ && rows_ == TotalRows();
 }
 
 bool KvStreamReader::has_header() const {

@@ -139,6 +139,8 @@ class KvStreamReader {
   // Sizes, positions and checksum against the header's dtype and checksum kind.
   absl::Status CheckChunk(const v1::KvChunk& chunk, KvDtype dtype, v1::KvChecksum checksum) const;
   absl::Status MarkRows(const v1::KvChunk& chunk);
+  // Rows of every layer: what a complete transfer holds.
+  int64_t TotalRows() const { return shape_.num_layers * num_tokens_; }
 
   const KvShape shape_;
   const int64_t num_tokens_;

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <random>
 #include <string>
@@ -97,6 +98,17 @@ std::vector<int32_t> GenerateAlone(const std::vector<int32_t>& prompt,
                     .ok());
   }
   return out;
+}
+
+// Polls `done` every `period` until it holds or `timeout` has passed; what it last returned.
+bool PollUntil(const std::function<bool()>& done, std::chrono::milliseconds timeout,
+               std::chrono::milliseconds period = std::chrono::milliseconds(10)) {
+  const auto give_up = std::chrono::steady_clock::now() + timeout;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() >= give_up) return false;
+    std::this_thread::sleep_for(period);
+  }
+  return true;
 }
 
 std::vector<int32_t> RandomPrompt(int n, std::mt19937* rng) {
@@ -201,16 +213,14 @@ class ServicePair {
   // True once all KV blocks are back in the pool (none reserved, none held by a sequence) and
   // nothing runs (waits up to 5 s).
   bool Drained() {
-    for (int i = 0; i < 500; ++i) {
-      if (decode_engine_->free_blocks() == decode_engine_->num_blocks() &&
-          decode_model_->free_blocks() == decode_model_->kv_pool_blocks() &&
-          decode_engine_->running() == 0 && prefill_service_->active_requests() == 0 &&
-          decode_service_->active_requests() == 0) {
-        return true;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    return false;
+    return PollUntil(
+        [this] {
+          return decode_engine_->free_blocks() == decode_engine_->num_blocks() &&
+                 decode_model_->free_blocks() == decode_model_->kv_pool_blocks() &&
+                 decode_engine_->running() == 0 && prefill_service_->active_requests() == 0 &&
+                 decode_service_->active_requests() == 0;
+        },
+        std::chrono::seconds(5));
   }
 
   int prefill_port() const { return prefill_port_; }
@@ -730,9 +740,8 @@ TEST(ServiceTest, StreamsPerConnectionAreLimited) {
   for (Outcome& outcome : held) {
     threads.emplace_back([&services, &request, &outcome] { outcome = services.Generate(request); });
   }
-  for (int i = 0; i < 500 && services.decode_service()->active_requests() < 2; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  PollUntil([&] { return services.decode_service()->active_requests() >= 2; },
+            std::chrono::seconds(5));
   ASSERT_EQ(services.decode_service()->active_requests(), 2);
   const Outcome refused = services.Generate(request);
   EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
@@ -753,9 +762,8 @@ TEST(ServiceTest, StreamsPerConnectionAreLimited) {
     }
     other_status = reader->Finish();
   });
-  for (int i = 0; i < 500 && services.decode_service()->active_requests() < 3; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  PollUntil([&] { return services.decode_service()->active_requests() >= 3; },
+            std::chrono::seconds(5));
   EXPECT_EQ(services.decode_service()->active_requests(), 3) << "the new connection was refused";
   release.Notify();
   for (std::thread& t : threads) t.join();
@@ -818,10 +826,8 @@ class FaultyPrefill final : public v1::PrefillService::Service {
   grpc::Status FetchKv(grpc::ServerContext* context, const v1::KvFetchRequest*,
                        grpc::ServerWriter<v1::PrefillResponse>*) override {
     ++fetch_calls;
-    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-    while (!context->IsCancelled() && std::chrono::steady_clock::now() < give_up) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
+    PollUntil([context] { return context->IsCancelled(); }, std::chrono::seconds(20),
+              std::chrono::milliseconds(5));
     return grpc::Status(grpc::StatusCode::CANCELLED, "never joined");
   }
 
@@ -849,19 +855,16 @@ class FaultyPrefill final : public v1::PrefillService::Service {
       }
       if (!writer->Write(message)) break;
       // Past the header, the rest waits until the caller's fetch calls are all here.
-      if (++sent == 1 && fetch_never_joins) AwaitFetchCalls(request->kv_streams() - 1);
+      if (++sent == 1 && fetch_never_joins) {
+        const int calls = request->kv_streams() - 1;
+        PollUntil([&] { return fetch_calls >= calls; }, std::chrono::seconds(5),
+                  std::chrono::milliseconds(1));
+      }
     }
     return reader->Finish();
   }
 
  private:
-  void AwaitFetchCalls(int calls) {
-    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-    while (fetch_calls < calls && std::chrono::steady_clock::now() < give_up) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-  }
-
   grpc::Status TrailerFirst(grpc::ClientReader<v1::PrefillResponse>* reader,
                             grpc::ServerWriter<v1::PrefillResponse>* writer,
                             grpc::ClientContext* upstream) {
